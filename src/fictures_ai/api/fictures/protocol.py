@@ -1,0 +1,221 @@
+"""Request and response models of the Fictures surface (``/api/v1``), per ``api-contract.md``.
+
+Field names, defaults and ranges are fixed by existing clients. Range violations become 400
+(see ``errors.py``); wrong types and missing fields stay 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from fictures_ai.engines.base import (
+    FinishReason,
+    PromptFormat,
+    StructuredOutputKind,
+    StructuredOutputSpec,
+    TextGenerationParams,
+    TextPrompt,
+)
+from fictures_ai.errors import InvalidRequestError
+
+MAX_PROMPT_CHARS = 8000
+PROMPT_TOO_LONG = f"Prompt too long (max {MAX_PROMPT_CHARS} characters)"
+
+ResponseFinishReason = Literal["stop", "length", "error"]
+
+
+def contract_finish_reason(reason: FinishReason | None) -> ResponseFinishReason | None:
+    """The contract knows stop, length and error; an aborted request reports error."""
+    if reason is None or reason in ("stop", "length"):
+        return reason
+    return "error"
+
+
+class _TextSampling(BaseModel):
+    prompt: str = Field(
+        ..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The prompt (1..8000 chars)."
+    )
+    max_tokens: int = Field(2048, ge=1, le=8192, description="Most tokens to generate.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(0.9, ge=0.0, le=1.0, description="Nucleus sampling mass.")
+
+    def to_prompt(self, prompt_format: PromptFormat) -> TextPrompt:
+        """The engine prompt, formatted as the server is configured."""
+        return TextPrompt(text=self.prompt, format=prompt_format)
+
+
+class TextGenerationRequest(_TextSampling):
+    """Body of ``/api/v1/text/generate`` and ``/api/v1/text/stream``."""
+
+    stop_sequences: list[str] | None = Field(None, description="Stop when one of these appears.")
+
+    def to_generation_params(self) -> TextGenerationParams:
+        """The engine's sampling parameters for this request."""
+        return TextGenerationParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(s for s in self.stop_sequences or () if s),
+        )
+
+
+class TextGenerationResponse(BaseModel):
+    """Answer of ``/api/v1/text/generate``."""
+
+    text: str
+    model: str
+    tokens_used: int = Field(description="Generated tokens.")
+    finish_reason: ResponseFinishReason
+
+
+class TextStreamResponse(BaseModel):
+    """One SSE event of ``/api/v1/text/stream`` (documents the event shape)."""
+
+    text: str = Field(description="The whole text so far.")
+    delta: str = Field(description="The text new in this event.")
+    model: str
+    tokens_used: int
+    finish_reason: ResponseFinishReason | None
+    done: bool
+    error: str | None = None
+
+
+class GuidedDecoding(BaseModel):
+    """The constraint of a structured request."""
+
+    type: Literal["json", "regex", "choice", "grammar"]
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON schema.")
+    pattern: str | None = Field(None, description="Regular expression the output matches.")
+    choices: list[str] | None = Field(None, description="The output is one of these.")
+    grammar: str | None = Field(None, description="EBNF (GBNF) grammar of the output.")
+
+    model_config = {"populate_by_name": True}
+
+    def to_spec(self) -> StructuredOutputSpec:
+        """Check that the field the type needs is there and build the engine constraint."""
+        kind = StructuredOutputKind(self.type)
+        needed = {
+            StructuredOutputKind.JSON: ("schema", self.schema_),
+            StructuredOutputKind.REGEX: ("pattern", self.pattern),
+            StructuredOutputKind.CHOICE: ("choices", self.choices),
+            StructuredOutputKind.GRAMMAR: ("grammar", self.grammar),
+        }
+        field, value = needed[kind]
+        if not value:
+            raise InvalidRequestError(
+                f"guided_decoding of type '{self.type}' needs a non-empty '{field}'.",
+                param=f"guided_decoding.{field}",
+            )
+        return StructuredOutputSpec(
+            kind=kind,
+            json_schema=self.schema_,
+            regex=self.pattern,
+            choices=tuple(self.choices) if self.choices else None,
+            grammar=self.grammar,
+        )
+
+
+class StructuredGenerationRequest(_TextSampling):
+    """Body of ``/api/v1/text/structured``."""
+
+    guided_decoding: GuidedDecoding
+
+    def to_generation_params(self) -> TextGenerationParams:
+        """The engine's sampling parameters, with the output constraint."""
+        return TextGenerationParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            structured=self.guided_decoding.to_spec(),
+        )
+
+
+class StructuredGenerationResponse(BaseModel):
+    """Answer of ``/api/v1/text/structured``."""
+
+    output: str
+    parsed_output: Any = None
+    model: str
+    tokens_used: int
+    finish_reason: ResponseFinishReason
+    is_valid: bool
+
+
+class TextModelInfo(BaseModel):
+    """TEXT_INFO of the contract."""
+
+    name: str
+    type: Literal["text-generation"] = "text-generation"
+    framework: str = "vLLM"
+    max_tokens: int
+    initialized: bool
+
+
+class ImageModelInfo(BaseModel):
+    """IMAGE_INFO of the contract."""
+
+    name: str
+    type: Literal["image-generation"] = "image-generation"
+    framework: str = "diffusers"
+    device: str
+    initialized: bool
+    notice: str | None = None
+
+
+class HealthModels(BaseModel):
+    """The models block of ``/health``."""
+
+    text: TextModelInfo
+    image: ImageModelInfo | None = None
+
+
+class HealthResponse(BaseModel):
+    """Answer of ``/health``: always 200 while the process serves."""
+
+    status: Literal["healthy"] = "healthy"
+    version: str
+    models: HealthModels
+
+
+class ModelsResponse(BaseModel):
+    """Answer of ``/api/v1/models``."""
+
+    text_generation: list[TextModelInfo]
+    image_generation: list[ImageModelInfo]
+
+
+class TextModelEntry(BaseModel):
+    """One entry of ``/api/v1/text/models``."""
+
+    id: str
+    name: str
+    type: Literal["text-generation"] = "text-generation"
+    framework: str = "vLLM"
+    max_tokens: int
+    status: Literal["initialized", "not_loaded"]
+
+
+class TextModelsResponse(BaseModel):
+    """Answer of ``/api/v1/text/models``."""
+
+    models: list[TextModelEntry]
+
+
+class RootEndpoints(BaseModel):
+    """Links listed by ``/``."""
+
+    docs: str = "/docs"
+    redoc: str = "/redoc"
+    health: str = "/health"
+    models: str = "/api/v1/models"
+
+
+class RootResponse(BaseModel):
+    """Answer of ``/``."""
+
+    message: str = "Fictures AI Server"
+    version: str
+    description: str
+    endpoints: RootEndpoints = RootEndpoints()

@@ -1,0 +1,174 @@
+"""The ``fictures-ai`` command: serve, prepare models, and talk to a running server.
+
+The flags of ``serve`` are generated from the ``Settings`` fields (``--api-port`` is
+``API_PORT``), so the CLI and the settings cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+
+import httpx
+from pydantic import ValidationError
+
+from fictures_ai.config import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def configure_logging(level: str) -> None:
+    """Plain single-line logs on stderr for the server and its libraries."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags leave the environment's value in force."""
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [env {name.upper()}]"
+        annotation = info.annotation
+        if annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices: list[str] | None = None
+        if typing.get_origin(annotation) is typing.Literal:
+            choices = [str(arg) for arg in typing.get_args(annotation)]
+        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            choices = [str(member.value) for member in annotation]
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fictures-ai``."""
+    parser = argparse.ArgumentParser(prog="fictures-ai", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Run the HTTP server.")
+    add_settings_flags(serve)
+
+    models = commands.add_parser("models", help="Manage local models.")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser(
+        "prepare", help="Convert the bundled text model now (otherwise done on first use)."
+    )
+
+    generate = commands.add_parser("generate", help="Ask a running server to generate.")
+    generate_kinds = generate.add_subparsers(dest="kind", required=True)
+    text = generate_kinds.add_parser("text", help="Generate text.")
+    text.add_argument("prompt")
+    text.add_argument("--stream", action="store_true", help="Print tokens as they arrive.")
+    text.add_argument("--max-tokens", type=int, default=256)
+    text.add_argument("--temperature", type=float, default=0.7)
+    text.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server with uvicorn on the settings (environment, .env and flags)."""
+    import uvicorn
+
+    from fictures_ai.api.app import create_app
+
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        print(f"Invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def prepare_models() -> int:
+    """Convert the bundled text model into the cache and print its folder."""
+    from fictures_ai.engines.bundled_model import prepare_bundled_model
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    print(prepare_bundled_model(settings.model_cache_dir))
+    return 0
+
+
+def generate_text(args: argparse.Namespace) -> int:
+    """Send a prompt to a running server and print the answer."""
+    body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+        try:
+            if not args.stream:
+                response = client.post("/api/v1/text/generate", json=body)
+                if response.is_error:
+                    return _report_http_error(response)
+                print(response.json()["text"])
+                return 0
+            with client.stream("POST", "/api/v1/text/stream", json=body) as stream:
+                if stream.is_error:
+                    stream.read()
+                    return _report_http_error(stream)
+                for line in stream.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if event.get("error"):
+                        print(f"\nerror: {event['error']}", file=sys.stderr)
+                        return 1
+                    sys.stdout.write(event["delta"])
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                return 0
+        except httpx.HTTPError as exc:
+            print(f"Could not reach the server at {args.url}: {exc}", file=sys.stderr)
+            return 1
+
+
+def _report_http_error(response: httpx.Response) -> int:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    print(f"error {response.status_code}: {detail}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fictures-ai`` console command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "models":
+        return prepare_models()
+    return generate_text(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

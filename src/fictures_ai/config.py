@@ -1,0 +1,171 @@
+"""Server settings, read from environment variables and ``.env`` (pydantic-settings).
+
+Each field's environment variable is its name in upper case (``text_model_name`` is
+``TEXT_MODEL_NAME``); names the original deployment used are kept so its ``.env`` still works.
+The CLI flags of ``fictures-ai serve`` and ``.env.example`` are generated from / checked
+against these fields, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from platformdirs import user_cache_dir
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fictures_ai.engines.base import PromptFormat
+from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
+
+logger = logging.getLogger(__name__)
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
+CpuOffload = Literal["none", "model", "sequential"]
+
+SECRET_MARKERS = ("key", "secret", "password", "token")
+
+
+class Settings(BaseSettings):
+    """Every setting of the server, with its default and a one-line description."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+    )
+
+    # HTTP
+    api_host: str = Field("0.0.0.0", description="Interface the HTTP server binds to.")
+    api_port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP server.")
+    cors_origins: str = Field(
+        "http://localhost:3000,http://localhost:8000",
+        description="Comma-separated origins allowed by CORS ('*' allows any, without cookies).",
+    )
+    log_level: LogLevel = Field("INFO", description="Log level of the server.")
+    preload_models: bool = Field(
+        False,
+        description="Load the models at start-up instead of on the first request (lazy).",
+    )
+    model_cache_dir: Path = Field(
+        Path(user_cache_dir("fictures-ai")) / "models",
+        description="Where converted and generated models are cached (outside the repository).",
+    )
+
+    # Text generation (vLLM)
+    text_model_name: str = Field(
+        BUNDLED_TEXT_MODEL,
+        description="Text model: a Hugging Face hub id, a local folder, or the bundled SmolLM2.",
+    )
+    text_served_model_name: str | None = Field(
+        None, description="Name the API reports for the text model (default: derived from it)."
+    )
+    text_prompt_format: PromptFormat = Field(
+        PromptFormat.CHAT,
+        description="'chat' wraps a prompt as a user message with the chat template; 'raw' not.",
+    )
+    text_max_model_len: int = Field(
+        8192, ge=16, description="Context window in tokens (prompt plus output)."
+    )
+    text_gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (GPU only)."
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one model is split across (with CUDA_VISIBLE_DEVICES)."
+    )
+    vllm_max_num_seqs: int = Field(
+        256, ge=1, description="Most sequences vLLM batches together (continuous batching)."
+    )
+    vllm_trust_remote_code: bool = Field(
+        False, description="Allow models that ship their own Python code (only trusted models)."
+    )
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and activation dtype of the text model."
+    )
+    vllm_quantization: str | None = Field(
+        None, description="vLLM quantization method (e.g. awq, gptq, fp8); none by default."
+    )
+    vllm_enforce_eager: bool = Field(
+        True,
+        description="Skip graph compilation: starts ~45 s faster on CPU, ~10% slower decoding.",
+    )
+    vllm_cpu_kv_cache_mb: int = Field(
+        512, ge=16, description="KV-cache size in MiB when vLLM runs on the CPU."
+    )
+
+    # Image generation (diffusers)
+    image_model_name: str | None = Field(
+        None,
+        description=(
+            "Image model: hub id or local folder; unset means SDXL base on a GPU and the tiny "
+            "offline pipeline (random weights, draws noise) on a CPU."
+        ),
+    )
+    image_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Device of the image pipeline."
+    )
+    image_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Pipeline dtype; auto is float16 on CUDA and float32 on the CPU."
+    )
+    image_scheduler: ImageScheduler = Field(
+        "dpm_multistep", description="Sampler of the image pipeline."
+    )
+    image_attention_slicing: bool = Field(
+        False, description="Compute attention in slices (less memory, a little slower)."
+    )
+    image_vae_slicing: bool = Field(False, description="Decode images one at a time in the VAE.")
+    image_vae_tiling: bool = Field(
+        False, description="Decode large images tile by tile in the VAE (less memory)."
+    )
+    image_cpu_offload: CpuOffload = Field(
+        "none", description="Offload idle submodules to the CPU (accelerators only)."
+    )
+    image_compile: bool = Field(
+        False, description="torch.compile the UNet (slow first image, faster later ones)."
+    )
+    image_torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads for image rendering (default: torch's own)."
+    )
+    image_max_concurrency: int = Field(
+        1, ge=1, description="Images rendered at once; further requests wait in a queue."
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: str) -> str:
+        for origin in (item.strip() for item in value.split(",")):
+            if origin and origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"CORS origin '{origin}' must start with http:// or https:// (or be '*')"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tensor_parallel_devices(self) -> Settings:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        if visible and self.vllm_tensor_parallel_size > 1:
+            count = len([device for device in visible.split(",") if device.strip()])
+            if count < self.vllm_tensor_parallel_size:
+                raise ValueError(
+                    f"VLLM_TENSOR_PARALLEL_SIZE={self.vllm_tensor_parallel_size} needs at least "
+                    f"that many GPUs, but CUDA_VISIBLE_DEVICES={visible} lists {count}"
+                )
+        return self
+
+    @property
+    def cors_origins_list(self) -> list[str]:
+        """The CORS origins as a list."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def non_default_items(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, with secrets masked."""
+        changed: dict[str, Any] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value == info.get_default(call_default_factory=True):
+                continue
+            if any(marker in name for marker in SECRET_MARKERS) and value:
+                value = "***"
+            changed[name] = value
+        return changed

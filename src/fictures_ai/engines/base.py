@@ -1,0 +1,197 @@
+"""The engine interfaces: what the services see of vLLM, diffusers or a test double.
+
+Like vLLM's ``EngineClient``, an engine is an object with an async generation call, ``abort``,
+``check_health`` and ``shutdown``. Everything that crosses this boundary is a frozen dataclass;
+no HTTP or web-framework type appears here.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class PromptFormat(enum.StrEnum):
+    """How a plain prompt string is given to the model."""
+
+    CHAT = "chat"
+    """Wrap the prompt as one user message with the model's chat template."""
+    RAW = "raw"
+    """Send the prompt text as it is."""
+
+
+class StructuredOutputKind(enum.StrEnum):
+    """The kinds of constrained decoding an engine supports."""
+
+    JSON = "json"
+    REGEX = "regex"
+    CHOICE = "choice"
+    GRAMMAR = "grammar"
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputSpec:
+    """A constraint on the generated text, enforced by the engine while sampling."""
+
+    kind: StructuredOutputKind
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of a conversation, rendered with the model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextGenerationParams:
+    """Sampling parameters of one text request, independent of any engine."""
+
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 0.9
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    structured: StructuredOutputSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextPrompt:
+    """What to generate from: a plain prompt (formatted per ``format``) or chat messages."""
+
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    format: PromptFormat = PromptFormat.CHAT
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """One step of a text generation stream.
+
+    ``delta`` is the text produced since the previous chunk; ``completion_tokens`` counts every
+    token generated so far for this request, as reported by the engine. ``finish_reason`` is
+    set on the last chunk only.
+    """
+
+    delta: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextModelInfo:
+    """What the text engine serves."""
+
+    name: str
+    framework: str
+    max_model_len: int
+    source: str
+
+
+class TextEngine(abc.ABC):
+    """An engine that turns prompts into streams of text chunks."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
+    ) -> AsyncIterator[TextChunk]:
+        """Stream the generation of one request.
+
+        Cancelling or closing the iterator aborts the request in the engine. Raises
+        ``InvalidRequestError`` (including ``ContextLengthExceededError``) before the first
+        chunk when the request cannot be served, ``EngineDeadError`` when the engine dies.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop producing tokens for ``request_id``; a no-op for unknown or finished ids."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Return when the engine can serve requests; raise ``EngineDeadError`` otherwise."""
+
+    @abc.abstractmethod
+    def model_info(self) -> TextModelInfo:
+        """Describe the loaded model."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Release the engine and its processes; the engine is unusable afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageGenerationParams:
+    """Parameters of one text-to-image request. ``seed`` is always set by the service."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+    width: int = 1344
+    height: int = 768
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One rendered image as PNG bytes, with the seed that produced it."""
+
+    png: bytes
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageModelInfo:
+    """What the image engine serves. ``notice`` says plainly when the output is not real art."""
+
+    name: str
+    framework: str
+    device: str
+    dtype: str
+    source: str
+    notice: str | None = None
+
+
+ProgressCallback = Callable[[int, int], None]
+"""Called from the render thread after each denoising step with (step, total_steps)."""
+
+
+class ImageEngine(abc.ABC):
+    """An engine that renders images from text."""
+
+    @abc.abstractmethod
+    async def generate(
+        self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
+    ) -> GeneratedImage:
+        """Render one image off the event loop.
+
+        Cancelling the awaiting task stops the render at the next denoising step and re-raises
+        ``asyncio.CancelledError``. Raises ``InvalidRequestError`` for parameters the model
+        cannot render, ``GenerationError`` when the pipeline fails.
+        """
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Return when the engine can render; raise ``ServiceUnavailableError`` otherwise."""
+
+    @abc.abstractmethod
+    def model_info(self) -> ImageModelInfo:
+        """Describe the loaded pipeline."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Release the pipeline and its memory."""

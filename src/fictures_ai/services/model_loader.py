@@ -1,0 +1,118 @@
+"""Lazy, load-once access to an engine, shared by the text and image services.
+
+The first caller starts the load; concurrent callers wait for the same load; a failed load is
+reported as ``ModelLoadError`` (with ``retry_after``) and the next caller tries again. The load
+runs in its own task, so a client that disconnects while waiting never cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
+from fictures_ai.errors import FicturesError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+class _Closable(Protocol):
+    async def shutdown(self) -> None: ...
+
+
+EngineT = TypeVar("EngineT", bound=_Closable)
+
+
+class LoadState(enum.StrEnum):
+    """Where a lazily loaded model stands."""
+
+    NOT_LOADED = "not_loaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class LazyModel(Generic[EngineT]):
+    """Holds one engine, loading it on first use with ``loader``."""
+
+    def __init__(
+        self, *, name: str, loader: Callable[[], Awaitable[EngineT]], retry_after: int
+    ) -> None:
+        self.name = name
+        self._loader = loader
+        self._retry_after = retry_after
+        self._engine: EngineT | None = None
+        self._load_task: asyncio.Task[EngineT] | None = None
+        self.state = LoadState.NOT_LOADED
+        self.last_error: str | None = None
+        self.load_seconds: float | None = None
+
+    @property
+    def engine(self) -> EngineT | None:
+        """The loaded engine, or None; never starts a load."""
+        return self._engine
+
+    async def get(self) -> EngineT:
+        """Return the engine, loading it first if needed (once, whatever the concurrency)."""
+        if self._engine is not None:
+            return self._engine
+        if self._load_task is None:
+            self._load_task = asyncio.create_task(self._load(), name=f"load {self.name}")
+        # shield: a waiter's cancellation (client gone) must not cancel the shared load.
+        return await asyncio.shield(self._load_task)
+
+    async def _load(self) -> EngineT:
+        self.state = LoadState.LOADING
+        started = time.perf_counter()
+        try:
+            engine = await self._loader()
+        except Exception as exc:
+            self.state = LoadState.FAILED
+            self.last_error = str(exc)
+            self._load_task = None
+            logger.exception("Loading %s failed: %s", self.name, exc)
+            if isinstance(exc, ModelLoadError):
+                exc.retry_after = exc.retry_after or self._retry_after
+                raise
+            message = exc.message if isinstance(exc, FicturesError) else str(exc)
+            raise ModelLoadError(
+                f"The model '{self.name}' failed to load: {message}",
+                model=self.name,
+                retry_after=self._retry_after,
+            ) from exc
+        self.load_seconds = time.perf_counter() - started
+        self._engine = engine
+        self.state = LoadState.READY
+        self.last_error = None
+        logger.info("Loaded %s in %.1f s", self.name, self.load_seconds)
+        return engine
+
+    async def discard(self, reason: str) -> None:
+        """Drop a broken engine so that the next ``get`` loads a fresh one."""
+        engine, self._engine = self._engine, None
+        self._load_task = None
+        self.state = LoadState.FAILED
+        self.last_error = reason
+        if engine is not None:
+            logger.warning("Discarding %s: %s", self.name, reason)
+            try:
+                await engine.shutdown()
+            except Exception:
+                logger.warning("Shutting down the broken %s failed", self.name, exc_info=True)
+
+    async def shutdown(self) -> None:
+        """Release the engine (waiting for a load in progress to finish first)."""
+        task = self._load_task
+        if task is not None and not task.done():
+            try:
+                await task
+            except Exception:
+                logger.debug("Load of %s failed during shutdown", self.name)
+        engine, self._engine = self._engine, None
+        self._load_task = None
+        self.state = LoadState.NOT_LOADED
+        if engine is not None:
+            await engine.shutdown()

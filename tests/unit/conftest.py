@@ -1,0 +1,57 @@
+"""Apps over fake engines, served in-process through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from fictures_ai.api.app import create_app
+from fictures_ai.api.dependencies import Services
+from fictures_ai.config import Settings
+from fictures_ai.services.text_generation import TextGenerationService
+from tests.unit.fake_engines import FakeTextEngine
+
+
+def make_services(
+    engine: FakeTextEngine | None = None,
+    *,
+    settings: Settings | None = None,
+    loader: Callable[[], Any] | None = None,
+) -> Services:
+    """Services whose text engine is ``engine`` (or whatever ``loader`` returns)."""
+    settings = settings or Settings(_env_file=None)  # type: ignore[call-arg]
+    engine = engine or FakeTextEngine()
+
+    async def load() -> FakeTextEngine:
+        return engine
+
+    text = TextGenerationService(
+        model_name="fake-model", max_model_len=engine.max_model_len, loader=loader or load
+    )
+    return Services(settings=settings, text=text)
+
+
+@pytest.fixture
+def engine() -> FakeTextEngine:
+    return FakeTextEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeTextEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(services=make_services(engine))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (then fail)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.01)

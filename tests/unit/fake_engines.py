@@ -1,0 +1,121 @@
+"""A scripted text engine for unit tests of the HTTP and service layers (no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fictures_ai.engines.base import (
+    StructuredOutputKind,
+    TextChunk,
+    TextEngine,
+    TextGenerationParams,
+    TextModelInfo,
+    TextPrompt,
+)
+from fictures_ai.errors import ContextLengthExceededError, EngineDeadError, GenerationError
+
+
+@dataclass
+class FakeTextEngine(TextEngine):
+    """Answers with ``reply`` one word per token; records every call.
+
+    A prompt counts one token per word. ``token_delay`` slows each token; ``fail_after`` raises
+    ``GenerationError`` (or ``EngineDeadError`` when ``dead``) after that many tokens.
+    """
+
+    reply: str = "Once upon a time there was a brave little dragon ."
+    max_model_len: int = 8192
+    token_delay: float = 0.0
+    fail_after: int | None = None
+    dead: bool = False
+    json_reply: str = '{"name": "Ava", "age": 20}'
+    calls: list[tuple[TextPrompt, TextGenerationParams]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    shut_down: bool = False
+    produced_tokens: int = 0
+
+    def _script(self, params: TextGenerationParams) -> list[str]:
+        spec = params.structured
+        if spec is not None and spec.kind is StructuredOutputKind.JSON:
+            return [self.json_reply]
+        if spec is not None and spec.kind is StructuredOutputKind.CHOICE:
+            return [(spec.choices or ("",))[0]]
+        words = self.reply.split(" ")
+        return [words[0], *(" " + word for word in words[1:])]
+
+    async def generate(
+        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
+    ) -> AsyncIterator[TextChunk]:
+        self.calls.append((prompt, params))
+        text = prompt.text or " ".join(m.content for m in prompt.messages or ())
+        prompt_tokens = len(text.split())
+        if prompt_tokens + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                prompt_tokens=prompt_tokens,
+                max_tokens=params.max_tokens,
+                max_model_len=self.max_model_len,
+            )
+        pieces = self._script(params)
+        done = False
+        try:
+            produced = ""
+            for index, piece in enumerate(pieces[: params.max_tokens]):
+                if self.fail_after is not None and index >= self.fail_after:
+                    if self.dead:
+                        raise EngineDeadError("The fake engine died.")
+                    raise GenerationError("The fake engine failed.")
+                await asyncio.sleep(self.token_delay)
+                produced += piece
+                self.produced_tokens += 1
+                stop_hit = next((s for s in params.stop if s in produced), None)
+                last = index + 1 == min(len(pieces), params.max_tokens)
+                reason = None
+                if stop_hit is not None:
+                    piece = piece[: len(piece) - (len(produced) - produced.index(stop_hit))]
+                    reason = "stop"
+                elif last:
+                    reason = "length" if params.max_tokens < len(pieces) else "stop"
+                yield TextChunk(
+                    delta=piece,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=index + 1,
+                    finish_reason=reason,  # type: ignore[arg-type]
+                )
+                if reason is not None:
+                    done = True
+                    self.finished.append(request_id)
+                    return
+        finally:
+            if not done:
+                self.aborted.append(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError("The fake engine is dead.")
+
+    def model_info(self) -> TextModelInfo:
+        return TextModelInfo(
+            name="fake-model", framework="vLLM", max_model_len=self.max_model_len, source="fake"
+        )
+
+    async def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def json_events(body: str) -> list[dict[str, object] | str]:
+    """Parse an SSE body into its events: dicts, or the string ``[DONE]``."""
+    events: list[dict[str, object] | str] = []
+    for block in body.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events

@@ -1,0 +1,106 @@
+"""Settings: legacy variable names, validation messages, .env.example and the CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from fictures_ai.cli import add_settings_flags, build_parser, settings_from
+from fictures_ai.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_original_deployment_variable_names_still_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {
+        "TEXT_MODEL_NAME": "google/gemma-2b-it",
+        "TEXT_MAX_MODEL_LEN": "4096",
+        "TEXT_GPU_MEMORY_UTILIZATION": "0.8",
+        "VLLM_TENSOR_PARALLEL_SIZE": "1",
+        "VLLM_MAX_NUM_SEQS": "64",
+        "VLLM_QUANTIZATION": "awq",
+        "CORS_ORIGINS": "https://a.example,https://b.example",
+        "API_HOST": "127.0.0.1",
+        "API_PORT": "9000",
+        "LOG_LEVEL": "DEBUG",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.text_model_name == "google/gemma-2b-it"
+    assert settings.text_max_model_len == 4096
+    assert settings.text_gpu_memory_utilization == 0.8
+    assert settings.vllm_max_num_seqs == 64
+    assert settings.vllm_quantization == "awq"
+    assert settings.cors_origins_list == ["https://a.example", "https://b.example"]
+    assert (settings.api_host, settings.api_port, settings.log_level) == (
+        "127.0.0.1",
+        9000,
+        "DEBUG",
+    )
+
+
+def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("VLLM_TENSOR_PARALLEL_SIZE", "4")
+    with pytest.raises(ValidationError, match="CUDA_VISIBLE_DEVICES=0,1 lists 2"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("API_PORT", "70000", "less than or equal to 65535"),
+        ("TEXT_GPU_MEMORY_UTILIZATION", "1.5", "less than or equal to 1"),
+        ("CORS_ORIGINS", "fictures.example", "must start with http"),
+        ("TEXT_PROMPT_FORMAT", "xml", "'chat' or 'raw'"),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    text = (ROOT / ".env.example").read_text()
+    entries = dict(
+        re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE),
+    )
+    fields = Settings.model_fields
+    assert set(entries) == {name.upper() for name in fields}
+    for name, info in fields.items():
+        default = info.get_default(call_default_factory=True)
+        if name == "model_cache_dir":
+            continue  # depends on the user's home directory
+        expected = "" if default is None else str(getattr(default, "value", default))
+        if isinstance(default, bool):
+            expected = str(default).lower()
+        assert entries[name.upper()] == expected, name
+
+
+def test_serve_flags_mirror_the_settings() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--api-port", "9100", "--no-vllm-enforce-eager", "--text-prompt-format", "raw"]
+    )
+    settings = settings_from(args)
+    assert settings.api_port == 9100
+    assert settings.vllm_enforce_eager is False
+    assert settings.text_prompt_format == "raw"
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in parser._option_string_actions
+
+
+def test_non_default_settings_mask_secrets() -> None:
+    settings = Settings(_env_file=None, api_port=9001)  # type: ignore[call-arg]
+    assert settings.non_default_items() == {"api_port": 9001}
