@@ -123,7 +123,7 @@ class VllmTextEngine(TextEngine):
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        if self._llm.errored:
+        if self._closed or self._llm.errored:
             raise EngineDeadError("The text engine has stopped; it is being restarted.")
         engine_input = await self._render(prompt)
         prompt_tokens = len(engine_input["prompt_token_ids"])
@@ -183,6 +183,9 @@ class VllmTextEngine(TextEngine):
             return
         self._closed = True
         await asyncio.to_thread(self._llm.shutdown)
+        # AsyncLLM.__del__ shuts down again; let that happen now, not at interpreter exit when
+        # vLLM's module globals are already gone.
+        del self._llm
 
     async def _render(self, prompt: TextPrompt) -> Any:
         """Apply the chat template where asked and tokenize in vLLM's tokenizer pool."""

@@ -1,0 +1,20 @@
+"""The real vLLM engine on the bundled SmolLM2, loaded once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fictures_ai.config import Settings
+from fictures_ai.engines.vllm_engine import VllmTextEngine
+
+
+@pytest.fixture(scope="session")
+async def text_engine() -> AsyncIterator[VllmTextEngine]:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, text_max_model_len=4096, vllm_max_num_seqs=32, vllm_cpu_kv_cache_mb=256
+    )
+    engine = await VllmTextEngine.load(settings)
+    yield engine
+    await engine.shutdown()

@@ -1,0 +1,184 @@
+"""The vLLM engine on the real bundled model: streaming, batching, stops, structure, abort."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+
+import jsonschema
+import pytest
+
+from fictures_ai.engines.base import (
+    ChatMessage,
+    PromptFormat,
+    StructuredOutputKind,
+    StructuredOutputSpec,
+    TextChunk,
+    TextGenerationParams,
+    TextPrompt,
+)
+from fictures_ai.engines.vllm_engine import VllmTextEngine
+from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
+
+pytestmark = pytest.mark.integration
+
+STORY = TextPrompt(text="Write one sentence about a dragon who loves books.")
+
+
+async def collect(
+    engine: VllmTextEngine, prompt: TextPrompt, params: TextGenerationParams
+) -> list[TextChunk]:
+    return [chunk async for chunk in engine.generate(prompt, params, request_id=uuid.uuid4().hex)]
+
+
+async def test_streams_english_text_in_several_chunks(text_engine: VllmTextEngine) -> None:
+    chunks = await collect(text_engine, STORY, TextGenerationParams(max_tokens=40, seed=7))
+    text = "".join(chunk.delta for chunk in chunks)
+    assert len(chunks) > 3
+    assert re.search(r"\b(the|a|dragon|book|books)\b", text, flags=re.IGNORECASE), text
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert all(chunk.finish_reason is None for chunk in chunks[:-1])
+    # Token counts come from the engine and grow by the tokens of each delta.
+    counts = [chunk.completion_tokens for chunk in chunks]
+    assert counts == sorted(counts)
+    assert counts[-1] <= 40
+    assert chunks[0].prompt_tokens > 10  # the chat template adds a system turn
+
+
+async def test_max_tokens_ends_with_length(text_engine: VllmTextEngine) -> None:
+    params = TextGenerationParams(max_tokens=5, ignore_eos=True)
+    chunks = await collect(text_engine, STORY, params)
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 5
+
+
+async def test_stop_sequence_ends_with_stop_and_is_not_included(
+    text_engine: VllmTextEngine,
+) -> None:
+    prompt = TextPrompt(text="Count from 1 to 20, separated by commas.")
+    params = TextGenerationParams(max_tokens=80, temperature=0.0, stop=("7",))
+    chunks = await collect(text_engine, prompt, params)
+    text = "".join(c.delta for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert "7" not in text
+    assert "6" in text
+
+
+async def test_sixteen_concurrent_requests_all_complete(text_engine: VllmTextEngine) -> None:
+    params = TextGenerationParams(max_tokens=24, ignore_eos=True)
+    results = await asyncio.gather(*(collect(text_engine, STORY, params) for _ in range(16)))
+    assert all(chunks[-1].completion_tokens == 24 for chunks in results)
+    assert all(chunks[-1].finish_reason == "length" for chunks in results)
+
+
+async def test_json_schema_output_parses_and_validates(text_engine: VllmTextEngine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    spec = StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=schema)
+    prompt = TextPrompt(text="Invent a story character. Answer in JSON with name and age.")
+    chunks = await collect(
+        text_engine, prompt, TextGenerationParams(max_tokens=80, structured=spec, seed=1)
+    )
+    value = json.loads("".join(c.delta for c in chunks))
+    jsonschema.validate(value, schema)
+
+
+async def test_choice_output_is_one_of_the_choices(text_engine: VllmTextEngine) -> None:
+    spec = StructuredOutputSpec(StructuredOutputKind.CHOICE, choices=("fantasy", "horror"))
+    prompt = TextPrompt(text="Is a story about a dragon fantasy or horror?")
+    for seed in range(3):
+        chunks = await collect(
+            text_engine, prompt, TextGenerationParams(max_tokens=10, structured=spec, seed=seed)
+        )
+        assert "".join(c.delta for c in chunks) in ("fantasy", "horror")
+
+
+async def test_regex_and_grammar_outputs_match(text_engine: VllmTextEngine) -> None:
+    regex = StructuredOutputSpec(StructuredOutputKind.REGEX, regex=r"Chapter [0-9]{1,2}")
+    grammar = StructuredOutputSpec(
+        StructuredOutputKind.GRAMMAR, grammar='root ::= "The " ("end" | "beginning") "."'
+    )
+    prompt = TextPrompt(text="Name a chapter.")
+    regex_text = "".join(
+        c.delta
+        for c in await collect(text_engine, prompt, TextGenerationParams(20, structured=regex))
+    )
+    grammar_text = "".join(
+        c.delta
+        for c in await collect(text_engine, prompt, TextGenerationParams(20, structured=grammar))
+    )
+    assert re.fullmatch(r"Chapter [0-9]{1,2}", regex_text)
+    assert grammar_text in ("The end.", "The beginning.")
+
+
+async def test_invalid_regex_is_an_invalid_request(text_engine: VllmTextEngine) -> None:
+    spec = StructuredOutputSpec(StructuredOutputKind.REGEX, regex="(unclosed")
+    with pytest.raises(InvalidRequestError, match="regex"):
+        await collect(text_engine, STORY, TextGenerationParams(max_tokens=5, structured=spec))
+
+
+async def test_closing_the_stream_aborts_the_request_in_the_engine(
+    text_engine: VllmTextEngine,
+) -> None:
+    params = TextGenerationParams(max_tokens=1000, ignore_eos=True)
+    stream = text_engine.generate(STORY, params, request_id="to-abort")
+    received = [await anext(stream) for _ in range(3)]
+    assert received[-1].finish_reason is None
+    await stream.aclose()  # type: ignore[attr-defined]
+    llm = text_engine._llm
+    for _ in range(100):
+        if llm.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert llm.get_num_unfinished_requests() == 0
+
+
+async def test_cancelling_the_consumer_aborts_the_request(text_engine: VllmTextEngine) -> None:
+    params = TextGenerationParams(max_tokens=1000, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in text_engine.generate(STORY, params, request_id="to-cancel"):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    llm = text_engine._llm
+    for _ in range(100):
+        if llm.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert llm.get_num_unfinished_requests() == 0
+
+
+async def test_prompt_plus_max_tokens_beyond_the_context_is_refused(
+    text_engine: VllmTextEngine,
+) -> None:
+    prompt = TextPrompt(text="story " * 2000)
+    with pytest.raises(ContextLengthExceededError) as caught:
+        await collect(text_engine, prompt, TextGenerationParams(max_tokens=3000))
+    assert caught.value.max_model_len == 4096
+    assert caught.value.prompt_tokens > 2000
+
+
+async def test_raw_format_and_chat_messages(text_engine: VllmTextEngine) -> None:
+    raw = TextPrompt(text="Once upon a time", format=PromptFormat.RAW)
+    chat = TextPrompt(
+        messages=(
+            ChatMessage("system", "You are a poet."),
+            ChatMessage("user", "One line about the sea."),
+        )
+    )
+    raw_chunks = await collect(text_engine, raw, TextGenerationParams(max_tokens=8))
+    chat_chunks = await collect(text_engine, chat, TextGenerationParams(max_tokens=8))
+    assert raw_chunks[0].prompt_tokens == 4
+    assert chat_chunks[0].prompt_tokens > raw_chunks[0].prompt_tokens
