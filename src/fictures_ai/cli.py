@@ -7,12 +7,15 @@ The flags of ``serve`` are generated from the ``Settings`` fields (``--api-port`
 from __future__ import annotations
 
 import argparse
+import base64
 import enum
 import json
 import logging
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -75,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--max-tokens", type=int, default=256)
     text.add_argument("--temperature", type=float, default=0.7)
     text.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
+    image = generate_kinds.add_parser("image", help="Render an image into a PNG file.")
+    image.add_argument("prompt")
+    image.add_argument("-o", "--output", required=True, help="PNG file to write.")
+    image.add_argument("--negative-prompt")
+    image.add_argument("--width", type=int, default=1344)
+    image.add_argument("--height", type=int, default=768)
+    image.add_argument("--steps", type=int, default=30, help="Denoising steps.")
+    image.add_argument("--guidance-scale", type=float, default=7.5)
+    image.add_argument("--seed", type=int, help="Same seed, same image (random if unset).")
+    image.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
     return parser
 
 
@@ -99,7 +112,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Invalid settings:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"Invalid settings: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         app,
         host=settings.api_host,
@@ -151,6 +168,57 @@ def generate_text(args: argparse.Namespace) -> int:
             return 1
 
 
+def generate_image(args: argparse.Namespace) -> int:
+    """Render an image on a running server, with a progress bar, and save it as PNG."""
+    from tqdm import tqdm
+
+    body = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+    }
+    result: dict[str, Any] | None = None
+    timeout = httpx.Timeout(3600.0, connect=5.0)
+    try:
+        with (
+            httpx.Client(base_url=args.url, timeout=timeout) as client,
+            client.stream("POST", "/api/v1/images/stream", json=body) as stream,
+            tqdm(total=args.steps, unit="step", desc="rendering", file=sys.stderr) as bar,
+        ):
+            if stream.is_error:
+                stream.read()
+                return _report_http_error(stream)
+            for line in stream.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if event.get("error"):
+                    print(f"error: {event['error']}", file=sys.stderr)
+                    return 1
+                if event["done"]:
+                    result = event
+                else:
+                    bar.total = event["total_steps"]
+                    bar.update(event["step"] - bar.n)
+    except httpx.HTTPError as exc:
+        print(f"Could not reach the server at {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if result is None:
+        print("error: the server ended the stream without an image", file=sys.stderr)
+        return 1
+    png = base64.b64decode(result["image_url"].split(",", 1)[1])
+    Path(args.output).write_bytes(png)
+    print(
+        f"{args.output}: {result['width']}x{result['height']}, seed {result['seed']}, "
+        f"model {result['model']}"
+    )
+    return 0
+
+
 def _report_http_error(response: httpx.Response) -> int:
     try:
         detail = response.json().get("detail", response.text)
@@ -167,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "models":
         return prepare_models()
+    if args.kind == "image":
+        return generate_image(args)
     return generate_text(args)
 
 

@@ -44,6 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         "API_PORT": str(port),
         "VLLM_CPU_KV_CACHE_MB": "256",
         "TEXT_MAX_MODEL_LEN": "4096",
+        "IMAGE_TORCH_THREADS": "1",
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -68,3 +69,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the text tests first: the first of them checks lazy loading on the fresh server."""
+    items.sort(key=lambda item: item.path.name != "test_text_server.py")

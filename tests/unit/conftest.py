@@ -12,8 +12,9 @@ import pytest
 from fictures_ai.api.app import create_app
 from fictures_ai.api.dependencies import Services
 from fictures_ai.config import Settings
+from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
-from tests.unit.fake_engines import FakeTextEngine
+from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 
 def make_services(
@@ -21,18 +22,30 @@ def make_services(
     *,
     settings: Settings | None = None,
     loader: Callable[[], Any] | None = None,
+    image_engine: FakeImageEngine | None = None,
+    image_loader: Callable[[], Any] | None = None,
 ) -> Services:
-    """Services whose text engine is ``engine`` (or whatever ``loader`` returns)."""
+    """Services over fake engines (or whatever the loaders return)."""
     settings = settings or Settings(_env_file=None)  # type: ignore[call-arg]
     engine = engine or FakeTextEngine()
+    image_engine = image_engine or FakeImageEngine()
 
     async def load() -> FakeTextEngine:
         return engine
 
+    async def load_image() -> FakeImageEngine:
+        return image_engine
+
     text = TextGenerationService(
         model_name="fake-model", max_model_len=engine.max_model_len, loader=loader or load
     )
-    return Services(settings=settings, text=text)
+    image = ImageGenerationService(
+        model_name="fake-image-model",
+        device="cpu",
+        max_concurrency=settings.image_max_concurrency,
+        loader=image_loader or load_image,
+    )
+    return Services(settings=settings, text=text, image=image)
 
 
 @pytest.fixture
@@ -41,8 +54,15 @@ def engine() -> FakeTextEngine:
 
 
 @pytest.fixture
-async def client(engine: FakeTextEngine) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(services=make_services(engine))
+def image_engine() -> FakeImageEngine:
+    return FakeImageEngine()
+
+
+@pytest.fixture
+async def client(
+    engine: FakeTextEngine, image_engine: FakeImageEngine
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(services=make_services(engine, image_engine=image_engine))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from fictures_ai.engines.base import (
+    GeneratedImage,
+    ImageEngine,
+    ImageGenerationParams,
+    ImageModelInfo,
+    ProgressCallback,
     StructuredOutputKind,
     TextChunk,
     TextEngine,
@@ -103,6 +112,61 @@ class FakeTextEngine(TextEngine):
     def model_info(self) -> TextModelInfo:
         return TextModelInfo(
             name="fake-model", framework="vLLM", max_model_len=self.max_model_len, source="fake"
+        )
+
+    async def shutdown(self) -> None:
+        self.shut_down = True
+
+
+@dataclass
+class FakeImageEngine(ImageEngine):
+    """Renders a flat PNG whose colour depends on the request and seed; records every call.
+
+    Each step sleeps ``step_delay`` (on the event loop, like an engine that renders elsewhere);
+    ``fail`` raises ``GenerationError``.
+    """
+
+    step_delay: float = 0.0
+    fail: bool = False
+    calls: list[ImageGenerationParams] = field(default_factory=list)
+    completed: list[ImageGenerationParams] = field(default_factory=list)
+    cancelled: list[ImageGenerationParams] = field(default_factory=list)
+    shut_down: bool = False
+
+    async def generate(
+        self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
+    ) -> GeneratedImage:
+        self.calls.append(params)
+        try:
+            for step in range(params.num_inference_steps):
+                await asyncio.sleep(self.step_delay)
+                if progress is not None:  # like a real engine: from a render thread
+                    await asyncio.to_thread(progress, step + 1, params.num_inference_steps)
+        except asyncio.CancelledError:
+            self.cancelled.append(params)
+            raise
+        if self.fail:
+            raise GenerationError("The fake pipeline failed.")
+        key = f"{params.prompt}|{params.negative_prompt}|{params.seed}".encode()
+        colour = tuple(hashlib.sha256(key).digest()[:3])
+        buffer = io.BytesIO()
+        Image.new("RGB", (params.width, params.height), colour).save(buffer, format="PNG")
+        self.completed.append(params)
+        return GeneratedImage(
+            png=buffer.getvalue(), width=params.width, height=params.height, seed=params.seed
+        )
+
+    async def check_health(self) -> None:
+        return None
+
+    def model_info(self) -> ImageModelInfo:
+        return ImageModelInfo(
+            name="fake-image-model",
+            framework="diffusers",
+            device="cpu",
+            dtype="float32",
+            source="fake",
+            notice="draws flat colours",
         )
 
     async def shutdown(self) -> None:

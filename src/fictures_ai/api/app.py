@@ -16,21 +16,38 @@ from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import install_error_handlers
 from fictures_ai.api.fictures.router import DESCRIPTION, router, system_router
 from fictures_ai.config import Settings
-from fictures_ai.engines.factory import create_text_engine, text_model_display_name
+from fictures_ai.engines.factory import (
+    create_image_engine,
+    create_text_engine,
+    image_device,
+    image_model_display_name,
+    text_model_display_name,
+)
+from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings) -> Services:
-    """The production services: engines chosen by the factory from the settings."""
+    """The production services: engines chosen by the factory from the settings.
+
+    Raises ``ValueError`` for settings that cannot work on this machine.
+    """
 
     text = TextGenerationService(
         model_name=text_model_display_name(settings),
         max_model_len=settings.text_max_model_len,
         loader=functools.partial(create_text_engine, settings),
     )
-    return Services(settings=settings, text=text)
+    device = image_device(settings)
+    image = ImageGenerationService(
+        model_name=image_model_display_name(settings, device),
+        device=device,
+        max_concurrency=settings.image_max_concurrency,
+        loader=functools.partial(create_image_engine, settings),
+    )
+    return Services(settings=settings, text=text, image=image)
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
@@ -54,6 +71,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             if preload is not None and not preload.done():
                 preload.cancel()
             await services.text.shutdown()
+            await services.image.shutdown()
             logger.info("Fictures AI Server stopped")
 
     app = FastAPI(
@@ -78,7 +96,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
 
 async def _preload(services: Services) -> None:
-    try:
-        await services.text.initialize()
-    except Exception:
-        logger.warning("Preloading the text model failed; requests will retry the load")
+    for service in (services.text, services.image):
+        try:
+            await service.initialize()
+        except Exception:
+            logger.warning("Preloading a model failed; requests will retry the load")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 
 from fictures_ai.config import Settings
+from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 
 
@@ -18,6 +19,7 @@ class Services:
 
     settings: Settings
     text: TextGenerationService
+    image: ImageGenerationService
 
 
 def get_services(request: Request) -> Services:
@@ -29,6 +31,11 @@ def get_services(request: Request) -> Services:
 def get_text_service(request: Request) -> TextGenerationService:
     """The text generation service."""
     return get_services(request).text
+
+
+def get_image_service(request: Request) -> ImageGenerationService:
+    """The image generation service."""
+    return get_services(request).image
 
 
 def require_scope(scope: str) -> Callable[[Request], Coroutine[Any, Any, None]]:

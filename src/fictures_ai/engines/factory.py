@@ -9,7 +9,7 @@ from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, BUNDLED_TEXT_M
 
 if TYPE_CHECKING:
     from fictures_ai.config import Settings
-    from fictures_ai.engines.base import TextEngine
+    from fictures_ai.engines.base import ImageEngine, TextEngine
 
 
 def text_model_display_name(settings: Settings) -> str:
@@ -27,3 +27,33 @@ async def create_text_engine(settings: Settings) -> TextEngine:
     from fictures_ai.engines.vllm_engine import VllmTextEngine
 
     return await VllmTextEngine.load(settings)
+
+
+def image_device(settings: Settings) -> str:
+    """The device the image pipeline will use, after checking that the settings can work there.
+
+    Raises ``ValueError`` with a clear message (e.g. CPU offload without a GPU), so that the
+    server refuses to start rather than failing a request later.
+    """
+    from fictures_ai.engines.diffusers_engine import resolve_image_device, validate_image_settings
+
+    device = resolve_image_device(settings)
+    validate_image_settings(settings, device)
+    return device
+
+
+def image_model_display_name(settings: Settings, device: str) -> str:
+    """The name the API reports for the image model, known without loading it."""
+    from fictures_ai.engines.diffusers_engine import DEFAULT_GPU_IMAGE_MODEL, describe_source
+    from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL
+
+    if settings.image_model_name:
+        return describe_source(settings.image_model_name).name
+    return DEFAULT_GPU_IMAGE_MODEL if device == "cuda" else TINY_IMAGE_MODEL
+
+
+async def create_image_engine(settings: Settings) -> ImageEngine:
+    """Load the configured image pipeline (diffusers)."""
+    from fictures_ai.engines.diffusers_engine import DiffusersImageEngine
+
+    return await DiffusersImageEngine.load(settings=settings)

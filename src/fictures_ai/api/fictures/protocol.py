@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from fictures_ai.engines.base import (
     FinishReason,
+    ImageGenerationParams,
     PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
@@ -19,6 +20,7 @@ from fictures_ai.engines.base import (
     TextPrompt,
 )
 from fictures_ai.errors import InvalidRequestError
+from fictures_ai.services.image_generation import MAX_SEED, random_seed
 
 MAX_PROMPT_CHARS = 8000
 PROMPT_TOO_LONG = f"Prompt too long (max {MAX_PROMPT_CHARS} characters)"
@@ -168,7 +170,7 @@ class HealthModels(BaseModel):
     """The models block of ``/health``."""
 
     text: TextModelInfo
-    image: ImageModelInfo | None = None
+    image: ImageModelInfo
 
 
 class HealthResponse(BaseModel):
@@ -219,3 +221,69 @@ class RootResponse(BaseModel):
     version: str
     description: str
     endpoints: RootEndpoints = RootEndpoints()
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``/api/v1/images/generate``."""
+
+    prompt: str = Field(..., min_length=1, description="What to draw.")
+    negative_prompt: str | None = Field(None, description="What to keep out of the image.")
+    width: int = Field(1344, ge=256, le=2048, description="Width in pixels, a multiple of 8.")
+    height: int = Field(768, ge=256, le=2048, description="Height in pixels, a multiple of 8.")
+    num_inference_steps: int = Field(30, ge=1, le=100, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Prompt adherence.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Same seed and request, same image; random if unset."
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_eight(cls, value: int, info: object) -> int:
+        if value % 8:
+            name = getattr(info, "field_name", "size")
+            lower, upper = value - value % 8, value - value % 8 + 8
+            raise ValueError(
+                f"{name} must be a multiple of 8 (the VAE works in 8-pixel blocks); "
+                f"got {value}, use {lower} or {upper}"
+            )
+        return value
+
+    def to_generation_params(self) -> ImageGenerationParams:
+        """The engine's parameters; a request without a seed gets a random one (> 0)."""
+        return ImageGenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or None,
+            width=self.width,
+            height=self.height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed if self.seed is not None else random_seed(),
+        )
+
+
+class ImageGenerationResponse(BaseModel):
+    """Answer of ``/api/v1/images/generate``."""
+
+    image_url: str = Field(description="The PNG as a data URL (data:image/png;base64,...).")
+    model: str
+    width: int
+    height: int
+    seed: int
+
+
+class ImageModelEntry(BaseModel):
+    """One entry of ``/api/v1/images/models``."""
+
+    id: str
+    name: str
+    type: Literal["image-generation"] = "image-generation"
+    framework: str = "diffusers"
+    device: str
+    status: Literal["initialized", "not_loaded"]
+    notice: str | None = None
+
+
+class ImageModelsResponse(BaseModel):
+    """Answer of ``/api/v1/images/models``."""
+
+    models: list[ImageModelEntry]

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from fictures_ai import __version__
 from fictures_ai.api.dependencies import (
     Services,
+    get_image_service,
     get_services,
     get_text_service,
     require_scope,
 )
+from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.fictures.protocol import (
     HealthModels,
     HealthResponse,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ImageModelEntry,
+    ImageModelInfo,
+    ImageModelsResponse,
     ModelsResponse,
     RootResponse,
     StructuredGenerationRequest,
@@ -34,6 +43,7 @@ from fictures_ai.api.fictures.protocol import (
 from fictures_ai.api.sse import DONE_EVENT, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 from fictures_ai.engines.base import TextChunk
 from fictures_ai.errors import FicturesError
+from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
@@ -44,6 +54,7 @@ system_router = APIRouter(tags=["system"])
 router = APIRouter(prefix="/api/v1")
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
+ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 read_access = [Depends(require_scope("stories:read"))]
 write_access = [Depends(require_scope("stories:write"))]
@@ -56,6 +67,13 @@ def _text_info(service: TextGenerationService) -> TextModelInfo:
     )
 
 
+def _image_info(service: ImageGenerationService) -> ImageModelInfo:
+    info = service.info()
+    return ImageModelInfo(
+        name=info.name, device=info.device, initialized=info.initialized, notice=info.notice
+    )
+
+
 @system_router.get("/", response_model=RootResponse)
 async def describe_server() -> RootResponse:
     """Name, version and the main links of the server."""
@@ -65,13 +83,17 @@ async def describe_server() -> RootResponse:
 @system_router.get("/health", response_model=HealthResponse)
 async def check_health(services: ServicesDep) -> HealthResponse:
     """Answers at once, also while models load; ``initialized`` says whether they have."""
-    return HealthResponse(version=__version__, models=HealthModels(text=_text_info(services.text)))
+    models = HealthModels(text=_text_info(services.text), image=_image_info(services.image))
+    return HealthResponse(version=__version__, models=models)
 
 
 @router.get("/models", response_model=ModelsResponse, dependencies=read_access, tags=["models"])
 async def list_models(services: ServicesDep) -> ModelsResponse:
     """Every model this server serves."""
-    return ModelsResponse(text_generation=[_text_info(services.text)], image_generation=[])
+    return ModelsResponse(
+        text_generation=[_text_info(services.text)],
+        image_generation=[_image_info(services.image)],
+    )
 
 
 @router.get(
@@ -96,11 +118,12 @@ async def list_text_models(service: TextService) -> TextModelsResponse:
     tags=["text"],
 )
 async def generate_text(
-    body: TextGenerationRequest, service: TextService, services: ServicesDep
+    body: TextGenerationRequest, request: Request, service: TextService, services: ServicesDep
 ) -> TextGenerationResponse:
-    """Generate text and return it whole."""
-    result = await service.generate(
-        body.to_prompt(services.settings.text_prompt_format), body.to_generation_params()
+    """Generate text and return it whole; a client that disconnects aborts the generation."""
+    prompt = body.to_prompt(services.settings.text_prompt_format)
+    result = await cancel_on_disconnect(
+        request, service.generate(prompt, body.to_generation_params())
     )
     return TextGenerationResponse(
         text=result.text,
@@ -189,12 +212,15 @@ async def _text_events(
     tags=["text"],
 )
 async def generate_structured_text(
-    body: StructuredGenerationRequest, service: TextService, services: ServicesDep
+    body: StructuredGenerationRequest,
+    request: Request,
+    service: TextService,
+    services: ServicesDep,
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
-    params = body.to_generation_params()
-    outcome = await service.generate_structured(
-        body.to_prompt(services.settings.text_prompt_format), params
+    prompt = body.to_prompt(services.settings.text_prompt_format)
+    outcome = await cancel_on_disconnect(
+        request, service.generate_structured(prompt, body.to_generation_params())
     )
     return StructuredGenerationResponse(
         output=outcome.result.text,
@@ -204,3 +230,102 @@ async def generate_structured_text(
         finish_reason=contract_finish_reason(outcome.result.finish_reason) or "stop",
         is_valid=outcome.is_valid,
     )
+
+
+@router.post(
+    "/images/generate",
+    response_model=ImageGenerationResponse,
+    dependencies=write_access,
+    tags=["images"],
+)
+async def generate_image(
+    body: ImageGenerationRequest, request: Request, service: ImageService
+) -> ImageGenerationResponse:
+    """Render one image; a client that disconnects frees its queue place or stops the render."""
+    image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
+    return ImageGenerationResponse(
+        image_url="data:image/png;base64," + base64.b64encode(image.png).decode("ascii"),
+        model=service.info().name,
+        width=image.width,
+        height=image.height,
+        seed=image.seed,
+    )
+
+
+@router.post(
+    "/images/stream",
+    dependencies=write_access,
+    tags=["images"],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": (
+                "Server-sent events: `{step, total_steps, done: false}` after each denoising "
+                "step, then the image response with `done: true`, then `data: [DONE]`."
+            ),
+            "content": {SSE_MEDIA_TYPE: {}},
+        }
+    },
+)
+async def stream_image(body: ImageGenerationRequest, service: ImageService) -> StreamingResponse:
+    """Render one image, reporting progress per step as server-sent events."""
+    return StreamingResponse(
+        _image_events(service, body), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS
+    )
+
+
+async def _image_events(
+    service: ImageGenerationService, body: ImageGenerationRequest
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+    def progress(step: int, total: int) -> None:  # called from the render thread
+        loop.call_soon_threadsafe(steps.put_nowait, (step, total))
+
+    render = asyncio.ensure_future(service.generate(body.to_generation_params(), progress=progress))
+    try:
+        while not render.done():
+            next_step = asyncio.ensure_future(steps.get())
+            await asyncio.wait({render, next_step}, return_when=asyncio.FIRST_COMPLETED)
+            if next_step.done():
+                step, total = next_step.result()
+                yield sse_event({"step": step, "total_steps": total, "done": False})
+            else:
+                next_step.cancel()
+        while not steps.empty():  # steps reported just before the render finished
+            step, total = steps.get_nowait()
+            yield sse_event({"step": step, "total_steps": total, "done": False})
+        image = render.result()
+        yield sse_event(
+            {
+                "image_url": "data:image/png;base64," + base64.b64encode(image.png).decode(),
+                "model": service.info().name,
+                "width": image.width,
+                "height": image.height,
+                "seed": image.seed,
+                "done": True,
+            }
+        )
+    except FicturesError as exc:
+        logger.error("Image stream failed: %s", exc.message, exc_info=exc)
+        yield sse_event({"error": exc.message, "done": True})
+    finally:
+        render.cancel()  # the client went away: leave the queue or stop the render
+    yield DONE_EVENT
+
+
+@router.get(
+    "/images/models", response_model=ImageModelsResponse, dependencies=read_access, tags=["images"]
+)
+async def list_image_models(service: ImageService) -> ImageModelsResponse:
+    """The image models, with whether each is loaded."""
+    info = service.info()
+    entry = ImageModelEntry(
+        id=info.name,
+        name=info.name,
+        device=info.device,
+        status="initialized" if info.initialized else "not_loaded",
+        notice=info.notice,
+    )
+    return ImageModelsResponse(models=[entry])

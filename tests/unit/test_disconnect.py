@@ -1,4 +1,4 @@
-"""A client that drops a stream stops the engine request (real Uvicorn, real sockets)."""
+"""A client that goes away stops its work in the engine (real Uvicorn, real sockets)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import uvicorn
 
 from fictures_ai.api.app import create_app
 from tests.unit.conftest import make_services, wait_until
-from tests.unit.fake_engines import FakeTextEngine
+from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 
 def _free_port() -> int:
@@ -23,9 +23,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-async def slow_server() -> AsyncIterator[tuple[str, FakeTextEngine]]:
+def slow_image_engine() -> FakeImageEngine:
+    return FakeImageEngine(step_delay=0.02)
+
+
+@pytest.fixture
+async def slow_server(
+    slow_image_engine: FakeImageEngine,
+) -> AsyncIterator[tuple[str, FakeTextEngine]]:
     engine = FakeTextEngine(reply=" ".join(["word"] * 500), token_delay=0.02)
-    app = create_app(services=make_services(engine))
+    app = create_app(services=make_services(engine, image_engine=slow_image_engine))
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -67,3 +74,34 @@ async def test_a_finished_stream_is_not_aborted(slow_server: tuple[str, FakeText
     assert response.text.endswith("data: [DONE]\n\n")
     assert engine.aborted == []
     assert len(engine.finished) == 1
+
+
+async def test_dropping_a_plain_generate_request_aborts_it(
+    slow_server: tuple[str, FakeTextEngine],
+) -> None:
+    url, engine = slow_server
+    async with httpx.AsyncClient(base_url=url, timeout=0.3) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/api/v1/text/generate", json={"prompt": "x"})
+    await wait_until(lambda: len(engine.aborted) == 1, timeout=5)
+    assert engine.finished == []
+
+
+async def test_dropping_image_requests_frees_the_queue_and_stops_the_render(
+    slow_server: tuple[str, FakeTextEngine], slow_image_engine: FakeImageEngine
+) -> None:
+    url, _ = slow_server
+    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 100}
+    async with httpx.AsyncClient(base_url=url, timeout=0.5) as client:
+        # The first request renders (100 steps x 20 ms), the second waits in the queue.
+        results = await asyncio.gather(
+            client.post("/api/v1/images/generate", json=body),
+            client.post("/api/v1/images/generate", json={**body, "seed": 5}),
+            return_exceptions=True,
+        )
+    assert all(isinstance(result, httpx.ReadTimeout) for result in results)
+    await wait_until(lambda: len(slow_image_engine.cancelled) == 1, timeout=5)
+    await asyncio.sleep(0.3)
+    # The queued request never reached the engine; the running one was stopped mid-render.
+    assert len(slow_image_engine.calls) == 1
+    assert slow_image_engine.completed == []

@@ -1,0 +1,107 @@
+"""Images through the real server process: the tiny offline pipeline, PNGs, health, CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import CLI, RunningServer
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+
+
+def png_of(data_url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert data_url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :])))
+
+
+def test_generate_returns_a_png_of_the_requested_size(server: RunningServer) -> None:
+    body = {"prompt": "a lighthouse at dusk", "width": 320, "height": 256}
+    body |= {"num_inference_steps": 3, "seed": 11}
+    response = httpx.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["model"] == "tiny-sdxl-random"
+    assert (result["width"], result["height"], result["seed"]) == (320, 256, 11)
+    image = png_of(result["image_url"])
+    assert image.format == "PNG"
+    assert image.size == (320, 256)
+    again = httpx.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
+    assert again.json()["image_url"] == result["image_url"]
+
+    models = httpx.get(f"{server.url}/api/v1/images/models").json()["models"]
+    assert models[0]["status"] == "initialized"
+    assert "random weights" in models[0]["notice"]
+
+
+def test_health_and_text_answer_while_a_large_image_renders(server: RunningServer) -> None:
+    done: dict[str, httpx.Response] = {}
+
+    def render() -> None:
+        done["image"] = httpx.post(
+            f"{server.url}/api/v1/images/generate",
+            json={"prompt": "a city", "width": 1024, "height": 1024, "num_inference_steps": 3},
+            timeout=TIMEOUT,
+        )
+
+    worker = threading.Thread(target=render)
+    worker.start()
+    time.sleep(1.5)  # the render is under way
+    latencies = []
+    while worker.is_alive() and len(latencies) < 5:
+        started = time.perf_counter()
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.2)
+    text = httpx.post(
+        f"{server.url}/api/v1/text/generate",
+        json={"prompt": "Say hello.", "max_tokens": 8},
+        timeout=TIMEOUT,
+    )
+    rendering_during_text = worker.is_alive()
+    worker.join()
+    assert latencies, "the render finished before /health was asked"
+    assert max(latencies) < 1.0
+    assert text.status_code == 200
+    assert rendering_during_text
+    assert done["image"].status_code == 200
+    health = httpx.get(f"{server.url}/health").json()["models"]
+    # Both models are loaded side by side; neither evicted the other.
+    assert health["text"]["initialized"] is True
+    assert health["image"]["initialized"] is True
+
+
+def test_bad_image_requests_are_400(server: RunningServer) -> None:
+    too_wide = httpx.post(
+        f"{server.url}/api/v1/images/generate", json={"prompt": "x", "width": 4096}
+    )
+    assert too_wide.status_code == 400
+    odd = httpx.post(f"{server.url}/api/v1/images/generate", json={"prompt": "x", "width": 1001})
+    assert odd.status_code == 400
+    assert "multiple of 8" in odd.json()["detail"]
+
+
+def test_cli_renders_an_image_to_a_file(server: RunningServer, tmp_path: object) -> None:
+    output = f"{tmp_path}/out.png"
+    result = subprocess.run(
+        [str(CLI), "generate", "image", "a small boat", "-o", output, "--width", "256"]
+        + ["--height", "256", "--steps", "3", "--seed", "5", "--url", server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "seed 5" in result.stdout
+    assert "3/3" in result.stderr  # the progress bar reached the last step
+    with Image.open(output) as image:
+        assert image.size == (256, 256)
