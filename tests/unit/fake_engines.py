@@ -23,6 +23,7 @@ from fictures_ai.engines.base import (
     TextGenerationParams,
     TextModelInfo,
     TextPrompt,
+    TokenLogprob,
 )
 from fictures_ai.errors import ContextLengthExceededError, EngineDeadError, GenerationError
 
@@ -62,17 +63,16 @@ class FakeTextEngine(TextEngine):
         self.calls.append((prompt, params))
         text = prompt.text or " ".join(m.content for m in prompt.messages or ())
         prompt_tokens = len(text.split())
-        if prompt_tokens + params.max_tokens > self.max_model_len:
+        max_tokens = params.max_tokens or self.max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > self.max_model_len:
             raise ContextLengthExceededError(
-                prompt_tokens=prompt_tokens,
-                max_tokens=params.max_tokens,
-                max_model_len=self.max_model_len,
+                prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_model_len=self.max_model_len
             )
         pieces = self._script(params)
         done = False
         try:
             produced = ""
-            for index, piece in enumerate(pieces[: params.max_tokens]):
+            for index, piece in enumerate(pieces[:max_tokens]):
                 if self.fail_after is not None and index >= self.fail_after:
                     if self.dead:
                         raise EngineDeadError("The fake engine died.")
@@ -81,18 +81,29 @@ class FakeTextEngine(TextEngine):
                 produced += piece
                 self.produced_tokens += 1
                 stop_hit = next((s for s in params.stop if s in produced), None)
-                last = index + 1 == min(len(pieces), params.max_tokens)
+                last = index + 1 == min(len(pieces), max_tokens)
                 reason = None
                 if stop_hit is not None:
                     piece = piece[: len(piece) - (len(produced) - produced.index(stop_hit))]
                     reason = "stop"
                 elif last:
-                    reason = "length" if params.max_tokens < len(pieces) else "stop"
+                    reason = "length" if max_tokens < len(pieces) else "stop"
                 yield TextChunk(
                     delta=piece,
                     prompt_tokens=prompt_tokens,
                     completion_tokens=index + 1,
                     finish_reason=reason,  # type: ignore[arg-type]
+                    logprobs=(
+                        None
+                        if params.logprobs is None
+                        else (
+                            TokenLogprob(
+                                token=piece,
+                                logprob=-0.5,
+                                top=tuple((f"alt{k}", -1.0 - k) for k in range(params.logprobs)),
+                            ),
+                        )
+                    ),
                 )
                 if reason is not None:
                     done = True

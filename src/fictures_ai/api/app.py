@@ -15,6 +15,7 @@ from fictures_ai import __version__
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import install_error_handlers
 from fictures_ai.api.fictures.router import DESCRIPTION, router, system_router
+from fictures_ai.api.openai.router import router as openai_router
 from fictures_ai.config import Settings
 from fictures_ai.engines.factory import (
     create_image_engine,
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     install_error_handlers(app)
     app.include_router(system_router)
     app.include_router(router)
+    app.include_router(openai_router)
     return app
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from fictures_ai.config import Settings
 from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.text_generation import TextGenerationService
 
 
@@ -20,6 +21,9 @@ class Services:
     settings: Settings
     text: TextGenerationService
     image: ImageGenerationService
+    image_store: GeneratedImageStore = field(
+        default_factory=lambda: GeneratedImageStore(ttl_s=3600, max_bytes=256 << 20)
+    )
 
 
 def get_services(request: Request) -> Services:

@@ -79,15 +79,25 @@ def log_error(request: Request, exc: FicturesError, status: int) -> None:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn our exceptions and validation errors into responses."""
     from fictures_ai.api.fictures.errors import fictures_error, fictures_validation_error
+    from fictures_ai.api.openai.errors import openai_error, openai_validation_error
 
     @app.exception_handler(FicturesError)
     async def _handle_fictures_error(request: Request, exc: FicturesError) -> JSONResponse:
         status = status_for(exc)
         log_error(request, exc, status)
+        if is_openai_path(request.url.path):
+            return openai_error(exc, status)
         return fictures_error(exc, status)
 
     @app.exception_handler(RequestValidationError)
     async def _handle_validation_error(
         request: Request, exc: RequestValidationError
     ) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            return openai_validation_error(exc)
         return fictures_validation_error(exc)
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` belongs to the OpenAI-compatible surface."""
+    return path == "/v1" or path.startswith("/v1/")

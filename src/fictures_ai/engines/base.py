@@ -55,14 +55,21 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class TextGenerationParams:
-    """Sampling parameters of one text request, independent of any engine."""
+    """Sampling parameters of one text request, independent of any engine.
 
-    max_tokens: int
+    ``max_tokens=None`` means "the rest of the context window". ``logprobs=None`` returns no
+    log-probabilities; ``0`` returns the chosen token's; ``k`` adds the ``k`` most likely.
+    """
+
+    max_tokens: int | None
     temperature: float = 0.7
     top_p: float = 0.9
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
     structured: StructuredOutputSpec | None = None
 
 
@@ -73,6 +80,15 @@ class TextPrompt:
     text: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     format: PromptFormat = PromptFormat.CHAT
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log-probability of one generated token and, if asked, of its top alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +104,7 @@ class TextChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from fictures_ai.engines.base import (
     TextGenerationParams,
     TextModelInfo,
     TextPrompt,
+    TokenLogprob,
 )
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, prepare_bundled_model
 from fictures_ai.engines.factory import text_model_display_name
@@ -127,13 +128,16 @@ class VllmTextEngine(TextEngine):
             raise EngineDeadError("The text engine has stopped; it is being restarted.")
         engine_input = await self._render(prompt)
         prompt_tokens = len(engine_input["prompt_token_ids"])
-        if prompt_tokens + params.max_tokens > self._max_model_len:
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self._max_model_len - prompt_tokens
+        if max_tokens < 1 or prompt_tokens + max_tokens > self._max_model_len:
             raise ContextLengthExceededError(
                 prompt_tokens=prompt_tokens,
-                max_tokens=params.max_tokens,
+                max_tokens=max(max_tokens, 1),
                 max_model_len=self._max_model_len,
             )
-        sampling = self._sampling_params(params)
+        sampling = self._sampling_params(params, max_tokens)
         completion_tokens = 0
         finished = False
         stream = self._llm.generate(engine_input, sampling, request_id)
@@ -150,6 +154,11 @@ class VllmTextEngine(TextEngine):
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     finish_reason=finish_reason,
+                    logprobs=(
+                        None
+                        if params.logprobs is None
+                        else _token_logprobs(completion, top=params.logprobs)
+                    ),
                 )
         except VllmEngineDeadError as exc:
             raise EngineDeadError(
@@ -225,20 +234,48 @@ class VllmTextEngine(TextEngine):
         return engine_input
 
     @staticmethod
-    def _sampling_params(params: TextGenerationParams) -> SamplingParams:
+    def _sampling_params(params: TextGenerationParams, max_tokens: int) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            max_tokens=params.max_tokens,
+            max_tokens=max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             stop=list(params.stop) or None,
             seed=params.seed,
             ignore_eos=params.ignore_eos,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logprobs=params.logprobs,
             structured_outputs=_structured_outputs(params.structured),
             output_kind=RequestOutputKind.DELTA,
         )
+
+
+def _token_logprobs(completion: Any, *, top: int) -> tuple[TokenLogprob, ...]:
+    """The delta's tokens with their log-probabilities, from vLLM's per-position dicts.
+
+    vLLM's dict at each position holds the ``top`` most likely tokens (ranks 1..top) plus the
+    sampled token when it ranked lower.
+    """
+    positions = completion.logprobs or []
+    result = []
+    for token_id, candidates in zip(completion.token_ids, positions, strict=False):
+        chosen = candidates[token_id]
+        alternatives = sorted(candidates.values(), key=lambda entry: entry.rank or 0)
+        result.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=float(chosen.logprob),
+                top=tuple(
+                    (entry.decoded_token or "", float(entry.logprob))
+                    for entry in alternatives
+                    if entry.rank is not None and 0 < entry.rank <= top
+                ),
+            )
+        )
+    return tuple(result)
 
 
 def _structured_outputs(spec: StructuredOutputSpec | None) -> Any:

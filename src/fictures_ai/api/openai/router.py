@@ -1,0 +1,375 @@
+"""Routes of the OpenAI-compatible surface under ``/v1``, over the same services as ``/api/v1``.
+
+Streaming follows OpenAI: ``data: {chunk}`` events, usage in a last chunk with no choices when
+``stream_options.include_usage`` is set, an error event if the stream fails after it started,
+and ``data: [DONE]``. Chunks are written from precomputed JSON templates: only the new text is
+JSON-encoded per token, which keeps the per-token cost of the HTTP layer small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from fictures_ai.api.dependencies import (
+    Services,
+    get_image_service,
+    get_services,
+    get_text_service,
+    require_scope,
+)
+from fictures_ai.api.disconnect import cancel_on_disconnect
+from fictures_ai.api.openai.errors import error_body
+from fictures_ai.api.openai.protocol import (
+    AssistantMessage,
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
+    TopLogprob,
+    Usage,
+)
+from fictures_ai.api.sse import DONE_EVENT, SSE_HEADERS, SSE_MEDIA_TYPE
+from fictures_ai.engines.base import (
+    GeneratedImage,
+    PromptFormat,
+    TextChunk,
+    TextGenerationParams,
+    TextPrompt,
+    TokenLogprob,
+)
+from fictures_ai.errors import FicturesError, ModelNotFoundError
+from fictures_ai.services.fanout import merge_streams
+from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.text_generation import TextGenerationService
+
+logger = logging.getLogger(__name__)
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+TextService = Annotated[TextGenerationService, Depends(get_text_service)]
+ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+read_access = [Depends(require_scope("stories:read"))]
+write_access = [Depends(require_scope("stories:write"))]
+
+
+def _check_model(requested: str | None, served: str) -> str:
+    if requested is not None and requested != served:
+        raise ModelNotFoundError(requested, available=[served])
+    return served
+
+
+@router.get("/models", response_model=ModelList, dependencies=read_access)
+async def list_models(services: ServicesDep) -> ModelList:
+    """The text and image models this server serves."""
+    created = int(time.time())
+    return ModelList(
+        data=[
+            Model(id=services.text.model_name, created=created),
+            Model(id=services.image.info().name, created=created),
+        ]
+    )
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: OpenAIFinishReason | None = None
+
+    def add(self, chunk: TextChunk) -> None:
+        self.text.append(chunk.delta)
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
+        self.prompt_tokens = chunk.prompt_tokens
+        self.completion_tokens = chunk.completion_tokens
+        self.finish_reason = _finish_reason(chunk)
+
+
+def _finish_reason(chunk: TextChunk) -> OpenAIFinishReason | None:
+    # OpenAI knows stop and length; an aborted request is cut short like one at its limit.
+    if chunk.finish_reason is None:
+        return None
+    return "stop" if chunk.finish_reason == "stop" else "length"
+
+
+def _usage(choices: list[_Choice], prompts: int) -> Usage:
+    # Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
+    per_prompt = len(choices) // prompts
+    prompt_tokens = sum(choices[i * per_prompt].prompt_tokens for i in range(prompts))
+    completion_tokens = sum(choice.completion_tokens for choice in choices)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _open_streams(
+    service: TextGenerationService,
+    prompts: list[TextPrompt],
+    params: list[TextGenerationParams],
+    request_id: str,
+) -> AsyncGenerator[tuple[int, TextChunk], None]:
+    streams = [
+        service.stream(prompt, choice_params, request_id=f"{request_id}-{p}-{c}")
+        for p, prompt in enumerate(prompts)
+        for c, choice_params in enumerate(params)
+    ]
+    return merge_streams(streams)
+
+
+async def _collect(
+    streams: AsyncGenerator[tuple[int, TextChunk], None], count: int
+) -> list[_Choice]:
+    choices = [_Choice() for _ in range(count)]
+    async for index, chunk in streams:
+        choices[index].add(chunk)
+    return choices
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
+    return ChatChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=entry.token,
+                logprob=entry.logprob,
+                bytes=list(entry.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+                    for token, logprob in entry.top
+                ],
+            )
+            for entry in entries
+        ]
+    )
+
+
+def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
+    offsets, position = [], 0
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[entry.token for entry in entries],
+        token_logprobs=[entry.logprob for entry in entries],
+        top_logprobs=[dict(entry.top) for entry in entries],
+        text_offset=offsets,
+    )
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, dependencies=write_access)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, service: TextService
+) -> Any:
+    """Chat with the text model; ``stream: true`` answers with server-sent events."""
+    model = _check_model(body.model, service.model_name)
+    params = body.to_generation_params()
+    prompts = [TextPrompt(messages=body.to_messages())]
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = _open_streams(service, prompts, params, request_id)
+    if body.stream:
+        encoder = _ChunkEncoder(request_id, model, chat=True, usage=body.include_usage)
+        return await _stream_response(streams, encoder, len(params))
+    choices = await cancel_on_disconnect(request, _collect(streams, len(params)))
+    return ChatCompletionResponse(
+        id=request_id,
+        created=int(time.time()),
+        model=model,
+        choices=[
+            ChatCompletionChoice(
+                index=index,
+                message=AssistantMessage(content="".join(choice.text)),
+                logprobs=_chat_logprobs(choice.logprobs) if body.logprobs else None,
+                finish_reason=choice.finish_reason,
+            )
+            for index, choice in enumerate(choices)
+        ],
+        usage=_usage(choices, 1),
+    )
+
+
+@router.post("/completions", response_model=CompletionResponse, dependencies=write_access)
+async def create_completion(body: CompletionRequest, request: Request, service: TextService) -> Any:
+    """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
+    model = _check_model(body.model, service.model_name)
+    params = body.to_generation_params()
+    prompts = [TextPrompt(text=text, format=PromptFormat.RAW) for text in body.prompts()]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = _open_streams(service, prompts, params, request_id)
+    count = len(prompts) * len(params)
+    if body.stream:
+        encoder = _ChunkEncoder(request_id, model, chat=False, usage=body.include_usage)
+        return await _stream_response(streams, encoder, count, prompts=len(prompts))
+    choices = await cancel_on_disconnect(request, _collect(streams, count))
+    return CompletionResponse(
+        id=request_id,
+        created=int(time.time()),
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=index,
+                text="".join(choice.text),
+                logprobs=(
+                    _completion_logprobs(choice.logprobs) if body.logprobs is not None else None
+                ),
+                finish_reason=choice.finish_reason,
+            )
+            for index, choice in enumerate(choices)
+        ],
+        usage=_usage(choices, len(prompts)),
+    )
+
+
+class _ChunkEncoder:
+    """Writes the SSE events of one streamed completion from precomputed JSON pieces."""
+
+    def __init__(self, request_id: str, model: str, *, chat: bool, usage: bool) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self._head = (
+            f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
+            f'"model":{json.dumps(model)},"choices":['
+        ).encode()
+        self._tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
+        self.chat = chat
+        self.usage = usage
+        self._started: set[int] = set()
+
+    def chunk(self, index: int, chunk: TextChunk) -> bytes:
+        """One event for one engine chunk of choice ``index`` (log-probs when it has them)."""
+        text = json.dumps(chunk.delta, ensure_ascii=False)
+        finish = _finish_reason(chunk)
+        finish_json = "null" if finish is None else f'"{finish}"'
+        logprobs_json = "null"
+        if chunk.logprobs:
+            entries = list(chunk.logprobs)
+            model = _chat_logprobs(entries) if self.chat else _completion_logprobs(entries)
+            logprobs_json = model.model_dump_json()
+        if self.chat:
+            role = '"role":"assistant",' if index not in self._started else ""
+            self._started.add(index)
+            choice = (
+                f'{{"index":{index},"delta":{{{role}"content":{text}}},'
+                f'"logprobs":{logprobs_json},"finish_reason":{finish_json}}}'
+            )
+        else:
+            choice = (
+                f'{{"index":{index},"text":{text},"logprobs":{logprobs_json},'
+                f'"finish_reason":{finish_json}}}'
+            )
+        return self._head + choice.encode() + self._tail
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        """The last chunk when usage was asked for: no choices, the request's token counts."""
+        return self._head + b'],"usage":' + usage.model_dump_json().encode() + b"}\n\n"
+
+
+async def _stream_response(
+    streams: AsyncGenerator[tuple[int, TextChunk], None],
+    encoder: _ChunkEncoder,
+    count: int,
+    *,
+    prompts: int = 1,
+) -> StreamingResponse:
+    # Errors before the first token (bad request, model not loadable) keep their status code.
+    try:
+        first = await anext(streams)
+    except BaseException:
+        await streams.aclose()
+        raise
+    return StreamingResponse(
+        _events(first, streams, encoder, count, prompts),
+        media_type=SSE_MEDIA_TYPE,
+        headers=SSE_HEADERS,
+    )
+
+
+async def _events(
+    first: tuple[int, TextChunk],
+    rest: AsyncGenerator[tuple[int, TextChunk], None],
+    encoder: _ChunkEncoder,
+    count: int,
+    prompts: int,
+) -> AsyncIterator[bytes]:
+    choices = [_Choice() for _ in range(count)]
+    item: tuple[int, TextChunk] | None = first
+    try:
+        while item is not None:
+            index, chunk = item
+            choices[index].add(chunk)
+            yield encoder.chunk(index, chunk)
+            item = await anext(rest, None)
+        if encoder.usage:
+            yield encoder.usage_chunk(_usage(choices, prompts))
+    except FicturesError as exc:
+        logger.error("Stream failed after it started: %s", exc.message, exc_info=exc)
+        yield b"data: " + json.dumps(error_body(exc.message, 500)).encode() + b"\n\n"
+    finally:
+        await rest.aclose()  # aborts the engine requests when the client went away
+    yield DONE_EVENT
+
+
+@router.post("/images/generations", response_model=ImagesResponse, dependencies=write_access)
+async def create_image(
+    body: ImageGenerationRequest, request: Request, service: ImageService, services: ServicesDep
+) -> ImagesResponse:
+    """Render ``n`` images; answer with URLs (kept for a while) or base64 PNGs."""
+    _check_model(body.model, service.info().name)
+    params = body.to_generation_params()
+
+    async def render_all() -> list[GeneratedImage]:
+        return list(await asyncio.gather(*(service.generate(p) for p in params)))
+
+    images = await cancel_on_disconnect(request, render_all())
+    data = []
+    for image in images:
+        if body.response_format == "b64_json":
+            data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed))
+        else:
+            token = services.image_store.put(image.png)
+            url = str(request.url_for("get_generated_image", token=token))
+            data.append(ImageData(url=url, seed=image.seed))
+    return ImagesResponse(created=int(time.time()), data=data)
+
+
+@router.get("/images/files/{token}", include_in_schema=False)
+async def get_generated_image(token: str, services: ServicesDep) -> Response:
+    """A PNG stored for a URL answer; 404 once it expired. The token is the permission."""
+    png = services.image_store.get(token)
+    if png is None:
+        return Response(
+            json.dumps(error_body("This image does not exist or has expired.", 404)),
+            status_code=404,
+            media_type="application/json",
+        )
+    ttl = int(services.image_store.ttl_s)
+    return Response(
+        png, media_type="image/png", headers={"Cache-Control": f"private, max-age={ttl}"}
+    )
