@@ -1,6 +1,8 @@
 # Fictures AI Server — every target sets up .venv itself when it is missing or stale.
 #   make serve            run the server on the embedded defaults (CPU profile)
 #   make test             lint, type-check and run the whole test suite
+#   make test-deps        install the Debian packages the tests drive (chromium, postgresql,
+#                         redis-server; as root, when missing — test, integration and e2e do)
 #   make serve PROFILE=gpu   the same on a CUDA box (official vllm wheel)
 # Outside this project's machines the CPU build of torch comes from PyTorch's CPU index:
 #   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -13,6 +15,11 @@ RUNTIME_STAMP := $(VENV)/.installed-$(PROFILE)
 DEV_STAMP := $(VENV)/.installed-dev
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
+# Debian packages the tests use, by a file each one installs.
+TEST_PACKAGES := /usr/bin/chromium:chromium /usr/bin/redis-server:redis-server \
+	/usr/lib/postgresql:postgresql
+MISSING_PACKAGES = $(foreach entry,$(TEST_PACKAGES),$(if $(wildcard $(firstword \
+	$(subst :, ,$(entry)))),,$(lastword $(subst :, ,$(entry)))))
 
 ifdef PIP_EXTRA_INDEX_URL
 export PIP_EXTRA_INDEX_URL
@@ -29,7 +36,7 @@ INSTALL_LOCK = $(PIP) install -qq --no-deps -r requirements/cpu.lock \
 	&& ($(PIP) uninstall -qq --yes torchvision torchaudio torchcodec 2>/dev/null || true)
 endif
 
-.PHONY: serve test lint typecheck unit integration e2e bench install install-dev clean
+.PHONY: serve test lint typecheck unit integration e2e bench install install-dev test-deps clean
 
 serve: $(RUNTIME_STAMP)
 	$(BIN)/fictures-ai serve
@@ -53,23 +60,30 @@ $(DEV_STAMP): requirements/dev.lock $(RUNTIME_STAMP)
 	@touch $@
 
 lint: install-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 typecheck: install-dev
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: install-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-integration: install-dev
+integration: install-dev test-deps
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-e2e: install-dev
+e2e: install-dev test-deps
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+# The playground's tests drive Debian's Chromium with Playwright (no `playwright install`);
+# the key store and rate limiter tests start their own PostgreSQL and Redis servers.
+test-deps:
+	@if [ -n "$(strip $(MISSING_PACKAGES))" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+			--no-install-recommends $(MISSING_PACKAGES); fi
 
 bench: install-dev
 	$(BIN)/python benchmarks/text_concurrency.py

@@ -20,21 +20,22 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from fictures_ai.config import Settings
+from fictures_ai.config import LogFormat, Settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def configure_logging(level: str) -> None:
-    """Plain single-line logs on stderr for the server and its libraries."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """One handler on stderr for the server and its libraries: JSON lines or plain text.
+
+    The server logs in ``LOG_FORMAT`` (JSON by default, for log pipelines); the other
+    commands, which people read, in text.
+    """
+    from fictures_ai.observability.logs import configure_logging as configure
+
+    configure(level=level, log_format=log_format)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"Invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except ValueError as exc:

@@ -23,6 +23,7 @@ from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
 logger = logging.getLogger(__name__)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["json", "text"]
 ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
 CpuOffload = Literal["none", "model", "sequential"]
 
@@ -44,6 +45,22 @@ class Settings(BaseSettings):
         description="Comma-separated origins allowed by CORS ('*' allows any, without cookies).",
     )
     log_level: LogLevel = Field("INFO", description="Log level of the server.")
+    log_format: LogFormat = Field(
+        "json", description="Log lines as JSON objects (json, for log pipelines) or plain text."
+    )
+    log_prompts: bool = Field(
+        False, description="Put prompts into the access log (they may hold private text)."
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description=(
+            "OTLP/HTTP collector URL for traces (e.g. http://collector:4318); unset: "
+            "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing."
+        ),
+    )
+    health_window_s: int = Field(
+        300, ge=1, description="Seconds of recent requests behind /health's latency and errors."
+    )
     preload_models: bool = Field(
         False,
         description="Load the models at start-up instead of on the first request (lazy).",

@@ -8,10 +8,17 @@ Exception tree::
     FicturesError                      base class, never raised itself
     ├── InvalidRequestError            the request cannot be served as asked (400)
     │   └── ContextLengthExceededError prompt plus max_tokens exceed the model's context (400)
+    ├── AuthenticationError            no key, or an unknown or revoked one (401)
+    ├── PermissionDeniedError          the key lacks the scope or the model (403)
     ├── ModelNotFoundError             the request names a model this server does not serve (404)
+    ├── RequestTooLargeError           the body is over MAX_REQUEST_BYTES (413)
+    ├── TooManyRequestsError           try again later; carries ``retry_after`` and headers (429)
+    │   ├── RateLimitedError           the key's per-minute budget is spent
+    │   └── OverloadedError            the engine's queue is full
     ├── ServiceUnavailableError        try again later; carries ``retry_after`` seconds (503)
     │   ├── ModelLoadError             the model failed to load (a later request retries)
     │   └── EngineDeadError            the engine died; it is being restarted
+    ├── GenerationTimeoutError         the request ran past REQUEST_TIMEOUT_S and was aborted (504)
     └── GenerationError                the engine failed while generating (500)
 """
 
@@ -49,6 +56,51 @@ class ContextLengthExceededError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.max_model_len = max_model_len
+
+
+class AuthenticationError(FicturesError):
+    """No API key, or one the server does not know (or has revoked)."""
+
+
+class PermissionDeniedError(FicturesError):
+    """The API key is valid but lacks the scope or the model the request needs."""
+
+
+class RequestTooLargeError(FicturesError):
+    """The request body is larger than the server accepts."""
+
+    def __init__(self, *, limit: int) -> None:
+        super().__init__(f"Request body too large: the limit is {limit} bytes (MAX_REQUEST_BYTES).")
+        self.limit = limit
+
+
+class TooManyRequestsError(FicturesError):
+    """Refused for now; retrying after ``retry_after`` seconds can succeed."""
+
+    def __init__(
+        self, message: str, *, retry_after: int, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class RateLimitedError(TooManyRequestsError):
+    """The client's per-minute budget of requests, tokens or images is spent."""
+
+
+class OverloadedError(TooManyRequestsError):
+    """The engine already holds as many requests as it may queue."""
+
+
+class GenerationTimeoutError(FicturesError):
+    """The request took longer than the configured timeout and was aborted in the engine."""
+
+    def __init__(self, *, timeout_s: float) -> None:
+        super().__init__(
+            f"Generation took longer than {timeout_s:g} s (REQUEST_TIMEOUT_S) and was stopped."
+        )
+        self.timeout_s = timeout_s
 
 
 class ModelNotFoundError(FicturesError):

@@ -1,4 +1,9 @@
-"""The application factory: ``create_app(settings)`` wires settings, services and routes."""
+"""The application factory: ``create_app(settings)`` wires settings, services and routes.
+
+Observability is wired here too: the app's metrics registry (the services record into it),
+the optional tracer provider, and the middleware that gives every request its id, span,
+metrics and access line (``api/middleware.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,21 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.trace import TracerProvider
+from starlette.types import ASGIApp
 
 from fictures_ai import __version__
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import install_error_handlers
 from fictures_ai.api.fictures.router import DESCRIPTION, router, system_router
+from fictures_ai.api.health import health_router
+from fictures_ai.api.middleware import ObservabilityMiddleware
 from fictures_ai.api.openai.router import router as openai_router
+from fictures_ai.api.playground.router import router as playground_router
 from fictures_ai.config import Settings
 from fictures_ai.engines.factory import (
     create_image_engine,
@@ -24,7 +35,13 @@ from fictures_ai.engines.factory import (
     image_model_display_name,
     text_model_display_name,
 )
+from fictures_ai.observability import Observability
+from fictures_ai.observability.context import REQUEST_ID_HEADER
+from fictures_ai.observability.gpu import gpu_memory
+from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
+from fictures_ai.observability.tracing import build_tracer_provider
 from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.model_loader import LoadState
 from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
@@ -51,10 +68,40 @@ def build_services(settings: Settings) -> Services:
     return Services(settings=settings, text=text, image=image)
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
-    """Build the FastAPI app. Tests pass ``services`` built over fake engines."""
+class FicturesApp(FastAPI):
+    """FastAPI with the observability middleware outermost.
+
+    Starlette always puts its error middleware outside every ``add_middleware`` layer; an
+    unhandled exception's 500 would then skip ours (no request id, not counted). Wrapping the
+    built stack puts ours outside it.
+    """
+
+    def __init__(self, *, observability: Observability, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state.observability = observability
+
+    def build_middleware_stack(self) -> ASGIApp:
+        observability: Observability = self.state.observability
+        return ObservabilityMiddleware(
+            super().build_middleware_stack(), observability=observability
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """Build the FastAPI app. Tests pass ``services`` built over fake engines.
+
+    ``tracer_provider`` overrides the one built from the settings (an OTLP exporter when an
+    endpoint is configured, else none); tests pass one with an in-memory exporter. Either way
+    the app owns it and shuts it down (flushing spans) when its lifespan ends.
+    """
     settings = settings or (services.settings if services else Settings())
     services = services or build_services(settings)
+    observability = _build_observability(settings, services, tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,9 +120,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 preload.cancel()
             await services.text.shutdown()
             await services.image.shutdown()
+            await _shutdown_tracing(observability.tracer_provider)
             logger.info("Fictures AI Server stopped")
 
-    app = FastAPI(
+    app = FicturesApp(
+        observability=observability,
         title="Fictures AI Server",
         version=__version__,
         description=DESCRIPTION,
@@ -89,12 +138,70 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         allow_credentials="*" not in settings.cors_origins_list,
         allow_methods=["*"],
         allow_headers=["*"],
+        # Browser clients may read the id to quote it in bug reports.
+        expose_headers=[REQUEST_ID_HEADER],
     )
     install_error_handlers(app)
     app.include_router(system_router)
+    app.include_router(health_router)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(playground_router)
     return app
+
+
+def _build_observability(
+    settings: Settings, services: Services, tracer_provider: TracerProvider | None
+) -> Observability:
+    """The app's registry (the services record into it from now on), window and tracing."""
+    metrics = Metrics(version=__version__)
+    services.text.instrument(metrics)
+    services.image.instrument(metrics)
+    metrics.engine_capacity.labels("text").set(settings.vllm_max_num_seqs)
+    metrics.engine_capacity.labels("image").set(settings.image_max_concurrency)
+    metrics.watch(engines=functools.partial(_engine_snapshots, services), gpus=gpu_memory)
+    return Observability(
+        metrics=metrics,
+        window=RequestWindow(window_s=settings.health_window_s),
+        tracer_provider=tracer_provider or build_tracer_provider(settings),
+        log_prompts=settings.log_prompts,
+    )
+
+
+def _engine_snapshots(services: Services) -> list[EngineSnapshot]:
+    states = [state.value for state in LoadState]
+    text, image = services.text.info(), services.image.info()
+    return [
+        EngineSnapshot(
+            engine="text",
+            model=text.name,
+            state=text.state.value,
+            states=states,
+            running=text.running,
+            waiting=None,  # vLLM queues inside its scheduler; those count as running
+            waiting_for_load=text.waiting_for_load,
+            load_seconds=text.load_seconds,
+            load_failures=text.load_failures,
+        ),
+        EngineSnapshot(
+            engine="image",
+            model=image.name,
+            state=image.state.value,
+            states=states,
+            running=image.running,
+            waiting=image.waiting,
+            waiting_for_load=image.waiting_for_load,
+            load_seconds=image.load_seconds,
+            load_failures=image.load_failures,
+        ),
+    ]
+
+
+async def _shutdown_tracing(provider: TracerProvider | None) -> None:
+    # The SDK provider flushes its batch of spans on shutdown (a blocking export).
+    shutdown = getattr(provider, "shutdown", None)
+    if shutdown is not None:
+        await asyncio.to_thread(shutdown)
 
 
 async def _preload(services: Services) -> None:

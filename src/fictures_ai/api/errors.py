@@ -8,17 +8,36 @@ everything else speaks the Fictures ``{"detail": ...}`` shape.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fictures_ai.errors import (
+    AuthenticationError,
     FicturesError,
-    GenerationError,
+    GenerationTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
+    PermissionDeniedError,
+    RequestTooLargeError,
     ServiceUnavailableError,
+    TooManyRequestsError,
+)
+
+_STATUS: tuple[tuple[type[FicturesError], int], ...] = (
+    (InvalidRequestError, 400),
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (ModelNotFoundError, 404),
+    (RequestTooLargeError, 413),
+    (TooManyRequestsError, 429),
+    (ServiceUnavailableError, 503),
+    (GenerationTimeoutError, 504),
 )
 
 logger = logging.getLogger(__name__)
@@ -42,23 +61,45 @@ RANGE_ERROR_TYPES = frozenset(
 )
 
 
+ERROR_DESCRIPTIONS = {
+    400: "Invalid parameters",
+    401: "No API key, or an unknown one",
+    403: "The API key lacks the scope or the model",
+    404: "Unknown model",
+    413: "Request body too large",
+    429: "Rate limited or queue full (see Retry-After)",
+    500: "Generation failed",
+    503: "Model not loaded or engine unavailable (see Retry-After)",
+    504: "Generation timed out and was stopped",
+}
+
+
+def error_responses(model: type[BaseModel], *, include_422: bool) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` documenting the error answers of a surface with ``model``."""
+    codes = sorted(ERROR_DESCRIPTIONS) + ([422] if include_422 else [])
+    return {
+        code: {"model": model, "description": ERROR_DESCRIPTIONS.get(code, "Malformed body")}
+        for code in codes
+    }
+
+
 def status_for(exc: FicturesError) -> int:
-    """The HTTP status code of one of our exceptions."""
-    if isinstance(exc, InvalidRequestError):
-        return 400
-    if isinstance(exc, ModelNotFoundError):
-        return 404
-    if isinstance(exc, ServiceUnavailableError):
-        return 503
-    if isinstance(exc, GenerationError):
-        return 500
+    """The HTTP status code of one of our exceptions (500 for ``GenerationError`` and others)."""
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
     return 500
 
 
 def retry_headers(exc: FicturesError) -> dict[str, str]:
-    """``Retry-After`` where waiting can help."""
+    """``Retry-After`` where waiting can help, plus an exception's own headers (rate limits)."""
+    headers = dict(getattr(exc, "headers", None) or {})
     retry_after = getattr(exc, "retry_after", None)
-    return {"Retry-After": str(retry_after)} if retry_after else {}
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
 
 
 def log_error(request: Request, exc: FicturesError, status: int) -> None:
@@ -79,7 +120,7 @@ def log_error(request: Request, exc: FicturesError, status: int) -> None:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn our exceptions and validation errors into responses."""
     from fictures_ai.api.fictures.errors import fictures_error, fictures_validation_error
-    from fictures_ai.api.openai.errors import openai_error, openai_validation_error
+    from fictures_ai.api.openai.errors import error_body, openai_error, openai_validation_error
 
     @app.exception_handler(FicturesError)
     async def _handle_fictures_error(request: Request, exc: FicturesError) -> JSONResponse:
@@ -96,6 +137,17 @@ def install_error_handlers(app: FastAPI) -> None:
         if is_openai_path(request.url.path):
             return openai_validation_error(exc)
         return fictures_validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+        # Framework errors (unparsable body, unknown route, wrong method) in the surface's shape.
+        if is_openai_path(request.url.path):
+            return JSONResponse(
+                error_body(str(exc.detail), exc.status_code),
+                status_code=exc.status_code,
+                headers=exc.headers,
+            )
+        return await http_exception_handler(request, exc)
 
 
 def is_openai_path(path: str) -> bool:

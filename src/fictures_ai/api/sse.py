@@ -12,6 +12,20 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
+def sse_response_doc(description: str) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` of a streaming route: each event has a ``data`` line.
+
+    The data is JSON (described in ``description``) or ``[DONE]`` at the end, so it is
+    documented as a string rather than with a JSON schema that ``[DONE]`` would violate.
+    """
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": description}},
+    }
+    return {200: {"description": description, "content": {SSE_MEDIA_TYPE: {"schema": event}}}}
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
     """One event: ``data: {compact JSON}`` and a blank line."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))

@@ -5,6 +5,10 @@ reproduced. The service lets ``max_concurrency`` renders reach the engine at onc
 rest in arrival order, and counts what is waiting and running. A request cancelled while it
 waits (its client went away) leaves the queue without rendering; one cancelled mid-render
 stops at the engine's next denoising step.
+
+Image metrics are observed here: queue wait (model load plus render slot), render seconds and
+outcomes; the request gets ``queue.image_slot`` and ``image.render`` spans and its image size
+on the access-log line.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from opentelemetry.util.types import AttributeValue
 
 from fictures_ai.engines.base import (
     GeneratedImage,
@@ -21,6 +28,9 @@ from fictures_ai.engines.base import (
     ImageGenerationParams,
     ProgressCallback,
 )
+from fictures_ai.observability.context import current_request
+from fictures_ai.observability.metrics import ImageMetrics, Metrics
+from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.model_loader import LazyModel, LoadState
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,11 @@ class ImageServiceInfo:
     notice: str | None
     waiting: int
     running: int
+    waiting_for_load: int = 0
+    load_seconds: float | None = None
+    load_failures: int = 0
+    last_error: str | None = None
+    """Why the model is not available, when its state is ``failed``."""
 
 
 class ImageGenerationService:
@@ -63,11 +78,17 @@ class ImageGenerationService:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._waiting = 0
         self._running = 0
+        self._metrics: ImageMetrics | None = None
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Record this service's figures in ``metrics`` (the app's registry) from now on."""
+        self._metrics = metrics.image(self._model.name)
 
     def info(self) -> ImageServiceInfo:
         """Describe the model and the queue without loading anything."""
         engine = self._model.engine
         model = engine.model_info() if engine is not None else None
+        lazy = self._model
         return ImageServiceInfo(
             name=model.name if model else self._model.name,
             device=model.device if model else self._device,
@@ -76,7 +97,20 @@ class ImageGenerationService:
             notice=model.notice if model else None,
             waiting=self._waiting,
             running=self._running,
+            waiting_for_load=lazy.waiting,
+            load_seconds=lazy.load_seconds,
+            load_failures=lazy.load_failures,
+            last_error=lazy.last_error,
         )
+
+    async def check_health(self) -> None:
+        """Ask the loaded pipeline whether it can render; a no-op while nothing is loaded.
+
+        Raises ``ServiceUnavailableError`` when it cannot.
+        """
+        engine = self._model.engine
+        if engine is not None:
+            await engine.check_health()
 
     async def initialize(self) -> None:
         """Load the pipeline now (used when models are preloaded at start-up)."""
@@ -86,18 +120,45 @@ class ImageGenerationService:
         self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
         """Render one image, waiting for a free render slot first (in arrival order)."""
+        request = current_request()
+        if request is not None:
+            request.fields.update(width=params.width, height=params.height)
+        metrics = self._metrics
+        arrived = time.perf_counter()
         engine = await self._model.get()
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
+        with child_span("queue.image_slot"):
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        started = time.perf_counter()
+        if metrics is not None:
+            metrics.queue_wait.observe(started - arrived)
         self._running += 1
+        outcome = "error"
         try:
-            return await engine.generate(params, progress=progress)
+            attributes: dict[str, AttributeValue] = {
+                "fictures.model": self._model.name,
+                "fictures.width": params.width,
+                "fictures.height": params.height,
+                "fictures.steps": params.num_inference_steps,
+                "fictures.seed": params.seed,
+            }
+            with child_span("image.render", attributes):
+                image = await engine.generate(params, progress=progress)
+            outcome = "ok"
+            if metrics is not None:
+                metrics.render_seconds.observe(time.perf_counter() - started)
+            return image
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             self._running -= 1
             self._slots.release()
+            if metrics is not None:
+                metrics.finished[outcome].inc()
 
     async def shutdown(self) -> None:
         """Release the pipeline (called from the app lifespan)."""

@@ -3,11 +3,15 @@
 The first caller starts the load; concurrent callers wait for the same load; a failed load is
 reported as ``ModelLoadError`` (with ``retry_after``) and the next caller tries again. The load
 runs in its own task, so a client that disconnects while waiting never cancels it.
+
+It also counts what the metrics read at scrape time: callers waiting for the load, failed
+loads, and the last load's duration; each wait is a ``queue.model_load`` span of the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import time
@@ -15,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 from fictures_ai.errors import FicturesError, ModelLoadError
+from fictures_ai.observability.tracing import child_span
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,9 @@ class LazyModel(Generic[EngineT]):
         self.state = LoadState.NOT_LOADED
         self.last_error: str | None = None
         self.load_seconds: float | None = None
+        self.load_failures = 0
+        self.waiting = 0
+        """Callers waiting for the load to finish now."""
 
     @property
     def engine(self) -> EngineT | None:
@@ -59,10 +67,19 @@ class LazyModel(Generic[EngineT]):
         """Return the engine, loading it first if needed (once, whatever the concurrency)."""
         if self._engine is not None:
             return self._engine
-        if self._load_task is None:
-            self._load_task = asyncio.create_task(self._load(), name=f"load {self.name}")
-        # shield: a waiter's cancellation (client gone) must not cancel the shared load.
-        return await asyncio.shield(self._load_task)
+        self.waiting += 1
+        try:
+            with child_span("queue.model_load", {"fictures.model": self.name}):
+                if self._load_task is None:
+                    # A fresh context: the load, and the engine tasks it starts (vLLM's output
+                    # handler lives on), must not carry the first request's id and trace.
+                    self._load_task = asyncio.create_task(
+                        self._load(), name=f"load {self.name}", context=contextvars.Context()
+                    )
+                # shield: a waiter's cancellation (client gone) must not cancel the shared load.
+                return await asyncio.shield(self._load_task)
+        finally:
+            self.waiting -= 1
 
     async def _load(self) -> EngineT:
         self.state = LoadState.LOADING
@@ -72,6 +89,7 @@ class LazyModel(Generic[EngineT]):
         except Exception as exc:
             self.state = LoadState.FAILED
             self.last_error = str(exc)
+            self.load_failures += 1
             self._load_task = None
             logger.exception("Loading %s failed: %s", self.name, exc)
             if isinstance(exc, ModelLoadError):

@@ -3,6 +3,11 @@
 The service owns the text engine's life cycle (load on first use, restart after the engine
 dies, shut down with the app) and the per-request bookkeeping (request ids, accumulating the
 text of a non-streaming request, validating structured output). It knows nothing of HTTP.
+
+Its stream sees every chunk, so it is where text metrics are observed: time to first token,
+inter-token latency, tokens, outcomes (``observability.metrics``), the ``text.generate`` span,
+and the token counts of the request's access-log line. Per chunk that costs one clock read
+and one histogram observation; everything else happens once per request.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+from opentelemetry.trace import Span
 
 from fictures_ai.engines.base import (
     FinishReason,
@@ -27,6 +34,9 @@ from fictures_ai.engines.base import (
     TextPrompt,
 )
 from fictures_ai.errors import EngineDeadError, InvalidRequestError
+from fictures_ai.observability.context import RequestContext, current_request
+from fictures_ai.observability.metrics import Metrics, TextMetrics
+from fictures_ai.observability.tracing import end_span, start_child_span
 from fictures_ai.services.model_loader import LazyModel, LoadState
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,13 @@ class TextServiceInfo:
     max_model_len: int
     initialized: bool
     state: LoadState
+    running: int = 0
+    """Requests handed to the engine and not finished (vLLM's own queue included)."""
+    waiting_for_load: int = 0
+    load_seconds: float | None = None
+    load_failures: int = 0
+    last_error: str | None = None
+    """Why the model is not available, when its state is ``failed``."""
 
 
 class TextGenerationService:
@@ -75,6 +92,12 @@ class TextGenerationService:
     ) -> None:
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
         self._configured_max_model_len = max_model_len
+        self._metrics: TextMetrics | None = None
+        self._active_ids: set[str] = set()
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Record this service's figures in ``metrics`` (the app's registry) from now on."""
+        self._metrics = metrics.text(self._model.name)
 
     @property
     def model_name(self) -> str:
@@ -90,12 +113,27 @@ class TextGenerationService:
             if engine is not None
             else self._configured_max_model_len
         )
+        model = self._model
         return TextServiceInfo(
             name=self.model_name,
             max_model_len=max_len,
             initialized=engine is not None,
-            state=self._model.state,
+            state=model.state,
+            running=len(self._active_ids),
+            waiting_for_load=model.waiting,
+            load_seconds=model.load_seconds,
+            load_failures=model.load_failures,
+            last_error=model.last_error,
         )
+
+    async def check_health(self) -> None:
+        """Ask the loaded engine whether it can serve; a no-op while nothing is loaded.
+
+        Raises ``EngineDeadError`` when the engine cannot serve.
+        """
+        engine = self._model.engine
+        if engine is not None:
+            await engine.check_health()
 
     async def initialize(self) -> None:
         """Load the model now (used when models are preloaded at start-up)."""
@@ -104,15 +142,96 @@ class TextGenerationService:
     async def stream(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
     ) -> AsyncGenerator[TextChunk, None]:
-        """Stream the output of one request; closing the generator aborts it in the engine."""
+        """Stream the output of one request; closing the generator aborts it in the engine.
+
+        ``request_id`` becomes the engine's request id (so the engine's logs and aborts line
+        up with ours); an id already in flight gets a random suffix, because aborting one
+        would abort both.
+        """
+        request = current_request()
+        metrics = self._metrics
+        arrived = time.perf_counter()
         engine = await self._model.get()
-        request_id = request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        if metrics is not None:
+            metrics.queue_wait.observe(started - arrived)
+        engine_id = request_id or uuid.uuid4().hex
+        if engine_id in self._active_ids:
+            engine_id = f"{engine_id}-{uuid.uuid4().hex[:8]}"
+        self._active_ids.add(engine_id)
+        if request is not None:
+            request.note_prompt(prompt)
+        span = start_child_span(
+            "text.generate", {"fictures.model": self._model.name, "fictures.engine_id": engine_id}
+        )
+        last: TextChunk | None = None
+        last_time = started
+        tokens = 0
+        outcome: str | None = None
+        error: BaseException | None = None
         try:
-            async for chunk in engine.generate(prompt, params, request_id=request_id):
+            async for chunk in engine.generate(prompt, params, request_id=engine_id):
+                if metrics is not None:
+                    now = time.perf_counter()
+                    if last is None:
+                        metrics.time_to_first_token.observe(now - started)
+                    elif chunk.completion_tokens > tokens:
+                        # A chunk may carry several tokens (the consumer was slower than the
+                        # engine): spread the gap over them.
+                        gap = (now - last_time) / (chunk.completion_tokens - tokens)
+                        metrics.inter_token_latency.observe(gap)
+                    last_time = now
+                    tokens = chunk.completion_tokens
+                last = chunk
                 yield chunk
+        except InvalidRequestError as exc:
+            outcome, error = "rejected", exc
+            raise
         except EngineDeadError as exc:
+            outcome, error = "error", exc
             await self._model.discard(exc.message)
             raise
+        except Exception as exc:
+            outcome, error = "error", exc
+            raise
+        except BaseException as exc:  # cancelled, or closed by the consumer
+            if last is None or last.finish_reason is None:
+                error = exc
+            raise
+        finally:
+            self._active_ids.discard(engine_id)
+            if outcome is None:
+                # Closed after the last chunk counts as finished; before it, as aborted.
+                outcome = last.finish_reason if last is not None and last.finish_reason else "abort"
+            self._finish(request, last, outcome, span, error)
+
+    def _finish(
+        self,
+        request: RequestContext | None,
+        last: TextChunk | None,
+        outcome: str,
+        span: Span | None,
+        error: BaseException | None,
+    ) -> None:
+        """Once per request: tokens and outcome into the metrics, span and access log.
+
+        ``request`` is the one captured when the stream started: a generator may be closed
+        (finalised) from another request's context.
+        """
+        prompt_tokens = last.prompt_tokens if last is not None else 0
+        completion_tokens = last.completion_tokens if last is not None else 0
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.prompt_tokens.inc(prompt_tokens)
+            metrics.generation_tokens.inc(completion_tokens)
+            metrics.finished[outcome].inc()
+        if request is not None and last is not None:
+            request.add_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        if span is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
+            span.set_attribute("fictures.finish_reason", outcome)
+            end_span(span, error)
 
     async def generate(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fictures_ai.engines.base import (
     FinishReason,
@@ -35,7 +35,18 @@ def contract_finish_reason(reason: FinishReason | None) -> ResponseFinishReason 
     return "error"
 
 
-class _TextSampling(BaseModel):
+class ErrorResponse(BaseModel):
+    """The Fictures surface's error body."""
+
+    detail: str
+
+
+class _Request(BaseModel):
+    # Strict types: "top_p": false or "max_tokens": "12" is a malformed body (422), not 0/12.
+    model_config = ConfigDict(strict=True)
+
+
+class _TextSampling(_Request):
     prompt: str = Field(
         ..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The prompt (1..8000 chars)."
     )
@@ -84,7 +95,7 @@ class TextStreamResponse(BaseModel):
     error: str | None = None
 
 
-class GuidedDecoding(BaseModel):
+class GuidedDecoding(_Request):
     """The constraint of a structured request."""
 
     type: Literal["json", "regex", "choice", "grammar"]
@@ -93,7 +104,7 @@ class GuidedDecoding(BaseModel):
     choices: list[str] | None = Field(None, description="The output is one of these.")
     grammar: str | None = Field(None, description="EBNF (GBNF) grammar of the output.")
 
-    model_config = {"populate_by_name": True}
+    model_config = ConfigDict(strict=True, populate_by_name=True)
 
     def to_spec(self) -> StructuredOutputSpec:
         """Check that the field the type needs is there and build the engine constraint."""
@@ -173,12 +184,38 @@ class HealthModels(BaseModel):
     image: ImageModelInfo
 
 
+class HealthRequests(BaseModel):
+    """Recent requests in ``/health`` (probes and metric scrapes are left out)."""
+
+    window_s: float = Field(description="The sliding window, in seconds.")
+    count: int = Field(description="Requests answered within the window.")
+    latency_p50_ms: float | None = Field(description="Median latency (whole streams); null: none.")
+    latency_p95_ms: float | None = Field(description="95th percentile latency; null: none.")
+    error_rate: float | None = Field(description="Share of 5xx answers (0..1); null: none.")
+
+
+class HealthGpu(BaseModel):
+    """Memory of one CUDA device in ``/health``."""
+
+    index: int
+    name: str
+    used_bytes: int = Field(description="In use on the device, by every process (vLLM too).")
+    total_bytes: int
+    allocated_bytes: int = Field(description="Allocated by this process's tensors.")
+
+
 class HealthResponse(BaseModel):
     """Answer of ``/health``: always 200 while the process serves."""
 
     status: Literal["healthy"] = "healthy"
     version: str
     models: HealthModels
+    requests: HealthRequests | None = Field(
+        None, description="Latency and error rate of recent requests (added to the contract)."
+    )
+    gpu: list[HealthGpu] | None = Field(
+        None, description="GPU memory per device; null unless this process uses CUDA."
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -223,7 +260,7 @@ class RootResponse(BaseModel):
     endpoints: RootEndpoints = RootEndpoints()
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(_Request):
     """Body of ``/api/v1/images/generate``."""
 
     prompt: str = Field(..., min_length=1, description="What to draw.")

@@ -20,8 +20,12 @@ from fictures_ai.api.dependencies import (
     require_scope,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
+from fictures_ai.api.errors import error_responses
 from fictures_ai.api.fictures.protocol import (
+    ErrorResponse,
+    HealthGpu,
     HealthModels,
+    HealthRequests,
     HealthResponse,
     ImageGenerationRequest,
     ImageGenerationResponse,
@@ -37,12 +41,21 @@ from fictures_ai.api.fictures.protocol import (
     TextModelEntry,
     TextModelInfo,
     TextModelsResponse,
-    TextStreamResponse,
     contract_finish_reason,
 )
-from fictures_ai.api.sse import DONE_EVENT, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from fictures_ai.api.health import ObservabilityDep
+from fictures_ai.api.sse import (
+    DONE_EVENT,
+    SSE_HEADERS,
+    SSE_MEDIA_TYPE,
+    sse_event,
+    sse_response_doc,
+)
 from fictures_ai.engines.base import TextChunk
 from fictures_ai.errors import FicturesError
+from fictures_ai.observability.context import current_request_id
+from fictures_ai.observability.gpu import gpu_memory
+from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 
@@ -51,7 +64,7 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = "Self-hosted text (vLLM) and image (diffusers) generation for Fictures."
 
 system_router = APIRouter(tags=["system"])
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=error_responses(ErrorResponse, include_422=False))
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
@@ -81,10 +94,38 @@ async def describe_server() -> RootResponse:
 
 
 @system_router.get("/health", response_model=HealthResponse)
-async def check_health(services: ServicesDep) -> HealthResponse:
-    """Answers at once, also while models load; ``initialized`` says whether they have."""
+async def check_health(services: ServicesDep, observability: ObservabilityDep) -> HealthResponse:
+    """Answers at once, also while models load; ``initialized`` says whether they have.
+
+    Beyond the contract's fields: recent request latency and error rate, and GPU memory when
+    this process uses CUDA (``gpu`` is null otherwise).
+    """
     models = HealthModels(text=_text_info(services.text), image=_image_info(services.image))
-    return HealthResponse(version=__version__, models=models)
+    recent = observability.window.summary()
+    gpus = gpu_memory()
+    return HealthResponse(
+        version=__version__,
+        models=models,
+        requests=HealthRequests(
+            window_s=recent.window_s,
+            count=recent.count,
+            latency_p50_ms=recent.latency_p50_ms,
+            latency_p95_ms=recent.latency_p95_ms,
+            error_rate=recent.error_rate,
+        ),
+        gpu=None
+        if gpus is None
+        else [
+            HealthGpu(
+                index=gpu.index,
+                name=gpu.name,
+                used_bytes=gpu.used_bytes,
+                total_bytes=gpu.total_bytes,
+                allocated_bytes=gpu.allocated_bytes,
+            )
+            for gpu in gpus
+        ],
+    )
 
 
 @router.get("/models", response_model=ModelsResponse, dependencies=read_access, tags=["models"])
@@ -123,7 +164,8 @@ async def generate_text(
     """Generate text and return it whole; a client that disconnects aborts the generation."""
     prompt = body.to_prompt(services.settings.text_prompt_format)
     result = await cancel_on_disconnect(
-        request, service.generate(prompt, body.to_generation_params())
+        request,
+        service.generate(prompt, body.to_generation_params(), request_id=current_request_id()),
     )
     return TextGenerationResponse(
         text=result.text,
@@ -138,19 +180,18 @@ async def generate_text(
     dependencies=write_access,
     tags=["text"],
     response_class=StreamingResponse,
-    responses={
-        200: {
-            "description": "Server-sent events: `data: TextStreamResponse`, then `data: [DONE]`.",
-            "content": {SSE_MEDIA_TYPE: {"schema": TextStreamResponse.model_json_schema()}},
-        }
-    },
+    responses=sse_response_doc(
+        "Server-sent events: `data: TextStreamResponse` (JSON), then `data: [DONE]`."
+    ),
 )
 async def stream_text(
     body: TextGenerationRequest, service: TextService, services: ServicesDep
 ) -> StreamingResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
     chunks = service.stream(
-        body.to_prompt(services.settings.text_prompt_format), body.to_generation_params()
+        body.to_prompt(services.settings.text_prompt_format),
+        body.to_generation_params(),
+        request_id=current_request_id(),
     )
     # Pull the first chunk before answering, so that load failures and invalid requests get
     # their status code (503, 400) instead of an error event inside a 200 stream.
@@ -220,7 +261,10 @@ async def generate_structured_text(
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
     prompt = body.to_prompt(services.settings.text_prompt_format)
     outcome = await cancel_on_disconnect(
-        request, service.generate_structured(prompt, body.to_generation_params())
+        request,
+        service.generate_structured(
+            prompt, body.to_generation_params(), request_id=current_request_id()
+        ),
     )
     return StructuredGenerationResponse(
         output=outcome.result.text,
@@ -230,6 +274,12 @@ async def generate_structured_text(
         finish_reason=contract_finish_reason(outcome.result.finish_reason) or "stop",
         is_valid=outcome.is_valid,
     )
+
+
+def _png_data_url(png: bytes) -> str:
+    # Its own span: for a large image the base64 step is a visible share of the request.
+    with child_span("image.encode", {"fictures.png_bytes": len(png)}):
+        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 @router.post(
@@ -244,7 +294,7 @@ async def generate_image(
     """Render one image; a client that disconnects frees its queue place or stops the render."""
     image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
     return ImageGenerationResponse(
-        image_url="data:image/png;base64," + base64.b64encode(image.png).decode("ascii"),
+        image_url=_png_data_url(image.png),
         model=service.info().name,
         width=image.width,
         height=image.height,
@@ -257,15 +307,10 @@ async def generate_image(
     dependencies=write_access,
     tags=["images"],
     response_class=StreamingResponse,
-    responses={
-        200: {
-            "description": (
-                "Server-sent events: `{step, total_steps, done: false}` after each denoising "
-                "step, then the image response with `done: true`, then `data: [DONE]`."
-            ),
-            "content": {SSE_MEDIA_TYPE: {}},
-        }
-    },
+    responses=sse_response_doc(
+        "Server-sent events: `{step, total_steps, done: false}` (JSON) after each denoising "
+        "step, then the image response with `done: true`, then `data: [DONE]`."
+    ),
 )
 async def stream_image(body: ImageGenerationRequest, service: ImageService) -> StreamingResponse:
     """Render one image, reporting progress per step as server-sent events."""
@@ -299,7 +344,7 @@ async def _image_events(
         image = render.result()
         yield sse_event(
             {
-                "image_url": "data:image/png;base64," + base64.b64encode(image.png).decode(),
+                "image_url": _png_data_url(image.png),
                 "model": service.info().name,
                 "width": image.width,
                 "height": image.height,

@@ -26,14 +26,15 @@ _SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored as OpenAI does; known ones must have their JSON type.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class _Response(BaseModel):
     pass
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_Request):
     """``response_format.json_schema``."""
 
     name: str = "response"
@@ -41,10 +42,10 @@ class JsonSchemaFormat(BaseModel):
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Request):
     """``response_format``: plain text, any JSON object, or JSON that follows a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -65,7 +66,7 @@ class ResponseFormat(BaseModel):
         return StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=schema)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     """``stream_options``."""
 
     include_usage: bool = False
@@ -121,7 +122,7 @@ class _Sampling(_Request):
         ]
 
 
-class TextContentPart(BaseModel):
+class TextContentPart(_Request):
     """A text part of a message's content (other part types are not supported)."""
 
     type: Literal["text"]

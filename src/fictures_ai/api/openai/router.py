@@ -29,6 +29,7 @@ from fictures_ai.api.dependencies import (
     require_scope,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
+from fictures_ai.api.errors import error_responses
 from fictures_ai.api.openai.errors import error_body
 from fictures_ai.api.openai.protocol import (
     AssistantMessage,
@@ -41,6 +42,7 @@ from fictures_ai.api.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
@@ -59,6 +61,7 @@ from fictures_ai.engines.base import (
     TokenLogprob,
 )
 from fictures_ai.errors import FicturesError, ModelNotFoundError
+from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
@@ -67,7 +70,9 @@ logger = logging.getLogger(__name__)
 
 OpenAIFinishReason = Literal["stop", "length"]
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], responses=error_responses(ErrorResponse, include_422=True)
+)
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
@@ -138,8 +143,10 @@ def _open_streams(
     params: list[TextGenerationParams],
     request_id: str,
 ) -> AsyncGenerator[tuple[int, TextChunk], None]:
+    # Engine request ids carry the HTTP request id, so that logs and aborts line up.
+    base = current_request_id() or request_id
     streams = [
-        service.stream(prompt, choice_params, request_id=f"{request_id}-{p}-{c}")
+        service.stream(prompt, choice_params, request_id=f"{base}-{p}-{c}")
         for p, prompt in enumerate(prompts)
         for c, choice_params in enumerate(params)
     ]

@@ -1,0 +1,1 @@
+"""The playground page: try text streaming and images in a browser."""

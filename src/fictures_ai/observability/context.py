@@ -1,0 +1,90 @@
+"""The request being handled: its id, its tracer, and what the access log will say about it.
+
+The HTTP middleware binds one ``RequestContext`` per request in a context variable; every
+task and generator that works for the request sees it (asyncio copies the context into the
+tasks it starts, and the copy holds the same object). Services read it without knowing HTTP:
+they add token counts or image sizes for the access log and start their spans under the
+request's tracer. Outside a request (start-up, preloading, the CLI) there is none.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.trace import Tracer
+
+from fictures_ai.engines.base import TextPrompt
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's request id if it looks sane (1..128 of ``[A-Za-z0-9._-]``), else a new one.
+
+    A rejected or missing id is replaced by a uuid4 hex string, so an id never carries
+    characters that could forge log lines or headers.
+    """
+    if value is not None and _SANE_REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request in flight, as the logs, traces and access log see it.
+
+    ``fields`` collects what the access line reports beyond method, route, status and latency
+    (token counts, image size, the prompt when ``log_prompts`` allows it).
+    """
+
+    request_id: str
+    tracer: Tracer | None = None
+    log_prompts: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def add_tokens(self, *, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count the tokens of one generation (a request may run several)."""
+        fields = self.fields
+        fields["prompt_tokens"] = fields.get("prompt_tokens", 0) + prompt_tokens
+        fields["completion_tokens"] = fields.get("completion_tokens", 0) + completion_tokens
+
+    def note_prompt(self, prompt: TextPrompt) -> None:
+        """Keep the prompt for the access line, only when prompts may be logged."""
+        if not self.log_prompts:
+            return
+        if prompt.text is not None:
+            self.fields["prompt"] = prompt.text
+        else:
+            self.fields["prompt"] = [
+                {"role": message.role, "content": message.content}
+                for message in prompt.messages or ()
+            ]
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("fictures_request", default=None)
+
+
+def current_request() -> RequestContext | None:
+    """The request being handled in this context, or None outside a request."""
+    return _current.get()
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled, or None outside a request."""
+    request = _current.get()
+    return request.request_id if request is not None else None
+
+
+def bind_request(request: RequestContext) -> Token[RequestContext | None]:
+    """Make ``request`` the current one; pass the token to ``unbind_request`` at the end."""
+    return _current.set(request)
+
+
+def unbind_request(token: Token[RequestContext | None]) -> None:
+    """Restore the context as it was before ``bind_request``."""
+    _current.reset(token)

@@ -1,0 +1,385 @@
+"""Prometheus metrics of one app, and the sliding window behind ``/health``'s request figures.
+
+Every app owns a ``Metrics`` with its own ``CollectorRegistry`` (never the global one, which
+vLLM uses for its own ``vllm:`` metrics), so tests can build many apps side by side.
+
+Two kinds of figures:
+
+- observed as things happen: HTTP requests and latency (the middleware), time to first
+  token, inter-token latency and tokens (the text service's stream, which sees every chunk),
+  queue wait and render seconds (the image service);
+- read at scrape time from the services (``EngineSnapshot``): requests running and waiting,
+  model state, load seconds, and GPU memory. Reading them then keeps the request path free
+  of gauge bookkeeping and can never drift from the services' own counts.
+
+Histogram buckets span CPU and GPU speeds alike: a 135M model on two cores and Gemma on an
+H100 both land inside them. The full list of names is in ``docs/observability.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from fictures_ai.observability.gpu import GpuMemory
+
+REQUEST_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 60.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.4, 0.5, 0.75, 1.0, 2.0,
+)  # fmt: skip
+RENDER_BUCKETS = (
+    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+    180.0, 300.0,
+)  # fmt: skip
+QUEUE_WAIT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+TEXT_OUTCOMES = ("stop", "length", "abort", "error", "rejected")
+"""``finish_reason`` of ``fictures_text_requests_total``: the engine's reasons, ``abort`` when
+the client went away, ``error`` when generation failed, ``rejected`` for invalid requests."""
+IMAGE_OUTCOMES = ("ok", "error", "cancelled")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class TextMetrics:
+    """The text service's instruments, already labelled with its model."""
+
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    queue_wait: Histogram
+    finished: dict[str, Counter]
+    """One counter per ``TEXT_OUTCOMES`` entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMetrics:
+    """The image service's instruments, already labelled with its model."""
+
+    render_seconds: Histogram
+    queue_wait: Histogram
+    finished: dict[str, Counter]
+    """One counter per ``IMAGE_OUTCOMES`` entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """One engine's state at scrape time, as its service reports it.
+
+    ``waiting`` is None where the service has no queue of its own (text: vLLM queues inside
+    its scheduler, and those requests count as running here).
+    """
+
+    engine: str
+    model: str
+    state: str
+    states: Sequence[str]
+    running: int
+    waiting: int | None
+    waiting_for_load: int
+    load_seconds: float | None
+    load_failures: int
+
+
+class Metrics:
+    """The app's Prometheus registry and instruments."""
+
+    def __init__(self, *, version: str) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.http_requests = Counter(
+            "fictures_http_requests",
+            "HTTP requests answered, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "fictures_http_request_duration_seconds",
+            "Time from receiving a request to the end of its response (whole streams included).",
+            ["method", "route"],
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "fictures_time_to_first_token_seconds",
+            "Time from handing a text request to the engine to its first token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "fictures_inter_token_latency_seconds",
+            "Time between tokens of one text stream (per chunk, divided by its tokens).",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "fictures_prompt_tokens",
+            "Prompt tokens of finished text requests.",
+            ["model"],
+            registry=registry,
+        )
+        self.generation_tokens = Counter(
+            "fictures_generation_tokens",
+            "Tokens generated by finished text requests (aborted ones included).",
+            ["model"],
+            registry=registry,
+        )
+        self.text_requests = Counter(
+            "fictures_text_requests",
+            "Text generations that ended, by finish reason (stop, length, abort, error, rejected).",
+            ["model", "finish_reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "fictures_queue_wait_seconds",
+            "Time a request waited before its engine started on it (model load, render slot).",
+            ["engine"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.image_render = Histogram(
+            "fictures_image_render_seconds",
+            "Time the image engine took to render one image (successful renders).",
+            ["model"],
+            buckets=RENDER_BUCKETS,
+            registry=registry,
+        )
+        self.image_renders = Counter(
+            "fictures_image_renders",
+            "Image renders that ended, by outcome (ok, error, cancelled).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.engine_capacity = Gauge(
+            "fictures_engine_capacity",
+            "Requests an engine works on at once (text: VLLM_MAX_NUM_SEQS, image: "
+            "IMAGE_MAX_CONCURRENCY); more running requests than this wait in a queue.",
+            ["engine"],
+            registry=registry,
+        )
+        Info("fictures_build", "Version of the server.", registry=registry).info(
+            {"version": version}
+        )
+
+    def text(self, model: str) -> TextMetrics:
+        """The text instruments for ``model``; its series appear (at zero) from now on."""
+        return TextMetrics(
+            time_to_first_token=self.time_to_first_token.labels(model),
+            inter_token_latency=self.inter_token_latency.labels(model),
+            prompt_tokens=self.prompt_tokens.labels(model),
+            generation_tokens=self.generation_tokens.labels(model),
+            queue_wait=self.queue_wait.labels("text"),
+            finished={reason: self.text_requests.labels(model, reason) for reason in TEXT_OUTCOMES},
+        )
+
+    def image(self, model: str) -> ImageMetrics:
+        """The image instruments for ``model``; its series appear (at zero) from now on."""
+        return ImageMetrics(
+            render_seconds=self.image_render.labels(model),
+            queue_wait=self.queue_wait.labels("image"),
+            finished={
+                outcome: self.image_renders.labels(model, outcome) for outcome in IMAGE_OUTCOMES
+            },
+        )
+
+    def observe_request(self, *, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request. Unusual methods are folded into ``OTHER``."""
+        if method not in HTTP_METHODS:
+            method = "OTHER"
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_request_duration.labels(method, route).observe(seconds)
+
+    def watch(
+        self,
+        *,
+        engines: Callable[[], Iterable[EngineSnapshot]],
+        gpus: Callable[[], list[GpuMemory] | None],
+    ) -> None:
+        """Read the engines' state and GPU memory at every scrape from these callables."""
+        self.registry.register(_StateCollector(engines=engines, gpus=gpus))
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The registry in the format the scraper asks for (OpenMetrics or Prometheus text)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _StateCollector:
+    """Gauges read from the services and the GPU when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        *,
+        engines: Callable[[], Iterable[EngineSnapshot]],
+        gpus: Callable[[], list[GpuMemory] | None],
+    ) -> None:
+        self._engines = engines
+        self._gpus = gpus
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so that the registry can refuse duplicates at registration.
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        up, state, running, waiting, load_waiting, load_seconds, load_failures = families[:7]
+        for snapshot in self._engines():
+            engine, model = snapshot.engine, snapshot.model
+            up.add_metric([engine, model], 1.0 if snapshot.state == "ready" else 0.0)
+            for name in snapshot.states:
+                state.add_metric([engine, model, name], 1.0 if name == snapshot.state else 0.0)
+            running.add_metric([engine], snapshot.running)
+            if snapshot.waiting is not None:
+                waiting.add_metric([engine], snapshot.waiting)
+            load_waiting.add_metric([engine], snapshot.waiting_for_load)
+            if snapshot.load_seconds is not None:
+                load_seconds.add_metric([engine, model], snapshot.load_seconds)
+            load_failures.add_metric([engine, model], snapshot.load_failures)
+        used, total, allocated = families[7:]
+        for gpu in self._gpus() or ():
+            device = str(gpu.index)
+            used.add_metric([device, gpu.name], gpu.used_bytes)
+            total.add_metric([device, gpu.name], gpu.total_bytes)
+            allocated.add_metric([device, gpu.name], gpu.allocated_bytes)
+        yield from families
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily | CounterMetricFamily]:
+        engine_model = ["engine", "model"]
+        device = ["device", "name"]
+        return [
+            GaugeMetricFamily(
+                "fictures_engine_up",
+                "1 when the engine is loaded and serving, else 0 (not loaded, loading, failed).",
+                labels=engine_model,
+            ),
+            GaugeMetricFamily(
+                "fictures_engine_state",
+                "1 for the engine's current load state (not_loaded, loading, ready, failed).",
+                labels=[*engine_model, "state"],
+            ),
+            GaugeMetricFamily(
+                "fictures_requests_running",
+                "Requests handed to the engine and not finished (text: includes the requests "
+                "vLLM's scheduler holds waiting).",
+                labels=["engine"],
+            ),
+            GaugeMetricFamily(
+                "fictures_requests_waiting",
+                "Requests queued in the server for an engine slot (image render queue).",
+                labels=["engine"],
+            ),
+            GaugeMetricFamily(
+                "fictures_requests_waiting_for_model_load",
+                "Requests waiting for their model to finish loading.",
+                labels=["engine"],
+            ),
+            GaugeMetricFamily(
+                "fictures_model_load_seconds",
+                "Duration of the engine's last successful model load.",
+                labels=engine_model,
+            ),
+            CounterMetricFamily(
+                "fictures_model_load_failures",
+                "Model loads that failed (a later request retries).",
+                labels=engine_model,
+            ),
+            GaugeMetricFamily(
+                "fictures_gpu_memory_used_bytes",
+                "Device-wide GPU memory in use (all processes), when this process uses CUDA.",
+                labels=device,
+            ),
+            GaugeMetricFamily(
+                "fictures_gpu_memory_total_bytes",
+                "Total GPU memory, when this process uses CUDA.",
+                labels=device,
+            ),
+            GaugeMetricFamily(
+                "fictures_gpu_memory_allocated_bytes",
+                "GPU memory allocated by this process's torch tensors.",
+                labels=device,
+            ),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSummary:
+    """Latency and error rate of the requests of the last ``window_s`` seconds."""
+
+    window_s: float
+    count: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    error_rate: float | None
+    """Share of answers with a 5xx status; None without requests."""
+
+
+class RequestWindow:
+    """Recent request latencies and outcomes over a sliding time window.
+
+    Bounded twice: by age (``window_s``) and by count (``max_requests``, the newest kept), so
+    a burst cannot grow it without limit. ``record`` is O(1) amortised; ``summary`` sorts the
+    window, which is meant for health probes, not per request.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float,
+        max_requests: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._entries: deque[tuple[float, float, bool]] = deque(maxlen=max_requests)
+
+    def record(self, *, seconds: float, error: bool) -> None:
+        """Add one answered request: its latency and whether it was a server error."""
+        now = self._clock()
+        self._entries.append((now, seconds, error))
+        self._expire(now)
+
+    def summary(self) -> WindowSummary:
+        """p50/p95 latency (nearest rank) and 5xx share of the requests in the window."""
+        self._expire(self._clock())
+        entries = list(self._entries)
+        if not entries:
+            return WindowSummary(self.window_s, 0, None, None, None)
+        latencies = sorted(seconds for _, seconds, _ in entries)
+        errors = sum(1 for _, _, error in entries if error)
+        return WindowSummary(
+            window_s=self.window_s,
+            count=len(entries),
+            latency_p50_ms=round(_nearest_rank(latencies, 0.50) * 1000, 1),
+            latency_p95_ms=round(_nearest_rank(latencies, 0.95) * 1000, 1),
+            error_rate=round(errors / len(entries), 4),
+        )
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window_s
+        entries = self._entries
+        while entries and entries[0][0] < horizon:
+            entries.popleft()
+
+
+def _nearest_rank(ordered: list[float], quantile: float) -> float:
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
