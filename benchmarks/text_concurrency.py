@@ -61,8 +61,11 @@ async def run_level(
     }
 
 
-async def measure(url: str, max_tokens: int) -> dict[str, object]:
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
+async def measure(url: str, max_tokens: int, api_key: str | None) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(600.0), headers=headers
+    ) as client:
         print("warming up (loads the model on first use)...", flush=True)
         await run_level(client, 2, 16)
         single = await run_level(client, 1, max_tokens)
@@ -80,11 +83,18 @@ async def measure(url: str, max_tokens: int) -> dict[str, object]:
     }
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``fictures-ai serve`` on a free port and wait until it answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }
     cli = Path(sys.executable).with_name("fictures-ai")
     process = subprocess.Popen([str(cli), "serve"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -102,13 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="Measure a running server instead of starting one.")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--api-key", default=os.environ.get("FICTURES_API_KEY"))
     args = parser.parse_args()
     process = None
     url = args.url
     if url is None:
-        process, url = start_server()
+        # A private server on loopback: no keys, so that the figures are the engine's.
+        process, url = start_server({"REQUIRE_API_KEY": "false"})
     try:
-        result = asyncio.run(measure(url, args.max_tokens))
+        result = asyncio.run(measure(url, args.max_tokens, args.api_key))
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)

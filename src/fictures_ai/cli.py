@@ -11,6 +11,7 @@ import base64
 import enum
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -21,10 +22,18 @@ import httpx
 from pydantic import ValidationError
 
 from fictures_ai.config import LogFormat, Settings
+from fictures_ai.key_commands import add_key_commands, run_key_command
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "FICTURES_API_KEY"
+API_KEY_HELP = f"API key sent as 'Authorization: Bearer' [env {API_KEY_ENV}]."
+
+
+def _client(args: argparse.Namespace, timeout: httpx.Timeout) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, timeout=timeout, headers=headers)
 
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
@@ -65,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run the HTTP server.")
     add_settings_flags(serve)
 
+    add_key_commands(commands)
+
     models = commands.add_parser("models", help="Manage local models.")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser(
@@ -79,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--max-tokens", type=int, default=256)
     text.add_argument("--temperature", type=float, default=0.7)
     text.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
+    text.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=API_KEY_HELP)
     image = generate_kinds.add_parser("image", help="Render an image into a PNG file.")
     image.add_argument("prompt")
     image.add_argument("-o", "--output", required=True, help="PNG file to write.")
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--guidance-scale", type=float, default=7.5)
     image.add_argument("--seed", type=int, help="Same seed, same image (random if unset).")
     image.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
+    image.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=API_KEY_HELP)
     return parser
 
 
@@ -123,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 
@@ -141,7 +154,7 @@ def prepare_models() -> int:
 def generate_text(args: argparse.Namespace) -> int:
     """Send a prompt to a running server and print the answer."""
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
-    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+    with _client(args, httpx.Timeout(600.0, connect=5.0)) as client:
         try:
             if not args.stream:
                 response = client.post("/api/v1/text/generate", json=body)
@@ -186,7 +199,7 @@ def generate_image(args: argparse.Namespace) -> int:
     timeout = httpx.Timeout(3600.0, connect=5.0)
     try:
         with (
-            httpx.Client(base_url=args.url, timeout=timeout) as client,
+            _client(args, timeout) as client,
             client.stream("POST", "/api/v1/images/stream", json=body) as stream,
             tqdm(total=args.steps, unit="step", desc="rendering", file=sys.stderr) as bar,
         ):
@@ -236,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "models":
         return prepare_models()
+    if args.command == "keys":
+        return run_key_command(args)
     if args.kind == "image":
         return generate_image(args)
     return generate_text(args)

@@ -70,6 +70,55 @@ class Settings(BaseSettings):
         description="Where converted and generated models are cached (outside the repository).",
     )
 
+    # Security and limits
+    require_api_key: bool = Field(
+        True,
+        description="Require an API key on /api/v1 and /v1 (false: development only).",
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Key store (SQLAlchemy URL, e.g. postgresql://user:pw@host/db); unset: an SQLite "
+            "file in the user data folder."
+        ),
+    )
+    api_key_cache_s: float = Field(
+        5.0, ge=0.0, description="Seconds a verified key is trusted before a revocation shows."
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per key (per address without keys); 0: none."
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        0, ge=0, description="Prompt plus generated tokens per minute per key; 0: no limit."
+    )
+    rate_limit_images_per_minute: int = Field(
+        0, ge=0, description="Images per minute per key; 0: no limit."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL to share rate limits between replicas; unset: in-process."
+    )
+    image_url_ttl_s: int = Field(
+        3600, ge=1, description="How long an image answered by URL (OpenAI API) stays fetchable."
+    )
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body accepted (413 beyond it)."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0.0, description="A generation running longer is stopped (504 / error event)."
+    )
+    text_max_pending: int = Field(
+        512, ge=1, description="Text requests running or waiting at once; beyond: 429."
+    )
+    image_max_queue: int = Field(
+        16, ge=0, description="Image requests waiting for a render slot; beyond: 429."
+    )
+    engine_health_interval_s: float = Field(
+        5.0, gt=0.0, description="How often a loaded engine is checked (and restarted if dead)."
+    )
+    shutdown_grace_s: int = Field(
+        30, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+
     # Text generation (vLLM)
     text_model_name: str = Field(
         BUNDLED_TEXT_MODEL,

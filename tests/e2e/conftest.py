@@ -1,4 +1,8 @@
-"""A real ``fictures-ai serve`` process on a free port, started once per test session."""
+"""A real ``fictures-ai serve`` process on a free port, started once per test session.
+
+API keys are required, as by default: the fixture creates a ``stories:write`` key and a
+``stories:read`` key in a key database of its own with the real CLI before starting it.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,32 @@ CLI = Path(sys.executable).with_name("fictures-ai")
 
 @dataclass(frozen=True)
 class RunningServer:
-    """Where the server listens and where its log goes."""
+    """Where the server listens, its log, its keys, and an HTTP client that sends the key."""
 
     url: str
     log: Path
     process: subprocess.Popen[bytes]
+    key: str
+    read_key: str
+    database_url: str
+    http: httpx.Client
+
+    def env(self) -> dict[str, str]:
+        """The environment for a CLI process talking to this server with its key."""
+        return {**os.environ, "FICTURES_API_KEY": self.key, "DATABASE_URL": self.database_url}
+
+
+def create_key(database_url: str, name: str, scopes: str) -> str:
+    """Create a key with the real CLI and return it (the last line it prints)."""
+    result = subprocess.run(
+        [str(CLI), "keys", "create", "--name", name, "--scopes", scopes],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:
@@ -37,7 +62,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    folder = tmp_path_factory.mktemp("server")
+    log = folder / "server.log"
+    database_url = f"sqlite:///{folder / 'keys.db'}"
+    key = create_key(database_url, "e2e-writer", "stories:write")
+    read_key = create_key(database_url, "e2e-reader", "stories:read")
     env = {
         **os.environ,
         "API_HOST": "127.0.0.1",
@@ -45,6 +74,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         "VLLM_CPU_KV_CACHE_MB": "256",
         "TEXT_MAX_MODEL_LEN": "4096",
         "IMAGE_TORCH_THREADS": "1",
+        "DATABASE_URL": database_url,
+        "REQUIRE_API_KEY": "true",
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -62,7 +93,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
             process.kill()
             pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield RunningServer(url=url, log=log, process=process)
+    http = httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    yield RunningServer(
+        url=url,
+        log=log,
+        process=process,
+        key=key,
+        read_key=read_key,
+        database_url=database_url,
+        http=http,
+    )
+    http.close()
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
@@ -72,5 +113,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the text tests first: the first of them checks lazy loading on the fresh server."""
-    items.sort(key=lambda item: item.path.name != "test_text_server.py")
+    """Run the text tests first (the first checks lazy loading on the fresh server) and the
+    engine-failure tests last (they kill the engine the others use)."""
+
+    def order(item: pytest.Item) -> int:
+        return {"test_text_server.py": 0, "test_engine_failures.py": 2}.get(item.path.name, 1)
+
+    items.sort(key=order)

@@ -28,7 +28,7 @@ def png_of(data_url: str) -> Image.Image:
 def test_generate_returns_a_png_of_the_requested_size(server: RunningServer) -> None:
     body = {"prompt": "a lighthouse at dusk", "width": 320, "height": 256}
     body |= {"num_inference_steps": 3, "seed": 11}
-    response = httpx.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
+    response = server.http.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["model"] == "tiny-sdxl-random"
@@ -36,10 +36,10 @@ def test_generate_returns_a_png_of_the_requested_size(server: RunningServer) -> 
     image = png_of(result["image_url"])
     assert image.format == "PNG"
     assert image.size == (320, 256)
-    again = httpx.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
+    again = server.http.post(f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT)
     assert again.json()["image_url"] == result["image_url"]
 
-    models = httpx.get(f"{server.url}/api/v1/images/models").json()["models"]
+    models = server.http.get(f"{server.url}/api/v1/images/models").json()["models"]
     assert models[0]["status"] == "initialized"
     assert "random weights" in models[0]["notice"]
 
@@ -48,7 +48,7 @@ def test_health_and_text_answer_while_a_large_image_renders(server: RunningServe
     done: dict[str, httpx.Response] = {}
 
     def render() -> None:
-        done["image"] = httpx.post(
+        done["image"] = server.http.post(
             f"{server.url}/api/v1/images/generate",
             json={"prompt": "a city", "width": 1024, "height": 1024, "num_inference_steps": 3},
             timeout=TIMEOUT,
@@ -60,10 +60,10 @@ def test_health_and_text_answer_while_a_large_image_renders(server: RunningServe
     latencies = []
     while worker.is_alive() and len(latencies) < 5:
         started = time.perf_counter()
-        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert server.http.get(f"{server.url}/health", timeout=5).status_code == 200
         latencies.append(time.perf_counter() - started)
         time.sleep(0.2)
-    text = httpx.post(
+    text = server.http.post(
         f"{server.url}/api/v1/text/generate",
         json={"prompt": "Say hello.", "max_tokens": 8},
         timeout=TIMEOUT,
@@ -75,18 +75,20 @@ def test_health_and_text_answer_while_a_large_image_renders(server: RunningServe
     assert text.status_code == 200
     assert rendering_during_text
     assert done["image"].status_code == 200
-    health = httpx.get(f"{server.url}/health").json()["models"]
+    health = server.http.get(f"{server.url}/health").json()["models"]
     # Both models are loaded side by side; neither evicted the other.
     assert health["text"]["initialized"] is True
     assert health["image"]["initialized"] is True
 
 
 def test_bad_image_requests_are_400(server: RunningServer) -> None:
-    too_wide = httpx.post(
+    too_wide = server.http.post(
         f"{server.url}/api/v1/images/generate", json={"prompt": "x", "width": 4096}
     )
     assert too_wide.status_code == 400
-    odd = httpx.post(f"{server.url}/api/v1/images/generate", json={"prompt": "x", "width": 1001})
+    odd = server.http.post(
+        f"{server.url}/api/v1/images/generate", json={"prompt": "x", "width": 1001}
+    )
     assert odd.status_code == 400
     assert "multiple of 8" in odd.json()["detail"]
 
@@ -96,6 +98,7 @@ def test_cli_renders_an_image_to_a_file(server: RunningServer, tmp_path: object)
     result = subprocess.run(
         [str(CLI), "generate", "image", "a small boat", "-o", output, "--width", "256"]
         + ["--height", "256", "--steps", "3", "--seed", "5", "--url", server.url],
+        env=server.env(),
         capture_output=True,
         text=True,
         timeout=120,

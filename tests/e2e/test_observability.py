@@ -18,7 +18,7 @@ TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 
 def metric_total(server: RunningServer, sample_name: str) -> float:
     """The sum of every sample called ``sample_name`` in ``/metrics`` (all label sets)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = server.http.get(f"{server.url}/metrics", timeout=10).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -30,7 +30,7 @@ def metric_total(server: RunningServer, sample_name: str) -> float:
 def test_a_text_stream_moves_the_time_to_first_token_histogram(server: RunningServer) -> None:
     ttft_before = metric_total(server, "fictures_time_to_first_token_seconds_count")
     tokens_before = metric_total(server, "fictures_generation_tokens_total")
-    with httpx.stream(
+    with server.http.stream(
         "POST",
         f"{server.url}/api/v1/text/stream",
         json={"prompt": "Name a colour.", "max_tokens": 8},
@@ -60,12 +60,12 @@ def test_a_text_stream_moves_the_time_to_first_token_histogram(server: RunningSe
 
 
 def test_probes_answer(server: RunningServer) -> None:
-    live = httpx.get(f"{server.url}/health/live", timeout=5)
+    live = server.http.get(f"{server.url}/health/live", timeout=5)
     assert (live.status_code, live.json()) == (200, {"status": "alive"})
-    ready = httpx.get(f"{server.url}/health/ready", timeout=10)
+    ready = server.http.get(f"{server.url}/health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
     assert ready.json()["models"]["text"]["state"] == "ready"  # loaded by the text tests
-    health = httpx.get(f"{server.url}/health", timeout=5).json()
+    health = server.http.get(f"{server.url}/health", timeout=5).json()
     assert health["requests"]["count"] >= 1
     assert health["gpu"] is None  # the CPU machine
 

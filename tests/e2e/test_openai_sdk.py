@@ -22,7 +22,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(api_key="unused", base_url=f"{server.url}/v1", timeout=300)
+    return openai.OpenAI(api_key=server.key, base_url=f"{server.url}/v1", timeout=300)
 
 
 def test_chat_plain(client: openai.OpenAI) -> None:
@@ -85,7 +85,7 @@ def test_completions_and_logprobs(client: openai.OpenAI) -> None:
 def test_async_client_and_ignore_eos(server: RunningServer) -> None:
     async def run() -> list[int]:
         async with openai.AsyncOpenAI(
-            api_key="unused", base_url=f"{server.url}/v1", timeout=300
+            api_key=server.key, base_url=f"{server.url}/v1", timeout=300
         ) as client:
             results = await asyncio.gather(
                 *(
@@ -116,7 +116,7 @@ def test_images_b64_and_url(client: openai.OpenAI) -> None:
     )
     assert linked.data is not None
     assert linked.data[0].url is not None
-    fetched = httpx.get(linked.data[0].url)
+    fetched = httpx.get(linked.data[0].url)  # the URL itself is the permission: no key
     assert fetched.status_code == 200
     assert Image.open(io.BytesIO(fetched.content)).size == (256, 256)
 

@@ -111,12 +111,22 @@ def test_page_is_served_with_a_content_security_policy(page: Page, server: Runni
     assert page.text_content("#text-model") != "unavailable"  # the names come from /health
 
 
-def test_text_streams_and_an_image_renders(page: Page) -> None:
+def test_without_a_key_the_servers_401_is_shown(page: Page) -> None:
+    fill_text_form(page, "Say hello.")
+    with page.expect_request("**/api/v1/text/stream") as text_request:
+        page.click("#generate")
+    assert "authorization" not in text_request.value.all_headers()
+    page.wait_for_selector("#text-panel[data-state=error]")
+    assert "Missing or invalid API key" in (page.text_content("#text-error") or "")
+
+
+def test_text_streams_and_an_image_renders(page: Page, server: RunningServer) -> None:
+    page.fill("#api-key", server.key)
     page.evaluate(RECORD_OUTPUT_LENGTHS)
     fill_text_form(page, "Tell me a long story about a dragon who learns to paint.")
     with page.expect_request("**/api/v1/text/stream") as text_request:
         page.click("#generate")
-    assert "authorization" not in text_request.value.all_headers()
+    assert text_request.value.all_headers()["authorization"] == f"Bearer {server.key}"
 
     # Text appears, then grows while the stream is still open.
     page.wait_for_function(
@@ -148,28 +158,31 @@ def test_text_streams_and_an_image_renders(page: Page) -> None:
     page.wait_for_selector("#image-notice:has-text('random weights')")
 
 
-def test_an_api_key_is_sent_as_a_bearer_token_and_remembered(page: Page) -> None:
-    page.fill("#api-key", "test-key-123")
+def test_an_api_key_is_sent_as_a_bearer_token_and_remembered(
+    page: Page, server: RunningServer
+) -> None:
+    page.fill("#api-key", server.key)
     fill_text_form(page, "Say hello.")
     with page.expect_request("**/api/v1/text/stream") as text_request:
         page.click("#generate")
-    assert text_request.value.all_headers()["authorization"] == "Bearer test-key-123"
+    assert text_request.value.all_headers()["authorization"] == f"Bearer {server.key}"
     page.wait_for_selector("#text-panel[data-state=done]", timeout=FIRST_TEXT_MS)
     assert page.text_content("#output")
 
     fill_image_form(page)
     with page.expect_request("**/api/v1/images/stream") as image_request:
         page.click("#image-generate")
-    assert image_request.value.all_headers()["authorization"] == "Bearer test-key-123"
+    assert image_request.value.all_headers()["authorization"] == f"Bearer {server.key}"
     page.wait_for_selector("#image-panel[data-state=done]", timeout=IMAGE_MS)
     page.wait_for_function(IMAGE_LOADED)
 
     # The key is kept in localStorage: a reload fills it in again.
     page.reload()
-    assert page.input_value("#api-key") == "test-key-123"
+    assert page.input_value("#api-key") == server.key
 
 
-def test_an_invalid_request_shows_the_servers_error(page: Page) -> None:
+def test_an_invalid_request_shows_the_servers_error(page: Page, server: RunningServer) -> None:
+    page.fill("#api-key", server.key)
     page.fill("#prompt", "")
     page.click("#generate")
     page.wait_for_selector("#text-panel[data-state=error]")

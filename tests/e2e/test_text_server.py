@@ -21,13 +21,13 @@ TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 def test_first_request_loads_the_model_while_health_answers_at_once(
     server: RunningServer,
 ) -> None:
-    health = httpx.get(f"{server.url}/health").json()
+    health = server.http.get(f"{server.url}/health").json()
     assert health["models"]["text"]["initialized"] is False
 
     result: dict[str, httpx.Response] = {}
 
     def generate() -> None:
-        result["response"] = httpx.post(
+        result["response"] = server.http.post(
             f"{server.url}/api/v1/text/generate",
             json={"prompt": "Write two sentences about a lighthouse keeper.", "max_tokens": 60},
             timeout=TIMEOUT,
@@ -37,7 +37,7 @@ def test_first_request_loads_the_model_while_health_answers_at_once(
     worker.start()
     time.sleep(1.0)  # the load is under way
     started = time.perf_counter()
-    during = httpx.get(f"{server.url}/health", timeout=5)
+    during = server.http.get(f"{server.url}/health", timeout=5)
     assert time.perf_counter() - started < 1.0
     assert during.status_code == 200
     if worker.is_alive():
@@ -52,12 +52,12 @@ def test_first_request_loads_the_model_while_health_answers_at_once(
     assert 0 < body["tokens_used"] <= 60
     words = re.findall(r"[A-Za-z]+", body["text"])
     assert len(words) >= 5
-    assert httpx.get(f"{server.url}/health").json()["models"]["text"]["initialized"] is True
+    assert server.http.get(f"{server.url}/health").json()["models"]["text"]["initialized"] is True
 
 
 def test_stream_arrives_token_by_token(server: RunningServer) -> None:
     events = []
-    with httpx.stream(
+    with server.http.stream(
         "POST",
         f"{server.url}/api/v1/text/stream",
         json={"prompt": "Describe a castle at night.", "max_tokens": 30},
@@ -83,7 +83,7 @@ def test_structured_json_output_is_valid(server: RunningServer) -> None:
         "properties": {"title": {"type": "string"}, "chapters": {"type": "integer"}},
         "required": ["title", "chapters"],
     }
-    response = httpx.post(
+    response = server.http.post(
         f"{server.url}/api/v1/text/structured",
         json={
             "prompt": "Propose a novel: its title and number of chapters, as JSON.",
@@ -99,19 +99,19 @@ def test_structured_json_output_is_valid(server: RunningServer) -> None:
 
 
 def test_bad_requests_get_their_status_codes(server: RunningServer) -> None:
-    too_long = httpx.post(
+    too_long = server.http.post(
         f"{server.url}/api/v1/text/generate", json={"prompt": "a" * 8001}, timeout=TIMEOUT
     )
     assert too_long.status_code == 400
     assert too_long.json() == {"detail": "Prompt too long (max 8000 characters)"}
-    over_context = httpx.post(
+    over_context = server.http.post(
         f"{server.url}/api/v1/text/generate",
         json={"prompt": "word " * 1000, "max_tokens": 8000},
         timeout=TIMEOUT,
     )
     assert over_context.status_code == 400
     assert "4096 tokens" in over_context.json()["detail"]
-    malformed = httpx.post(
+    malformed = server.http.post(
         f"{server.url}/api/v1/text/generate", json={"prompt": 3}, timeout=TIMEOUT
     )
     assert malformed.status_code == 422
@@ -120,6 +120,7 @@ def test_bad_requests_get_their_status_codes(server: RunningServer) -> None:
 def test_cli_generates_text_against_the_server(server: RunningServer) -> None:
     plain = subprocess.run(
         [str(CLI), "generate", "text", "Name a color.", "--max-tokens", "10", "--url", server.url],
+        env=server.env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -129,6 +130,7 @@ def test_cli_generates_text_against_the_server(server: RunningServer) -> None:
     streamed = subprocess.run(
         [str(CLI), "generate", "text", "Name a fruit.", "--stream", "--max-tokens", "10"]
         + ["--url", server.url],
+        env=server.env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ import pytest
 from fictures_ai.api.app import create_app
 from fictures_ai.api.dependencies import Services
 from fictures_ai.config import Settings
+from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
@@ -24,8 +27,13 @@ def make_services(
     loader: Callable[[], Any] | None = None,
     image_engine: FakeImageEngine | None = None,
     image_loader: Callable[[], Any] | None = None,
+    api_keys: ApiKeyService | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> Services:
-    """Services over fake engines (or whatever the loaders return)."""
+    """Services over fake engines (or whatever the loaders return).
+
+    Queue bounds and timeouts come from ``settings``; without ``api_keys`` no key is needed.
+    """
     settings = settings or Settings(_env_file=None)  # type: ignore[call-arg]
     engine = engine or FakeTextEngine()
     image_engine = image_engine or FakeImageEngine()
@@ -37,15 +45,24 @@ def make_services(
         return image_engine
 
     text = TextGenerationService(
-        model_name="fake-model", max_model_len=engine.max_model_len, loader=loader or load
+        model_name="fake-model",
+        max_model_len=engine.max_model_len,
+        loader=loader or load,
+        max_pending=settings.text_max_pending,
+        timeout_s=settings.request_timeout_s,
     )
     image = ImageGenerationService(
         model_name="fake-image-model",
         device="cpu",
         max_concurrency=settings.image_max_concurrency,
         loader=image_loader or load_image,
+        max_queue=settings.image_max_queue,
+        timeout_s=settings.request_timeout_s,
     )
-    return Services(settings=settings, text=text, image=image)
+    services = Services(settings=settings, text=text, image=image, api_keys=api_keys)
+    if rate_limiter is not None:
+        services = dataclasses.replace(services, rate_limiter=rate_limiter)
+    return services
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import install_error_handlers
 from fictures_ai.api.fictures.router import DESCRIPTION, router, system_router
 from fictures_ai.api.health import health_router
+from fictures_ai.api.limits import BodySizeLimitMiddleware
 from fictures_ai.api.middleware import ObservabilityMiddleware
 from fictures_ai.api.openai.router import router as openai_router
 from fictures_ai.api.playground.router import router as playground_router
@@ -33,6 +34,7 @@ from fictures_ai.engines.factory import (
     create_text_engine,
     image_device,
     image_model_display_name,
+    image_model_notice,
     text_model_display_name,
 )
 from fictures_ai.observability import Observability
@@ -40,8 +42,11 @@ from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
+from fictures_ai.services.api_keys import ApiKeyService, default_database_url
 from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.model_loader import LoadState
+from fictures_ai.services.rate_limit import create_rate_limiter
 from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
@@ -57,6 +62,8 @@ def build_services(settings: Settings) -> Services:
         model_name=text_model_display_name(settings),
         max_model_len=settings.text_max_model_len,
         loader=functools.partial(create_text_engine, settings),
+        max_pending=settings.text_max_pending,
+        timeout_s=settings.request_timeout_s,
     )
     device = image_device(settings)
     image = ImageGenerationService(
@@ -64,8 +71,30 @@ def build_services(settings: Settings) -> Services:
         device=device,
         max_concurrency=settings.image_max_concurrency,
         loader=functools.partial(create_image_engine, settings),
+        max_queue=settings.image_max_queue,
+        timeout_s=settings.request_timeout_s,
+        notice=image_model_notice(settings, device),
     )
-    return Services(settings=settings, text=text, image=image)
+    api_keys = None
+    if settings.require_api_key:
+        api_keys = ApiKeyService(
+            database_url=settings.database_url or default_database_url(),
+            cache_ttl_s=settings.api_key_cache_s,
+        )
+    rate_limiter = create_rate_limiter(
+        redis_url=settings.redis_url,
+        requests_per_minute=settings.rate_limit_per_minute,
+        tokens_per_minute=settings.rate_limit_tokens_per_minute,
+        images_per_minute=settings.rate_limit_images_per_minute,
+    )
+    return Services(
+        settings=settings,
+        text=text,
+        image=image,
+        api_keys=api_keys,
+        rate_limiter=rate_limiter,
+        image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=256 << 20),
+    )
 
 
 class FicturesApp(FastAPI):
@@ -109,6 +138,17 @@ def create_app(
         changed = settings.non_default_items()
         if changed:
             logger.info("Settings changed from their defaults: %s", changed)
+        if services.api_keys is None:
+            logger.warning(
+                "REQUIRE_API_KEY=false: every route is open to anyone who can reach this "
+                "server. Use this for development only."
+            )
+        supervisors = [
+            asyncio.create_task(
+                service.supervise(settings.engine_health_interval_s), name=f"supervise {name}"
+            )
+            for name, service in (("text", services.text), ("image", services.image))
+        ]
         preload: asyncio.Task[None] | None = None
         if settings.preload_models:
             # In the background: /health must answer while the model loads.
@@ -118,8 +158,13 @@ def create_app(
         finally:
             if preload is not None and not preload.done():
                 preload.cancel()
+            for supervisor in supervisors:
+                supervisor.cancel()
             await services.text.shutdown()
             await services.image.shutdown()
+            await services.rate_limiter.close()
+            if services.api_keys is not None:
+                services.api_keys.close()
             await _shutdown_tracing(observability.tracer_provider)
             logger.info("Fictures AI Server stopped")
 
@@ -131,6 +176,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins_list,

@@ -1,16 +1,16 @@
-"""FastAPI dependencies: access to the services, and the authorisation hook."""
+"""FastAPI dependencies: access to the services (authorisation is in ``auth.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
 from fictures_ai.config import Settings
+from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
+from fictures_ai.services.rate_limit import InMemoryRateLimiter, RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 
 
@@ -21,6 +21,13 @@ class Services:
     settings: Settings
     text: TextGenerationService
     image: ImageGenerationService
+    api_keys: ApiKeyService | None = None
+    """The key store; None when keys are not required (REQUIRE_API_KEY=false)."""
+    rate_limiter: RateLimiter = field(
+        default_factory=lambda: InMemoryRateLimiter(
+            requests_per_minute=0, tokens_per_minute=0, images_per_minute=0
+        )
+    )
     image_store: GeneratedImageStore = field(
         default_factory=lambda: GeneratedImageStore(ttl_s=3600, max_bytes=256 << 20)
     )
@@ -40,16 +47,3 @@ def get_text_service(request: Request) -> TextGenerationService:
 def get_image_service(request: Request) -> ImageGenerationService:
     """The image generation service."""
     return get_services(request).image
-
-
-def require_scope(scope: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
-    """The authorisation hook of a route: the scope it needs (``stories:read`` or ``:write``).
-
-    API keys are not enforced yet (they arrive with the key store); the hook records the
-    required scope on the request so that routes already declare what they need.
-    """
-
-    async def authorize(request: Request) -> None:
-        request.state.required_scope = scope
-
-    return authorize

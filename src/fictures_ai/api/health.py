@@ -82,8 +82,9 @@ async def check_liveness() -> LiveResponse:
 async def check_readiness(services: ServicesDep) -> JSONResponse:
     """200 when every model is loaded or loadable and loaded engines are healthy, else 503.
 
-    A model that has not been loaded yet (or is loading) counts as ready: the first request
-    loads it. A failed load or a failing engine health check does not.
+    A model that has not been loaded yet (or is loading for the first time) counts as ready:
+    the first request loads it. A failed load, a reload after a failure (a dead engine being
+    restarted) or a failing engine health check does not.
     """
     text, image = await asyncio.gather(
         _readiness(services.text, services.text.info().name),
@@ -106,7 +107,8 @@ async def _readiness(
     service: TextGenerationService | ImageGenerationService, name: str
 ) -> ModelReadiness:
     info = service.info()
-    if info.state is LoadState.FAILED:
+    # Failed, or loading again after a failure (an engine that died is being restarted).
+    if info.state is LoadState.FAILED or (info.state is LoadState.LOADING and info.last_error):
         return ModelReadiness(
             name=name,
             state=info.state.value,

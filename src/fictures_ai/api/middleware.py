@@ -89,7 +89,11 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                extra = [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in request.response_headers.items()
+                ]
+                message = {**message, "headers": [*message.get("headers", ()), id_header, *extra]}
             await send(message)
 
         token = bind_request(request)
@@ -108,7 +112,11 @@ class ObservabilityMiddleware:
             if status == 0:  # nothing was answered
                 status = 500 if isinstance(error, Exception) else CLIENT_CLOSED_REQUEST
             self._record(scope, request, status, seconds)
-            unbind_request(token)
+            try:
+                for callback in request.on_finish:
+                    await callback(request)
+            finally:
+                unbind_request(token)
 
     async def _traced(
         self, scope: Scope, receive: Receive, send: Send, request: RequestContext
@@ -169,7 +177,7 @@ class ObservabilityMiddleware:
             "path": scope["path"],
             "status": status,
             "latency_ms": latency_ms,
-            "client": None,  # the API key's name, once keys exist
+            "client": request.client,
             **request.fields,
         }
         access_logger.info(

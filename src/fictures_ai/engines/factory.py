@@ -52,6 +52,15 @@ def image_model_display_name(settings: Settings, device: str) -> str:
     return DEFAULT_GPU_IMAGE_MODEL if device == "cuda" else TINY_IMAGE_MODEL
 
 
+def image_model_notice(settings: Settings, device: str) -> str | None:
+    """What the model info says before the image model loads: the tiny pipeline's warning."""
+    from fictures_ai.engines.diffusers_engine import TINY_PIPELINE_NOTICE
+    from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL
+
+    is_tiny = image_model_display_name(settings, device) == TINY_IMAGE_MODEL
+    return TINY_PIPELINE_NOTICE if is_tiny else None
+
+
 async def create_image_engine(settings: Settings) -> ImageEngine:
     """Load the configured image pipeline (diffusers)."""
     from fictures_ai.engines.diffusers_engine import DiffusersImageEngine

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,12 @@ class RequestContext:
     tracer: Tracer | None = None
     log_prompts: bool = False
     fields: dict[str, Any] = field(default_factory=dict)
+    client: str | None = None
+    """The API key's name (never the key), for the access line."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers added to the response when it starts (rate-limit budgets)."""
+    on_finish: list[Callable[[RequestContext], Awaitable[None]]] = field(default_factory=list)
+    """Called once the response is complete, e.g. to charge the tokens it used."""
 
     def add_tokens(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         """Count the tokens of one generation (a request may run several)."""

@@ -28,6 +28,7 @@ from fictures_ai.engines.base import (
     ImageGenerationParams,
     ProgressCallback,
 )
+from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceUnavailableError
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
@@ -72,9 +73,18 @@ class ImageGenerationService:
         device: str,
         max_concurrency: int,
         loader: Callable[[], Awaitable[ImageEngine]],
+        max_queue: int | None = None,
+        timeout_s: float | None = None,
+        notice: str | None = None,
     ) -> None:
+        """``max_queue`` bounds the requests waiting for a render slot (beyond it: 429);
+        ``timeout_s`` stops a render that runs longer; ``notice`` is what the model info says
+        about the model before it loads (the tiny pipeline's warning)."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
         self._device = device
+        self._max_queue = max_queue
+        self._timeout_s = timeout_s
+        self._notice = notice
         self._slots = asyncio.Semaphore(max_concurrency)
         self._waiting = 0
         self._running = 0
@@ -94,7 +104,7 @@ class ImageGenerationService:
             device=model.device if model else self._device,
             initialized=engine is not None,
             state=self._model.state,
-            notice=model.notice if model else None,
+            notice=model.notice if model else self._notice,
             waiting=self._waiting,
             running=self._running,
             waiting_for_load=lazy.waiting,
@@ -112,6 +122,18 @@ class ImageGenerationService:
         if engine is not None:
             await engine.check_health()
 
+    async def supervise(self, interval_s: float) -> None:
+        """Check the loaded pipeline every ``interval_s``; reload it when it stopped working."""
+        while True:
+            await asyncio.sleep(interval_s)
+            engine = self._model.engine
+            if engine is None:
+                continue
+            try:
+                await engine.check_health()
+            except ServiceUnavailableError as exc:
+                await self._model.restart(engine, exc.message)
+
     async def initialize(self) -> None:
         """Load the pipeline now (used when models are preloaded at start-up)."""
         await self._model.get()
@@ -126,6 +148,16 @@ class ImageGenerationService:
         metrics = self._metrics
         arrived = time.perf_counter()
         engine = await self._model.get()
+        if (
+            self._max_queue is not None
+            and self._slots.locked()
+            and self._waiting >= self._max_queue
+        ):
+            raise OverloadedError(
+                f"The image queue is full ({self._waiting} requests waiting for a render). "
+                "Try again shortly.",
+                retry_after=5,
+            )
         with child_span("queue.image_slot"):
             self._waiting += 1
             try:
@@ -146,7 +178,12 @@ class ImageGenerationService:
                 "fictures.seed": params.seed,
             }
             with child_span("image.render", attributes):
-                image = await engine.generate(params, progress=progress)
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        image = await engine.generate(params, progress=progress)
+                except TimeoutError:
+                    # The timeout cancelled the render: the engine stopped it at its next step.
+                    raise GenerationTimeoutError(timeout_s=self._timeout_s or 0) from None
             outcome = "ok"
             if metrics is not None:
                 metrics.render_seconds.observe(time.perf_counter() - started)

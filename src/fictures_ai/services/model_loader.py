@@ -70,16 +70,19 @@ class LazyModel(Generic[EngineT]):
         self.waiting += 1
         try:
             with child_span("queue.model_load", {"fictures.model": self.name}):
-                if self._load_task is None:
-                    # A fresh context: the load, and the engine tasks it starts (vLLM's output
-                    # handler lives on), must not carry the first request's id and trace.
-                    self._load_task = asyncio.create_task(
-                        self._load(), name=f"load {self.name}", context=contextvars.Context()
-                    )
                 # shield: a waiter's cancellation (client gone) must not cancel the shared load.
-                return await asyncio.shield(self._load_task)
+                return await asyncio.shield(self._start_load())
         finally:
             self.waiting -= 1
+
+    def _start_load(self) -> asyncio.Task[EngineT]:
+        if self._load_task is None:
+            # A fresh context: the load, and the engine tasks it starts (vLLM's output handler
+            # lives on), must not carry the first request's id and trace.
+            self._load_task = asyncio.create_task(
+                self._load(), name=f"load {self.name}", context=contextvars.Context()
+            )
+        return self._load_task
 
     async def _load(self) -> EngineT:
         self.state = LoadState.LOADING
@@ -107,6 +110,19 @@ class LazyModel(Generic[EngineT]):
         self.last_error = None
         logger.info("Loaded %s in %.1f s", self.name, self.load_seconds)
         return engine
+
+    async def restart(self, broken: EngineT, reason: str) -> None:
+        """Replace ``broken`` by a fresh engine, loading in the background.
+
+        Requests that fail together on the same dead engine all call this; only the first
+        restarts it. Callers arriving during the reload wait for it like for a first load.
+        """
+        if self._engine is not broken:
+            return
+        await self.discard(reason)
+        task = self._start_load()
+        # The load logs its own failure; the next request retries it.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def discard(self, reason: str) -> None:
         """Drop a broken engine so that the next ``get`` loads a fresh one."""

@@ -12,12 +12,13 @@ and one histogram observation; everything else happens once per request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,13 @@ from fictures_ai.engines.base import (
     TextGenerationParams,
     TextPrompt,
 )
-from fictures_ai.errors import EngineDeadError, InvalidRequestError
+from fictures_ai.errors import (
+    EngineDeadError,
+    GenerationTimeoutError,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.observability.metrics import Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
@@ -89,11 +96,18 @@ class TextGenerationService:
         model_name: str,
         max_model_len: int,
         loader: Callable[[], Awaitable[TextEngine]],
+        max_pending: int | None = None,
+        timeout_s: float | None = None,
     ) -> None:
+        """``max_pending`` bounds the requests running or waiting at once (beyond it: 429, or
+        503 while the model loads); ``timeout_s`` aborts a generation that runs longer."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
+        self._max_pending = max_pending
+        self._timeout_s = timeout_s
         self._configured_max_model_len = max_model_len
         self._metrics: TextMetrics | None = None
         self._active_ids: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def instrument(self, metrics: Metrics) -> None:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
@@ -135,9 +149,44 @@ class TextGenerationService:
         if engine is not None:
             await engine.check_health()
 
+    async def supervise(self, interval_s: float) -> None:
+        """Check the loaded engine every ``interval_s``; restart it when it died.
+
+        A dead vLLM engine core (crashed, killed, out of memory) is noticed here even when no
+        request is running, so the replacement is loading before the next request arrives.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            engine = self._model.engine
+            if engine is None:
+                continue
+            try:
+                await engine.check_health()
+            except EngineDeadError as exc:
+                await self._model.restart(engine, exc.message)
+
     async def initialize(self) -> None:
         """Load the model now (used when models are preloaded at start-up)."""
         await self._model.get()
+
+    def _admit(self) -> None:
+        """Refuse a request beyond ``max_pending``: never an unbounded queue."""
+        if self._max_pending is None:
+            return
+        pending = len(self._active_ids) + self._model.waiting
+        if pending < self._max_pending:
+            return
+        if self._model.engine is None:
+            raise ServiceUnavailableError(
+                f"The text model is loading and {pending} requests already wait for it. "
+                "Try again shortly.",
+                retry_after=LOAD_RETRY_AFTER_S,
+            )
+        raise OverloadedError(
+            f"The text engine is at capacity ({pending} requests running or waiting). "
+            "Try again shortly.",
+            retry_after=2,
+        )
 
     async def stream(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
@@ -148,6 +197,7 @@ class TextGenerationService:
         up with ours); an id already in flight gets a random suffix, because aborting one
         would abort both.
         """
+        self._admit()
         request = current_request()
         metrics = self._metrics
         arrived = time.perf_counter()
@@ -169,8 +219,23 @@ class TextGenerationService:
         tokens = 0
         outcome: str | None = None
         error: BaseException | None = None
+        timed_out = False
+
+        def stop_for_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            # Abort in the engine: the stream then ends even when no token is coming.
+            self._background(engine.abort(engine_id))
+
+        timer = (
+            asyncio.get_running_loop().call_later(self._timeout_s, stop_for_timeout)
+            if self._timeout_s
+            else None
+        )
         try:
             async for chunk in engine.generate(prompt, params, request_id=engine_id):
+                if timed_out:
+                    raise GenerationTimeoutError(timeout_s=self._timeout_s or 0)
                 if metrics is not None:
                     now = time.perf_counter()
                     if last is None:
@@ -184,12 +249,14 @@ class TextGenerationService:
                     tokens = chunk.completion_tokens
                 last = chunk
                 yield chunk
+            if timed_out:  # the engine ended the aborted request without a last chunk
+                raise GenerationTimeoutError(timeout_s=self._timeout_s or 0)
         except InvalidRequestError as exc:
             outcome, error = "rejected", exc
             raise
         except EngineDeadError as exc:
             outcome, error = "error", exc
-            await self._model.discard(exc.message)
+            await self._model.restart(engine, exc.message)
             raise
         except Exception as exc:
             outcome, error = "error", exc
@@ -199,11 +266,18 @@ class TextGenerationService:
                 error = exc
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self._active_ids.discard(engine_id)
             if outcome is None:
                 # Closed after the last chunk counts as finished; before it, as aborted.
                 outcome = last.finish_reason if last is not None and last.finish_reason else "abort"
             self._finish(request, last, outcome, span, error)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # keep a reference until done (asyncio holds only weak ones)
+        task.add_done_callback(self._tasks.discard)
 
     def _finish(
         self,

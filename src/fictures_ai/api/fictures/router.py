@@ -12,12 +12,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from fictures_ai import __version__
+from fictures_ai.api.auth import require_scope
 from fictures_ai.api.dependencies import (
     Services,
     get_image_service,
     get_services,
     get_text_service,
-    require_scope,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
@@ -70,7 +70,8 @@ TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 read_access = [Depends(require_scope("stories:read"))]
-write_access = [Depends(require_scope("stories:write"))]
+text_access = [Depends(require_scope("stories:write", model="text"))]
+image_access = [Depends(require_scope("stories:write", images=1, model="image"))]
 
 
 def _text_info(service: TextGenerationService) -> TextModelInfo:
@@ -155,7 +156,7 @@ async def list_text_models(service: TextService) -> TextModelsResponse:
 @router.post(
     "/text/generate",
     response_model=TextGenerationResponse,
-    dependencies=write_access,
+    dependencies=text_access,
     tags=["text"],
 )
 async def generate_text(
@@ -177,7 +178,7 @@ async def generate_text(
 
 @router.post(
     "/text/stream",
-    dependencies=write_access,
+    dependencies=text_access,
     tags=["text"],
     response_class=StreamingResponse,
     responses=sse_response_doc(
@@ -249,7 +250,7 @@ async def _text_events(
 @router.post(
     "/text/structured",
     response_model=StructuredGenerationResponse,
-    dependencies=write_access,
+    dependencies=text_access,
     tags=["text"],
 )
 async def generate_structured_text(
@@ -285,7 +286,7 @@ def _png_data_url(png: bytes) -> str:
 @router.post(
     "/images/generate",
     response_model=ImageGenerationResponse,
-    dependencies=write_access,
+    dependencies=image_access,
     tags=["images"],
 )
 async def generate_image(
@@ -304,7 +305,7 @@ async def generate_image(
 
 @router.post(
     "/images/stream",
-    dependencies=write_access,
+    dependencies=image_access,
     tags=["images"],
     response_class=StreamingResponse,
     responses=sse_response_doc(

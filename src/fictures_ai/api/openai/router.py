@@ -21,12 +21,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from fictures_ai.api.auth import require_scope
 from fictures_ai.api.dependencies import (
     Services,
     get_image_service,
     get_services,
     get_text_service,
-    require_scope,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
@@ -78,7 +78,8 @@ TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 read_access = [Depends(require_scope("stories:read"))]
-write_access = [Depends(require_scope("stories:write"))]
+text_access = [Depends(require_scope("stories:write", model="body"))]
+image_access = [Depends(require_scope("stories:write", images="n", model="image"))]
 
 
 def _check_model(requested: str | None, served: str) -> str:
@@ -192,7 +193,7 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, dependencies=write_access)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, dependencies=text_access)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: TextService
 ) -> Any:
@@ -223,7 +224,7 @@ async def create_chat_completion(
     )
 
 
-@router.post("/completions", response_model=CompletionResponse, dependencies=write_access)
+@router.post("/completions", response_model=CompletionResponse, dependencies=text_access)
 async def create_completion(body: CompletionRequest, request: Request, service: TextService) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
     model = _check_model(body.model, service.model_name)
@@ -343,7 +344,7 @@ async def _events(
     yield DONE_EVENT
 
 
-@router.post("/images/generations", response_model=ImagesResponse, dependencies=write_access)
+@router.post("/images/generations", response_model=ImagesResponse, dependencies=image_access)
 async def create_image(
     body: ImageGenerationRequest, request: Request, service: ImageService, services: ServicesDep
 ) -> ImagesResponse:

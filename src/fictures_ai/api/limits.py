@@ -1,0 +1,84 @@
+"""Refuse request bodies over ``MAX_REQUEST_BYTES`` before anything parses them.
+
+A pure ASGI middleware: a ``Content-Length`` over the limit is answered 413 at once, without
+reading the body; a body without a length (chunked) is read up to the limit and refused as
+soon as it goes past it, then replayed to the app. Memory per request stays within the limit.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fictures_ai.api.errors import is_openai_path
+from fictures_ai.api.openai.errors import error_body
+from fictures_ai.errors import RequestTooLargeError
+
+
+class BodySizeLimitMiddleware:
+    """413 for request bodies larger than ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is not None:
+            if length > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        buffered: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = RequestTooLargeError(limit=self.max_bytes).message
+        if is_openai_path(scope["path"]):
+            body = error_body(message, 413, param=None)
+        else:
+            body = {"detail": message}
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
