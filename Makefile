@@ -86,7 +86,7 @@ test-deps:
 			--no-install-recommends $(MISSING_PACKAGES); fi
 
 bench: install-dev
-	$(BIN)/python benchmarks/text_concurrency.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,182 @@
+"""The markdown of ``docs/benchmarks.md``: tables and goal checks from the results.
+
+Only the part between the result markers is rewritten; the prose around it (analysis,
+profile findings) is kept as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+START = "<!-- bench:results:start (written by benchmarks/bench.py) -->"
+END = "<!-- bench:results:end -->"
+TEMPLATE = f"""# Benchmarks
+
+`make bench` (`python benchmarks/bench.py`) measures the server against `vllm serve`, the raw
+engine and a bare HTTP app. See `benchmarks/bench.py` for what runs and how.
+
+{START}
+{END}
+"""
+
+
+def _goal(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The results section: settings, text tables, HTTP ceiling, images and the goals."""
+    machine = results["machine"]
+    text = results["text"]
+    settings = text["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    lines = [
+        f"Measured {results['generated_at']} on {machine['cpus']} CPU cores "
+        f"({machine['cpu']}), {machine['memory_gib']} GiB, no GPU; {machine['platform']}, "
+        f"Python {machine['python']}.",
+        f"Versions: {versions}.",
+        "",
+        f"Text engine settings, identical for all three: SmolLM2-135M-Instruct (bundled), "
+        f"{settings['dtype']}, eager, max_model_len {settings['max_model_len']}, "
+        f"max_num_seqs {settings['max_num_seqs']}, KV cache {settings['kv_cache_mb']} MiB. "
+        f"Load: {settings['max_tokens']} output tokens per request (`ignore_eos`, checked "
+        f"against the reported usage), closed loop, requests per level "
+        f"{settings['requests_per_level']}, {settings['runs']} interleaved runs "
+        "(fresh processes each), medians. TTFT and ITL in ms.",
+        "",
+        "![throughput and TTFT against concurrency](images/benchmark.png)",
+        "",
+        "### Text: fictures-ai serve against vllm serve",
+        "",
+        "| streams | ours tok/s | vllm serve tok/s | ratio | TTFT p50 ours / vllm | "
+        "ratio | TTFT p99 ours / vllm | ITL p50 ours / vllm | ITL p99 ours / vllm |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ours = text["targets"]["ours"]
+    theirs = text["targets"]["vllm_serve"]
+    raw = text["targets"]["raw_engine"]
+    for mine, other, row in zip(ours, theirs, text["vs_vllm_serve"], strict=True):
+        lines.append(
+            f"| {mine['concurrency']} | {mine['tokens_per_s']:.1f} | {other['tokens_per_s']:.1f} "
+            f"| {row['throughput_ratio']:.3f} | {mine['ttft_p50_ms']:.1f} / "
+            f"{other['ttft_p50_ms']:.1f} | {row['ttft_p50_ratio']:.3f} | "
+            f"{mine['ttft_p99_ms']:.1f} / {other['ttft_p99_ms']:.1f} | "
+            f"{mine['itl_p50_ms']:.2f} / {other['itl_p50_ms']:.2f} | "
+            f"{mine['itl_p99_ms']:.2f} / {other['itl_p99_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "### Text: fictures-ai serve against AsyncLLM in-process (no HTTP)",
+        "",
+        "| streams | ours tok/s | raw engine tok/s | throughput overhead | TTFT p50 ours / raw "
+        "| ITL p50 ours / raw |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mine, other, row in zip(ours, raw, text["vs_raw_engine"], strict=True):
+        lines.append(
+            f"| {mine['concurrency']} | {mine['tokens_per_s']:.1f} | {other['tokens_per_s']:.1f} "
+            f"| {row['overhead_pct']:+.1f}% | {mine['ttft_p50_ms']:.1f} / "
+            f"{other['ttft_p50_ms']:.1f} | {mine['itl_p50_ms']:.2f} / {other['itl_p50_ms']:.2f} |"
+        )
+    ceiling = text.get("http_ceiling")
+    if ceiling:
+        lines += [
+            "",
+            "### HTTP-layer ceiling (instant engine, 64 concurrent streams)",
+            "",
+            f"{ceiling['tokens_per_request']} one-token chunks per request, "
+            f"{ceiling['seconds_per_sample']} s per sample, median of the runs; load generator: "
+            f"{ceiling['load_generator']}.",
+            "",
+            "| server | streamed tokens/s | share of bare |",
+            "|---|---:|---:|",
+            f"| bare Starlette + uvicorn, same SSE bytes | {ceiling['bare_tokens_per_s']:.0f} "
+            "| 100% |",
+            f"| ours, `/v1/chat/completions` | {ceiling['tokens_per_s']:.0f} "
+            f"| {ceiling['ratio_vs_bare'] * 100:.0f}% |",
+            f"| ours, `/api/v1/text/stream` | {ceiling['fictures_stream_tokens_per_s']:.0f} "
+            f"| {ceiling['fictures_stream_ratio_vs_bare'] * 100:.0f}% |",
+        ]
+    images = results.get("images")
+    if images:
+        lines += [
+            "",
+            f"### Images ({images['width']}×{images['height']}, {images['steps']} steps, "
+            f"tiny pipeline, 1 torch thread, median of {images['repetitions']})",
+            "",
+            "| path | latency p50 (ms) |",
+            "|---|---:|",
+            f"| diffusers pipeline call (PIL image) | {images['pipeline_ms_p50']:.1f} |",
+            f"| `DiffusersImageEngine.generate` (PNG) | {images['engine_ms_p50']:.1f} |",
+            f"| `POST /api/v1/images/generate` | {images['server_ms_p50']:.1f} |",
+            "",
+            f"Request overhead: {images['overhead_vs_pipeline_pct']:+.1f}% against the pipeline "
+            f"call, {images['overhead_vs_engine_pct']:+.1f}% against the engine.",
+        ]
+    lines += ["", "### Goals", "", *goal_lines(results)]
+    return "\n".join(lines)
+
+
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    """One line per goal of issue 6, with the figure and whether it is met."""
+    text = results["text"]
+    rows = text["vs_vllm_serve"]
+    worst_tp = min(rows, key=lambda r: r["throughput_ratio"])
+    worst_ttft = max(rows, key=lambda r: r["ttft_p50_ratio"])
+    worst_raw = max(text["vs_raw_engine"], key=lambda r: r["overhead_pct"])
+    lines = [
+        f"- Throughput ≥ 1.0× vllm serve at every concurrency: lowest "
+        f"{worst_tp['throughput_ratio']:.3f} (c={worst_tp['concurrency']}) — "
+        f"{_goal(worst_tp['throughput_ratio'] >= 1.0)}.",
+        f"- TTFT p50 ≤ 1.1× vllm serve: highest {worst_ttft['ttft_p50_ratio']:.3f} "
+        f"(c={worst_ttft['concurrency']}) — {_goal(worst_ttft['ttft_p50_ratio'] <= 1.1)}.",
+        f"- Overhead against the raw engine ≤ 3%: highest {worst_raw['overhead_pct']:+.1f}% "
+        f"(c={worst_raw['concurrency']}) — {_goal(worst_raw['overhead_pct'] <= 3.0)}.",
+    ]
+    ceiling = text.get("http_ceiling")
+    if ceiling:
+        lines.append(
+            f"- Instant engine ≥ 20,000 tokens/s and ≥ 80% of the bare app: "
+            f"{ceiling['tokens_per_s']:.0f} tokens/s, {ceiling['ratio_vs_bare'] * 100:.0f}% — "
+            f"{_goal(ceiling['tokens_per_s'] >= 20000 and ceiling['ratio_vs_bare'] >= 0.8)}."
+        )
+    images = results.get("images")
+    if images:
+        overhead = images["overhead_vs_pipeline_pct"]
+        lines.append(f"- Image request overhead ≤ 5%: {overhead:+.1f}% — {_goal(overhead <= 5.0)}.")
+    return lines
+
+
+def write(results: dict[str, Any], path: Path) -> None:
+    """Replace the section between the markers of ``path`` (created when missing)."""
+    document = path.read_text() if path.exists() else TEMPLATE
+    if START not in document or END not in document:
+        document = document.rstrip("\n") + f"\n\n{START}\n{END}\n"
+    head, rest = document.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{tables(results)}\n{END}{tail}")
+
+
+def headline(results: dict[str, Any]) -> str:
+    """A short plain-text summary for the terminal."""
+    text = results.get("text", {})
+    lines = ["", "Summary:"]
+    for row in text.get("vs_vllm_serve", []):
+        lines.append(
+            f"  c={row['concurrency']:<3} vs vllm serve: throughput x{row['throughput_ratio']:.3f}"
+            f", TTFT p50 x{row['ttft_p50_ratio']:.3f}"
+        )
+    for row in text.get("vs_raw_engine", []):
+        lines.append(
+            f"  c={row['concurrency']:<3} vs raw engine: overhead {row['overhead_pct']:+.1f}%"
+        )
+    ceiling = text.get("http_ceiling")
+    if ceiling:
+        lines.append(
+            f"  HTTP ceiling: {ceiling['tokens_per_s']:.0f} tok/s, "
+            f"{ceiling['ratio_vs_bare'] * 100:.0f}% of bare"
+        )
+    if results.get("images"):
+        lines.append(f"  images: overhead {results['images']['overhead_vs_pipeline_pct']:+.1f}%")
+    return "\n".join(lines)
