@@ -33,17 +33,21 @@ class Services:
     )
 
 
-def get_services(request: Request) -> Services:
+# Async on purpose: FastAPI runs plain ``def`` dependencies in its thread pool, a thread hop per
+# request for what is an attribute lookup.
+async def get_services(request: Request) -> Services:
     """The app's services."""
     services: Services = request.app.state.services
     return services
 
 
-def get_text_service(request: Request) -> TextGenerationService:
+async def get_text_service(request: Request) -> TextGenerationService:
     """The text generation service."""
-    return get_services(request).text
+    services: Services = request.app.state.services
+    return services.text
 
 
-def get_image_service(request: Request) -> ImageGenerationService:
+async def get_image_service(request: Request) -> ImageGenerationService:
     """The image generation service."""
-    return get_services(request).image
+    services: Services = request.app.state.services
+    return services.image

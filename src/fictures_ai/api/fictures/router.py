@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -211,28 +212,37 @@ async def stream_text(
 async def _text_events(
     first: TextChunk, rest: AsyncGenerator[TextChunk, None], model: str
 ) -> AsyncIterator[bytes]:
-    parts: list[str] = []
+    # Per token only the texts are JSON-encoded; the rest of the event is precomputed. The
+    # cumulative ``text`` the contract asks for makes each event grow with the stream.
+    middle = b',"model":' + json.dumps(model).encode() + b',"tokens_used":'
+    text = ""
     tokens = 0
     chunk: TextChunk | None = first
     try:
         while chunk is not None:
-            parts.append(chunk.delta)
+            text += chunk.delta
             tokens = chunk.completion_tokens
-            event: dict[str, Any] = {
-                "text": "".join(parts),
-                "delta": chunk.delta,
-                "model": model,
-                "tokens_used": tokens,
-                "finish_reason": contract_finish_reason(chunk.finish_reason),
-                "done": chunk.finish_reason is not None,
-            }
-            yield sse_event(event)
+            finish = contract_finish_reason(chunk.finish_reason)
+            tail = (
+                b',"finish_reason":null,"done":false}\n\n'
+                if finish is None
+                else b',"finish_reason":"' + finish.encode() + b'","done":true}\n\n'
+            )
+            yield (
+                b'data: {"text":'
+                + json.dumps(text, ensure_ascii=False).encode()
+                + b',"delta":'
+                + json.dumps(chunk.delta, ensure_ascii=False).encode()
+                + middle
+                + str(tokens).encode()
+                + tail
+            )
             chunk = await anext(rest, None)
     except FicturesError as exc:
         logger.error("Text stream failed after it started: %s", exc.message, exc_info=exc)
         yield sse_event(
             {
-                "text": "".join(parts),
+                "text": text,
                 "delta": "",
                 "model": model,
                 "tokens_used": tokens,
