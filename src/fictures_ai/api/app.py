@@ -45,7 +45,7 @@ from fictures_ai.observability.tracing import build_tracer_provider
 from fictures_ai.services.api_keys import ApiKeyService, default_database_url
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
-from fictures_ai.services.model_loader import LoadState
+from fictures_ai.services.model_loader import LoadState, ModelLoadInfo
 from fictures_ai.services.rate_limit import create_rate_limiter
 from fictures_ai.services.text_generation import TextGenerationService
 
@@ -215,32 +215,28 @@ def _build_observability(
 
 
 def _engine_snapshots(services: Services) -> list[EngineSnapshot]:
-    states = [state.value for state in LoadState]
     text, image = services.text.info(), services.image.info()
     return [
-        EngineSnapshot(
-            engine="text",
-            model=text.name,
-            state=text.state.value,
-            states=states,
-            running=text.running,
-            waiting=None,  # vLLM queues inside its scheduler; those count as running
-            waiting_for_load=text.waiting_for_load,
-            load_seconds=text.load_seconds,
-            load_failures=text.load_failures,
-        ),
-        EngineSnapshot(
-            engine="image",
-            model=image.name,
-            state=image.state.value,
-            states=states,
-            running=image.running,
-            waiting=image.waiting,
-            waiting_for_load=image.waiting_for_load,
-            load_seconds=image.load_seconds,
-            load_failures=image.load_failures,
-        ),
+        # vLLM queues inside its scheduler: waiting text requests count as running.
+        _snapshot("text", text, name=text.name, running=text.running, waiting=None),
+        _snapshot("image", image, name=image.name, running=image.running, waiting=image.waiting),
     ]
+
+
+def _snapshot(
+    engine: str, info: ModelLoadInfo, *, name: str, running: int, waiting: int | None
+) -> EngineSnapshot:
+    return EngineSnapshot(
+        engine=engine,
+        model=name,
+        state=info.state.value,
+        states=[state.value for state in LoadState],
+        running=running,
+        waiting=waiting,
+        waiting_for_load=info.waiting_for_load,
+        load_seconds=info.load_seconds,
+        load_failures=info.load_failures,
+    )
 
 
 async def _shutdown_tracing(provider: TracerProvider | None) -> None:

@@ -32,7 +32,7 @@ from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceU
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
-from fictures_ai.services.model_loader import LazyModel, LoadState
+from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +45,16 @@ def random_seed() -> int:
     return secrets.randbelow(MAX_SEED) + 1
 
 
-@dataclass(frozen=True, slots=True)
-class ImageServiceInfo:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageServiceInfo(ModelLoadInfo):
     """What ``/health`` and the model listings say about the image model."""
 
     name: str
     device: str
     initialized: bool
-    state: LoadState
     notice: str | None
     waiting: int
     running: int
-    waiting_for_load: int = 0
-    load_seconds: float | None = None
-    load_failures: int = 0
-    last_error: str | None = None
-    """Why the model is not available, when its state is ``failed``."""
 
 
 class ImageGenerationService:
@@ -103,14 +97,10 @@ class ImageGenerationService:
             name=model.name if model else self._model.name,
             device=model.device if model else self._device,
             initialized=engine is not None,
-            state=self._model.state,
             notice=model.notice if model else self._notice,
             waiting=self._waiting,
             running=self._running,
-            waiting_for_load=lazy.waiting,
-            load_seconds=lazy.load_seconds,
-            load_failures=lazy.load_failures,
-            last_error=lazy.last_error,
+            **lazy.load_info(),
         )
 
     async def check_health(self) -> None:

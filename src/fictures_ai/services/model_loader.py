@@ -16,7 +16,8 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from fictures_ai.errors import FicturesError, ModelLoadError
 from fictures_ai.observability.tracing import child_span
@@ -40,6 +41,19 @@ class LoadState(enum.StrEnum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelLoadInfo:
+    """How a lazily loaded model stands; the services' info objects extend it."""
+
+    state: LoadState
+    waiting_for_load: int = 0
+    """Callers waiting for the load to finish now."""
+    load_seconds: float | None = None
+    load_failures: int = 0
+    last_error: str | None = None
+    """Why the model is not available, when its state is ``failed`` (or it is reloading)."""
+
+
 class LazyModel(Generic[EngineT]):
     """Holds one engine, loading it on first use with ``loader``."""
 
@@ -57,6 +71,18 @@ class LazyModel(Generic[EngineT]):
         self.load_failures = 0
         self.waiting = 0
         """Callers waiting for the load to finish now."""
+
+    def load_info(self) -> dict[str, Any]:
+        """The ``ModelLoadInfo`` fields as keywords, for the services' info objects."""
+        return asdict(
+            ModelLoadInfo(
+                state=self.state,
+                waiting_for_load=self.waiting,
+                load_seconds=self.load_seconds,
+                load_failures=self.load_failures,
+                last_error=self.last_error,
+            )
+        )
 
     @property
     def engine(self) -> EngineT | None:

@@ -190,6 +190,13 @@ def _budget(name: str, value: int | None) -> int:
     return value
 
 
+def _tokens_to_record(limits: _Triple, tokens: int) -> bool:
+    """Whether ``tokens`` must be charged: a positive count and a tokens budget in force."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return tokens > 0 and bool(limits[1])
+
+
 def _needs(limits: _Triple, images: int, check_tokens: bool | None) -> _Triple:
     """What must still fit in each budget for a request to be admitted (1 token: not spent)."""
     if images < 0:
@@ -386,9 +393,7 @@ class InMemoryRateLimiter:
 
     async def record_tokens(self, client: str, tokens: int) -> None:
         """See ``RateLimiter.record_tokens``; a no-op when tokens are unlimited."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if tokens == 0 or not self._limits[1]:
+        if not _tokens_to_record(self._limits, tokens):
             return
         entry, _ = self._touch(client)
         entry.curr[1] += tokens
@@ -573,9 +578,7 @@ class RedisRateLimiter:
 
     async def record_tokens(self, client: str, tokens: int) -> None:
         """See ``RateLimiter.record_tokens``; a no-op when tokens are unlimited."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if tokens == 0 or not self._limits[1]:
+        if not _tokens_to_record(self._limits, tokens):
             return
         # Needs of zero: the script checks nothing and always charges.
         await self._run(client, (0, 0, 0), (0, tokens, 0))

@@ -44,7 +44,7 @@ from fictures_ai.errors import (
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.observability.metrics import Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
-from fictures_ai.services.model_loader import LazyModel, LoadState
+from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +70,15 @@ class StructuredResult:
     is_valid: bool
 
 
-@dataclass(frozen=True, slots=True)
-class TextServiceInfo:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextServiceInfo(ModelLoadInfo):
     """What ``/health`` and the model listings say about the text model."""
 
     name: str
     max_model_len: int
     initialized: bool
-    state: LoadState
     running: int = 0
     """Requests handed to the engine and not finished (vLLM's own queue included)."""
-    waiting_for_load: int = 0
-    load_seconds: float | None = None
-    load_failures: int = 0
-    last_error: str | None = None
-    """Why the model is not available, when its state is ``failed``."""
 
 
 class TextGenerationService:
@@ -132,12 +126,8 @@ class TextGenerationService:
             name=self.model_name,
             max_model_len=max_len,
             initialized=engine is not None,
-            state=model.state,
             running=len(self._active_ids),
-            waiting_for_load=model.waiting,
-            load_seconds=model.load_seconds,
-            load_failures=model.load_failures,
-            last_error=model.last_error,
+            **model.load_info(),
         )
 
     async def check_health(self) -> None:
