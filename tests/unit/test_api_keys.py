@@ -82,6 +82,11 @@ def read_rows(database_url: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+def secret_of(key: str) -> str:
+    """The 43-character secret of ``fai_<prefix>_<secret>``; it may itself contain '_'."""
+    return key.split("_", 2)[2]
+
+
 def other_secret(key: str) -> str:
     """The same prefix with a different secret of the right shape."""
     last = "A" if key[-1] != "A" else "B"
@@ -131,7 +136,7 @@ class StoreContract:
         service.create("second", "stories:read")
 
         rows = read_rows(database_url)
-        secret = key.rsplit("_", 1)[1]
+        secret = secret_of(key)
         assert rows[0]["prefix"] == first.prefix
         assert rows[0]["hash"].startswith("$argon2id$")
         for row in rows:
@@ -157,7 +162,7 @@ class StoreContract:
         await service.verify(key)
 
         (row,) = read_rows(database_url)
-        secret = key.rsplit("_", 1)[1]
+        secret = secret_of(key)
         assert info.display_prefix in caplog.text
         assert "INSERT INTO api_keys" in caplog.text  # the statement log was on
         for forbidden in (secret, other_secret(key), row["hash"], row["hash"].split("$")[-1]):
@@ -377,7 +382,7 @@ class StoreContract:
         listed = run_cli_process("keys", "list", "--database-url", database_url)
         assert listed.returncode == 0, listed.stderr
         assert info.display_prefix in listed.stdout
-        assert key.rsplit("_", 1)[1] not in listed.stdout
+        assert secret_of(key) not in listed.stdout
 
         revoked = run_cli_process("keys", "revoke", "cli", "--database-url", database_url)
         assert revoked.returncode == 0, revoked.stderr
@@ -565,7 +570,7 @@ def test_cli_list_and_revoke(
     assert table[1].split()[-1].endswith("Z")  # revoked
     assert table[2].split()[:5] == ["2", "b", table[2].split()[2], "stories:write", "m"]
     assert table[2].split()[-1] == "-"
-    assert key.rsplit("_", 1)[1] not in "\n".join(table)
+    assert secret_of(key) not in "\n".join(table)
 
 
 @pytest.mark.parametrize(
