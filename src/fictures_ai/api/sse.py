@@ -1,15 +1,27 @@
-"""Server-sent events framing: the only place that writes ``data: ...`` lines."""
+"""Server-sent events: the ``data: ...`` framing and the response that writes the stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 """No caching, and no proxy buffering (nginx honours X-Accel-Buffering), so tokens flow."""
 
 DONE_EVENT = b"data: [DONE]\n\n"
+
+HIGH_WATER_BYTES = 64 * 1024
+"""Events a stream may hold unsent; past this its producer waits for the socket."""
+
+# Producers cancelled by a response that went away, kept until their clean-up has run
+# (asyncio keeps only weak references to tasks).
+_closing: set[asyncio.Task[None]] = set()
 
 
 def sse_response_doc(description: str) -> dict[int | str, Any]:
@@ -30,3 +42,94 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     """One event: ``data: {compact JSON}`` and a blank line."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + body.encode() + b"\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A server-sent events response that writes all the events that are ready in one send.
+
+    The events are made in a task of their own, which appends them to a buffer; the response
+    writes whatever the buffer holds each time it runs. When events come slower than the
+    socket takes them (an engine step per token), each goes out alone, one event-loop turn
+    after it was made. When they come faster (a fast engine, several choices interleaved, a
+    client that reads slowly), those that piled up leave in one write, instead of one write
+    and one trip through every ASGI layer each. The buffer holds at most
+    ``HIGH_WATER_BYTES``; past that the producer waits, so a slow client holds back its own
+    engine request rather than filling memory.
+
+    Closing the response early (client gone, cancelled) cancels the producer, which closes
+    the event iterator: the routes' iterators abort their engine requests when closed.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], status_code: int = 200) -> None:
+        # FastAPI reads the default ``status_code`` off this signature for the OpenAPI document.
+        super().__init__(events, status_code, SSE_HEADERS, SSE_MEDIA_TYPE)
+        self._events = events
+
+    async def stream_response(self, send: Send) -> None:
+        """Start the response, then write the buffered events until the producer ends."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        buffer = _EventBuffer(HIGH_WATER_BYTES)
+        producer = asyncio.ensure_future(buffer.fill(self._events))
+        try:
+            while (data := await buffer.take()) is not None:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            if not producer.done():
+                producer.cancel()
+                _closing.add(producer)
+                producer.add_done_callback(_closing.discard)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _EventBuffer:
+    """Events between the task that makes them and the response that writes them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._data_ready: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+
+    async def fill(self, source: AsyncIterator[bytes]) -> None:
+        """Append every event of ``source``; wait while the buffer is full."""
+        try:
+            async for part in source:
+                self._parts.append(part)
+                self._size += len(part)
+                _wake(self._data_ready)
+                if self._size >= self._limit:
+                    self._room = asyncio.get_running_loop().create_future()
+                    await self._room
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done = True
+            _wake(self._data_ready)
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def take(self) -> bytes | None:
+        """Everything buffered, in one piece, once there is some; ``None`` at the end."""
+        while not self._parts:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return None
+            self._data_ready = asyncio.get_running_loop().create_future()
+            await self._data_ready
+        data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+        self._parts.clear()
+        self._size = 0
+        _wake(self._room)
+        return data
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

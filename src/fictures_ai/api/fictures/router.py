@@ -10,7 +10,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from fictures_ai import __version__
 from fictures_ai.api.auth import require_scope
@@ -47,8 +46,7 @@ from fictures_ai.api.fictures.protocol import (
 from fictures_ai.api.health import ObservabilityDep
 from fictures_ai.api.sse import (
     DONE_EVENT,
-    SSE_HEADERS,
-    SSE_MEDIA_TYPE,
+    EventStreamResponse,
     sse_event,
     sse_response_doc,
 )
@@ -181,14 +179,14 @@ async def generate_text(
     "/text/stream",
     dependencies=text_access,
     tags=["text"],
-    response_class=StreamingResponse,
+    response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `data: TextStreamResponse` (JSON), then `data: [DONE]`."
     ),
 )
 async def stream_text(
     body: TextGenerationRequest, service: TextService, services: ServicesDep
-) -> StreamingResponse:
+) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
     chunks = service.stream(
         body.to_prompt(services.settings.text_prompt_format),
@@ -202,11 +200,7 @@ async def stream_text(
     except BaseException:
         await chunks.aclose()
         raise
-    return StreamingResponse(
-        _text_events(first, chunks, service.model_name),
-        media_type=SSE_MEDIA_TYPE,
-        headers=SSE_HEADERS,
-    )
+    return EventStreamResponse(_text_events(first, chunks, service.model_name))
 
 
 async def _text_events(
@@ -317,17 +311,15 @@ async def generate_image(
     "/images/stream",
     dependencies=image_access,
     tags=["images"],
-    response_class=StreamingResponse,
+    response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `{step, total_steps, done: false}` (JSON) after each denoising "
         "step, then the image response with `done: true`, then `data: [DONE]`."
     ),
 )
-async def stream_image(body: ImageGenerationRequest, service: ImageService) -> StreamingResponse:
+async def stream_image(body: ImageGenerationRequest, service: ImageService) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
-    return StreamingResponse(
-        _image_events(service, body), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS
-    )
+    return EventStreamResponse(_image_events(service, body))
 
 
 async def _image_events(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from fictures_ai.api.auth import require_scope
 from fictures_ai.api.dependencies import (
@@ -51,7 +51,7 @@ from fictures_ai.api.openai.protocol import (
     TopLogprob,
     Usage,
 )
-from fictures_ai.api.sse import DONE_EVENT, SSE_HEADERS, SSE_MEDIA_TYPE
+from fictures_ai.api.sse import DONE_EVENT, EventStreamResponse
 from fictures_ai.engines.base import (
     GeneratedImage,
     PromptFormat,
@@ -305,18 +305,14 @@ async def _stream_response(
     count: int,
     *,
     prompts: int = 1,
-) -> StreamingResponse:
+) -> EventStreamResponse:
     # Errors before the first token (bad request, model not loadable) keep their status code.
     try:
         first = await anext(streams)
     except BaseException:
         await streams.aclose()
         raise
-    return StreamingResponse(
-        _events(first, streams, encoder, count, prompts),
-        media_type=SSE_MEDIA_TYPE,
-        headers=SSE_HEADERS,
-    )
+    return EventStreamResponse(_events(first, streams, encoder, count, prompts))
 
 
 async def _events(
