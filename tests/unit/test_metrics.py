@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
 from fictures_ai.errors import ModelLoadError
-from fictures_ai.observability.metrics import RequestWindow
+from fictures_ai.observability.metrics import ITL_BUCKETS, BulkHistogram, RequestWindow
 from tests.unit.conftest import make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
@@ -293,3 +295,29 @@ def test_the_engine_states_in_metrics_are_the_loader_states() -> None:
         for _, labels, _ in (sample[:3] for sample in family.samples)
     }
     assert states == {"not_loaded", "loading", "ready", "failed"}
+
+
+def test_a_bulk_histogram_scrapes_like_a_histogram_fed_one_value_at_a_time() -> None:
+    plain_registry, bulk_registry = CollectorRegistry(), CollectorRegistry()
+    plain = Histogram(
+        "gap_seconds", "Gaps.", ["model"], buckets=ITL_BUCKETS, registry=plain_registry
+    )
+    bulk = BulkHistogram(
+        "gap_seconds", "Gaps.", ["model"], buckets=ITL_BUCKETS, registry=bulk_registry
+    )
+    tally = bulk.labels("m").tally()
+    for gap, times in [(0.0004, 1), (0.001, 2), (0.0011, 1), (0.02, 3), (0.5, 1), (7.0, 2)]:
+        tally.observe(gap, times)
+        for _ in range(times):
+            plain.labels("m").observe(gap)
+    bulk.labels("m").add(tally)
+
+    def scraped(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            key: number
+            for key, number in samples(generate_latest(registry).decode()).items()
+            if not key[0].endswith("_created")
+        }
+
+    assert scraped(bulk_registry) == pytest.approx(scraped(plain_registry))
+    assert value(generate_latest(bulk_registry).decode(), "gap_seconds_count", model="m") == 10

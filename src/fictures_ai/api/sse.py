@@ -16,6 +16,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
+encode_json_string = json.JSONEncoder(ensure_ascii=False).encode
+"""``json.dumps(text, ensure_ascii=False)`` without building an encoder per call (per token)."""
+
 HIGH_WATER_BYTES = 64 * 1024
 """Events a stream may hold unsent; past this its producer waits for the socket."""
 

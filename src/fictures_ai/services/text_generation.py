@@ -42,7 +42,7 @@ from fictures_ai.errors import (
     ServiceUnavailableError,
 )
 from fictures_ai.observability.context import RequestContext, current_request
-from fictures_ai.observability.metrics import Metrics, TextMetrics
+from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
 from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo
 
@@ -207,6 +207,8 @@ class TextGenerationService:
         last: TextChunk | None = None
         last_time = started
         tokens = 0
+        # Inter-token gaps are counted here and reach the histogram once, when the stream ends.
+        gaps = metrics.inter_token_latency.tally() if metrics is not None else None
         outcome: str | None = None
         error: BaseException | None = None
         timed_out = False
@@ -226,15 +228,15 @@ class TextGenerationService:
             async for chunk in engine.generate(prompt, params, request_id=engine_id):
                 if timed_out:
                     raise GenerationTimeoutError(timeout_s=self._timeout_s or 0)
-                if metrics is not None:
+                if metrics is not None and gaps is not None:
                     now = time.perf_counter()
+                    produced = chunk.completion_tokens - tokens
                     if last is None:
                         metrics.time_to_first_token.observe(now - started)
-                    elif chunk.completion_tokens > tokens:
+                    elif produced > 0:
                         # A chunk may carry several tokens (the consumer was slower than the
-                        # engine): spread the gap over them.
-                        gap = (now - last_time) / (chunk.completion_tokens - tokens)
-                        metrics.inter_token_latency.observe(gap)
+                        # engine): each gets its share of the gap.
+                        gaps.observe((now - last_time) / produced, produced)
                     last_time = now
                     tokens = chunk.completion_tokens
                 last = chunk
@@ -262,7 +264,7 @@ class TextGenerationService:
             if outcome is None:
                 # Closed after the last chunk counts as finished; before it, as aborted.
                 outcome = last.finish_reason if last is not None and last.finish_reason else "abort"
-            self._finish(request, last, outcome, span, error)
+            self._finish(request, last, gaps, outcome, span, error)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -273,6 +275,7 @@ class TextGenerationService:
         self,
         request: RequestContext | None,
         last: TextChunk | None,
+        gaps: HistogramTally | None,
         outcome: str,
         span: Span | None,
         error: BaseException | None,
@@ -289,6 +292,8 @@ class TextGenerationService:
             metrics.prompt_tokens.inc(prompt_tokens)
             metrics.generation_tokens.inc(completion_tokens)
             metrics.finished[outcome].inc()
+            if gaps is not None:
+                metrics.inter_token_latency.add(gaps)
         if request is not None and last is not None:
             request.add_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         if span is not None:

@@ -47,6 +47,7 @@ from fictures_ai.api.health import ObservabilityDep
 from fictures_ai.api.sse import (
     DONE_EVENT,
     EventStreamResponse,
+    encode_json_string,
     sse_event,
     sse_response_doc,
 )
@@ -203,48 +204,67 @@ async def stream_text(
     return EventStreamResponse(_text_events(first, chunks, service.model_name))
 
 
+class _TextEventEncoder:
+    """Writes the events of one ``/text/stream`` response and keeps the text so far.
+
+    Per token only the texts are JSON-encoded; the rest of the event is precomputed. The
+    cumulative ``text`` the contract asks for makes each event grow with the stream.
+    """
+
+    _NOT_DONE = b',"finish_reason":null,"done":false}\n\n'
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.text = ""
+        self.tokens = 0
+        self._middle = b',"model":' + json.dumps(model).encode() + b',"tokens_used":'
+
+    def event(self, chunk: TextChunk) -> bytes:
+        """The event of one engine chunk."""
+        self.text += chunk.delta
+        self.tokens = chunk.completion_tokens
+        finish = contract_finish_reason(chunk.finish_reason)
+        tail = (
+            self._NOT_DONE
+            if finish is None
+            else b',"finish_reason":"' + finish.encode() + b'","done":true}\n\n'
+        )
+        return (
+            b'data: {"text":'
+            + encode_json_string(self.text).encode()
+            + b',"delta":'
+            + encode_json_string(chunk.delta).encode()
+            + self._middle
+            + str(self.tokens).encode()
+            + tail
+        )
+
+    def error_event(self, message: str) -> bytes:
+        """The last event of a stream that failed after it started."""
+        return sse_event(
+            {
+                "text": self.text,
+                "delta": "",
+                "model": self.model,
+                "tokens_used": self.tokens,
+                "finish_reason": "error",
+                "done": True,
+                "error": message,
+            }
+        )
+
+
 async def _text_events(
     first: TextChunk, rest: AsyncGenerator[TextChunk, None], model: str
 ) -> AsyncIterator[bytes]:
-    # Per token only the texts are JSON-encoded; the rest of the event is precomputed. The
-    # cumulative ``text`` the contract asks for makes each event grow with the stream.
-    middle = b',"model":' + json.dumps(model).encode() + b',"tokens_used":'
-    text = ""
-    tokens = 0
-    chunk: TextChunk | None = first
+    encoder = _TextEventEncoder(model)
     try:
-        while chunk is not None:
-            text += chunk.delta
-            tokens = chunk.completion_tokens
-            finish = contract_finish_reason(chunk.finish_reason)
-            tail = (
-                b',"finish_reason":null,"done":false}\n\n'
-                if finish is None
-                else b',"finish_reason":"' + finish.encode() + b'","done":true}\n\n'
-            )
-            yield (
-                b'data: {"text":'
-                + json.dumps(text, ensure_ascii=False).encode()
-                + b',"delta":'
-                + json.dumps(chunk.delta, ensure_ascii=False).encode()
-                + middle
-                + str(tokens).encode()
-                + tail
-            )
-            chunk = await anext(rest, None)
+        yield encoder.event(first)
+        async for chunk in rest:
+            yield encoder.event(chunk)
     except FicturesError as exc:
         logger.error("Text stream failed after it started: %s", exc.message, exc_info=exc)
-        yield sse_event(
-            {
-                "text": text,
-                "delta": "",
-                "model": model,
-                "tokens_used": tokens,
-                "finish_reason": "error",
-                "done": True,
-                "error": exc.message,
-            }
-        )
+        yield encoder.error_event(exc.message)
     finally:
         # Closing the service stream aborts the engine request when the client went away.
         await rest.aclose()

@@ -51,7 +51,7 @@ from fictures_ai.api.openai.protocol import (
     TopLogprob,
     Usage,
 )
-from fictures_ai.api.sse import DONE_EVENT, EventStreamResponse
+from fictures_ai.api.sse import DONE_EVENT, EventStreamResponse, encode_json_string
 from fictures_ai.engines.base import (
     GeneratedImage,
     PromptFormat,
@@ -126,15 +126,26 @@ def _finish_reason(chunk: TextChunk) -> OpenAIFinishReason | None:
     return "stop" if chunk.finish_reason == "stop" else "length"
 
 
-def _usage(choices: list[_Choice], prompts: int) -> Usage:
-    # Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
-    per_prompt = len(choices) // prompts
-    prompt_tokens = sum(choices[i * per_prompt].prompt_tokens for i in range(prompts))
-    completion_tokens = sum(choice.completion_tokens for choice in choices)
+def _usage(prompt_tokens: list[int], completion_tokens: list[int], prompts: int) -> Usage:
+    """Usage of a request from its choices' token counts, in choice order.
+
+    Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
+    """
+    per_prompt = len(prompt_tokens) // prompts
+    prompt_total = sum(prompt_tokens[i * per_prompt] for i in range(prompts))
+    completion_total = sum(completion_tokens)
     return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens=prompt_total,
+        completion_tokens=completion_total,
+        total_tokens=prompt_total + completion_total,
+    )
+
+
+def _choices_usage(choices: list[_Choice], prompts: int) -> Usage:
+    return _usage(
+        [choice.prompt_tokens for choice in choices],
+        [choice.completion_tokens for choice in choices],
+        prompts,
     )
 
 
@@ -204,8 +215,10 @@ async def create_chat_completion(
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     if body.stream:
-        encoder = _ChunkEncoder(request_id, model, chat=True, usage=body.include_usage)
-        return await _stream_response(streams, encoder, len(params))
+        encoder = _ChunkEncoder(
+            request_id, model, chat=True, usage=body.include_usage, count=len(params)
+        )
+        return await _stream_response(streams, encoder)
     choices = await cancel_on_disconnect(request, _collect(streams, len(params)))
     return ChatCompletionResponse(
         id=request_id,
@@ -220,7 +233,7 @@ async def create_chat_completion(
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_usage(choices, 1),
+        usage=_choices_usage(choices, 1),
     )
 
 
@@ -234,8 +247,10 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
     streams = _open_streams(service, prompts, params, request_id)
     count = len(prompts) * len(params)
     if body.stream:
-        encoder = _ChunkEncoder(request_id, model, chat=False, usage=body.include_usage)
-        return await _stream_response(streams, encoder, count, prompts=len(prompts))
+        encoder = _ChunkEncoder(
+            request_id, model, chat=False, usage=body.include_usage, count=count
+        )
+        return await _stream_response(streams, encoder, prompts=len(prompts))
     choices = await cancel_on_disconnect(request, _collect(streams, count))
     return CompletionResponse(
         id=request_id,
@@ -252,14 +267,17 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_usage(choices, len(prompts)),
+        usage=_choices_usage(choices, len(prompts)),
     )
 
 
 class _ChunkEncoder:
-    """Writes the SSE events of one streamed completion from precomputed JSON pieces."""
+    """Writes the SSE events of one streamed completion from precomputed JSON pieces.
 
-    def __init__(self, request_id: str, model: str, *, chat: bool, usage: bool) -> None:
+    It also keeps each choice's token counts, for the usage chunk at the end.
+    """
+
+    def __init__(self, request_id: str, model: str, *, chat: bool, usage: bool, count: int) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         self._head = (
             f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
@@ -268,11 +286,15 @@ class _ChunkEncoder:
         self._tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
         self.chat = chat
         self.usage = usage
-        self._started: set[int] = set()
+        self._started = [False] * count
+        self._prompt_tokens = [0] * count
+        self._completion_tokens = [0] * count
 
     def chunk(self, index: int, chunk: TextChunk) -> bytes:
         """One event for one engine chunk of choice ``index`` (log-probs when it has them)."""
-        text = json.dumps(chunk.delta, ensure_ascii=False)
+        self._prompt_tokens[index] = chunk.prompt_tokens
+        self._completion_tokens[index] = chunk.completion_tokens
+        text = encode_json_string(chunk.delta)
         finish = _finish_reason(chunk)
         finish_json = "null" if finish is None else f'"{finish}"'
         logprobs_json = "null"
@@ -281,8 +303,11 @@ class _ChunkEncoder:
             model = _chat_logprobs(entries) if self.chat else _completion_logprobs(entries)
             logprobs_json = model.model_dump_json()
         if self.chat:
-            role = '"role":"assistant",' if index not in self._started else ""
-            self._started.add(index)
+            if self._started[index]:
+                role = ""
+            else:
+                role = '"role":"assistant",'
+                self._started[index] = True
             choice = (
                 f'{{"index":{index},"delta":{{{role}"content":{text}}},'
                 f'"logprobs":{logprobs_json},"finish_reason":{finish_json}}}'
@@ -294,15 +319,15 @@ class _ChunkEncoder:
             )
         return self._head + choice.encode() + self._tail
 
-    def usage_chunk(self, usage: Usage) -> bytes:
+    def usage_chunk(self, prompts: int) -> bytes:
         """The last chunk when usage was asked for: no choices, the request's token counts."""
+        usage = _usage(self._prompt_tokens, self._completion_tokens, prompts)
         return self._head + b'],"usage":' + usage.model_dump_json().encode() + b"}\n\n"
 
 
 async def _stream_response(
     streams: AsyncGenerator[tuple[int, TextChunk], None],
     encoder: _ChunkEncoder,
-    count: int,
     *,
     prompts: int = 1,
 ) -> EventStreamResponse:
@@ -312,26 +337,21 @@ async def _stream_response(
     except BaseException:
         await streams.aclose()
         raise
-    return EventStreamResponse(_events(first, streams, encoder, count, prompts))
+    return EventStreamResponse(_events(first, streams, encoder, prompts))
 
 
 async def _events(
     first: tuple[int, TextChunk],
     rest: AsyncGenerator[tuple[int, TextChunk], None],
     encoder: _ChunkEncoder,
-    count: int,
     prompts: int,
 ) -> AsyncIterator[bytes]:
-    choices = [_Choice() for _ in range(count)]
-    item: tuple[int, TextChunk] | None = first
     try:
-        while item is not None:
-            index, chunk = item
-            choices[index].add(chunk)
+        yield encoder.chunk(*first)
+        async for index, chunk in rest:
             yield encoder.chunk(index, chunk)
-            item = await anext(rest, None)
         if encoder.usage:
-            yield encoder.usage_chunk(_usage(choices, prompts))
+            yield encoder.usage_chunk(prompts)
     except FicturesError as exc:
         logger.error("Stream failed after it started: %s", exc.message, exc_info=exc)
         yield b"data: " + json.dumps(error_body(exc.message, 500)).encode() + b"\n\n"
