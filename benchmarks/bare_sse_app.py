@@ -1,9 +1,11 @@
-"""A bare Starlette app that streams the same SSE bytes as our chat completions route.
+"""A bare Starlette app that streams the same SSE bytes as our two streaming text routes.
 
-The reference for the HTTP-layer ceiling: no middleware, no validation, no services. Each
-event is the chunk JSON shape of ``/v1/chat/completions`` (``stream: true``), precomputed
-once; the route only reads ``max_tokens`` from the body and writes that many events, then
-``data: [DONE]``. Whatever our app streams below this app's rate is our own overhead.
+The reference for the HTTP-layer ceiling: no middleware, no validation, no services, one
+``send`` per event. ``/v1/chat/completions`` writes the chunk JSON shape of OpenAI's
+``stream: true`` (precomputed once); ``/api/v1/text/stream`` writes the Fictures contract's
+events, whose cumulative ``text`` grows with every token. Each route only reads
+``max_tokens`` from the body and writes that many events, then ``data: [DONE]``. Whatever our
+app streams below this app's rate is our own overhead.
 """
 
 from __future__ import annotations
@@ -55,7 +57,35 @@ async def create_chat_completion(request: Request) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def stream_text(request: Request) -> StreamingResponse:
+    """Stream ``max_tokens`` Fictures events, each with the whole text so far."""
+    body = await request.json()
+    total = int(body.get("max_tokens") or 256)
+
+    async def events() -> AsyncIterator[bytes]:
+        text = ""
+        for produced in range(1, total + 1):
+            text += TOKEN
+            done = produced == total
+            payload = {
+                "text": text,
+                "delta": TOKEN,
+                "model": MODEL_NAME,
+                "tokens_used": produced,
+                "finish_reason": "length" if done else None,
+                "done": done,
+            }
+            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def create_bare_app() -> Starlette:
-    """The bare app: one streaming route."""
-    route = Route("/v1/chat/completions", create_chat_completion, methods=["POST"])
-    return Starlette(routes=[route])
+    """The bare app: the two streaming routes."""
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+            Route("/api/v1/text/stream", stream_text, methods=["POST"]),
+        ]
+    )
