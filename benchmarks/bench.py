@@ -373,8 +373,12 @@ def profile_ceiling(args: argparse.Namespace) -> dict[str, Any] | None:
         say("  py-spy is not installed: no profile")
         return None
     process, url = start_ceiling_server("fictures")
-    raw = PROFILE_DIR / "http_ceiling_profile.txt"
-    svg = PROFILE_DIR / "http_ceiling_profile.svg"
+    # Beside the results; a run writing elsewhere (--quick, --output) keeps its own profile.
+    stem = "http_ceiling_profile"
+    if args.output != RESULTS:
+        stem = f"{args.output.stem}_{stem}"
+    raw = args.output.parent / f"{stem}.txt"
+    svg = args.output.parent / f"{stem}.svg"
     seconds = max(4, int(args.ceiling_seconds))
     try:
         body = ceiling_body("chat", args.ceiling_tokens)
@@ -403,7 +407,9 @@ def profile_ceiling(args: argparse.Namespace) -> dict[str, Any] | None:
     finally:
         stop(process)
     summary = summarise_profile(raw)
-    summary["files"] = [str(raw.relative_to(ROOT)), str(svg.relative_to(ROOT))]
+    summary["files"] = [
+        str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path) for path in (raw, svg)
+    ]
     say(
         "  profile, top own time: "
         + ", ".join(f"{e['frame']} {e['pct']}%" for e in summary["top_self"][:5])
@@ -481,9 +487,12 @@ def main() -> None:
     if args.quick:
         args.runs, args.levels, args.max_tokens = 1, [1, 4], 16
         args.ceiling_seconds, args.image_repetitions = 2.0, 2
-    args.output = args.output or (RESULTS.with_name("quick.json") if args.quick else RESULTS)
+    args.output = (
+        args.output or (RESULTS.with_name("quick.json") if args.quick else RESULTS)
+    ).absolute()
     skip = set(filter(None, args.skip.split(",")))
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
 
     from fictures_ai.config import Settings
     from fictures_ai.engines.bundled_model import prepare_bundled_model
@@ -509,10 +518,9 @@ def main() -> None:
         say("images: server against the pipeline")
         results["images"] = image_benchmark(args)
     results["total_seconds"] = round(time.monotonic() - STARTED, 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     say(f"results written to {args.output}")
-    if not args.quick and "text" not in skip and "images" not in skip:
+    if args.output == RESULTS and "text" not in skip and "images" not in skip:
         plot.plot(results, ROOT / "docs" / "images" / "benchmark.png")
         report.write(results, ROOT / "docs" / "benchmarks.md")
         say("docs/benchmarks.md and docs/images/benchmark.png updated")
