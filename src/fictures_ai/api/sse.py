@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
@@ -21,9 +22,11 @@ encode_json_string = json.JSONEncoder(ensure_ascii=False).encode
 
 HIGH_WATER_BYTES = 64 * 1024
 """Events a stream may hold unsent; past this its producer waits for the socket."""
+CLEANUP_WAIT_S = 5.0
+"""How long a response that ends early waits for its cancelled producer to clean up."""
 
-# Producers cancelled by a response that went away, kept until their clean-up has run
-# (asyncio keeps only weak references to tasks).
+# Producers whose clean-up outlasted CLEANUP_WAIT_S, kept until it has run (asyncio keeps
+# only weak references to tasks).
 _closing: set[asyncio.Task[None]] = set()
 
 
@@ -60,7 +63,8 @@ class EventStreamResponse(StreamingResponse):
     engine request rather than filling memory.
 
     Closing the response early (client gone, cancelled) cancels the producer, which closes
-    the event iterator: the routes' iterators abort their engine requests when closed.
+    the event iterator (the routes' iterators abort their engine requests when closed), and
+    waits up to ``CLEANUP_WAIT_S`` for that to finish.
     """
 
     def __init__(self, events: AsyncIterator[bytes], status_code: int = 200) -> None:
@@ -81,8 +85,14 @@ class EventStreamResponse(StreamingResponse):
         finally:
             if not producer.done():
                 producer.cancel()
-                _closing.add(producer)
-                producer.add_done_callback(_closing.discard)
+                # Let its clean-up (engine abort, token counts) finish before the request
+                # ends, so that the access log and the token budget see it; shielded from the
+                # cancellation that may have brought us here, and bounded.
+                with anyio.move_on_after(CLEANUP_WAIT_S, shield=True):
+                    await asyncio.wait([producer])
+                if not producer.done():
+                    _closing.add(producer)
+                    producer.add_done_callback(_closing.discard)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
