@@ -114,15 +114,7 @@ class ImageGenerationService:
 
     async def supervise(self, interval_s: float) -> None:
         """Check the loaded pipeline every ``interval_s``; reload it when it stopped working."""
-        while True:
-            await asyncio.sleep(interval_s)
-            engine = self._model.engine
-            if engine is None:
-                continue
-            try:
-                await engine.check_health()
-            except ServiceUnavailableError as exc:
-                await self._model.restart(engine, exc.message)
+        await self._model.supervise(interval_s, broken=ServiceUnavailableError)
 
     async def initialize(self) -> None:
         """Load the pipeline now (used when models are preloaded at start-up)."""

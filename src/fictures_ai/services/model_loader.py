@@ -25,11 +25,13 @@ from fictures_ai.observability.tracing import child_span
 logger = logging.getLogger(__name__)
 
 
-class _Closable(Protocol):
+class _Engine(Protocol):
+    async def check_health(self) -> None: ...
+
     async def shutdown(self) -> None: ...
 
 
-EngineT = TypeVar("EngineT", bound=_Closable)
+EngineT = TypeVar("EngineT", bound=_Engine)
 
 
 class LoadState(enum.StrEnum):
@@ -149,6 +151,19 @@ class LazyModel(Generic[EngineT]):
         task = self._start_load()
         # The load logs its own failure; the next request retries it.
         task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def supervise(self, interval_s: float, *, broken: type[FicturesError]) -> None:
+        """Check the loaded engine every ``interval_s``; restart it when the check raises
+        ``broken`` (each service names the error that means its engine stopped working)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            engine = self._engine
+            if engine is None:
+                continue
+            try:
+                await engine.check_health()
+            except broken as exc:
+                await self.restart(engine, exc.message)
 
     async def discard(self, reason: str) -> None:
         """Drop a broken engine so that the next ``get`` loads a fresh one."""

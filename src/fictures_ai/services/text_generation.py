@@ -145,15 +145,7 @@ class TextGenerationService:
         A dead vLLM engine core (crashed, killed, out of memory) is noticed here even when no
         request is running, so the replacement is loading before the next request arrives.
         """
-        while True:
-            await asyncio.sleep(interval_s)
-            engine = self._model.engine
-            if engine is None:
-                continue
-            try:
-                await engine.check_health()
-            except EngineDeadError as exc:
-                await self._model.restart(engine, exc.message)
+        await self._model.supervise(interval_s, broken=EngineDeadError)
 
     async def initialize(self) -> None:
         """Load the model now (used when models are preloaded at start-up)."""
