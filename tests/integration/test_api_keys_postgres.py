@@ -16,7 +16,6 @@ import pwd
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -29,6 +28,7 @@ import pytest
 
 from fictures_ai.errors import ServiceUnavailableError
 from fictures_ai.services.api_keys import ApiKeyService
+from tests.support import free_port
 from tests.unit.test_api_keys import StoreContract
 
 pytestmark = pytest.mark.integration
@@ -81,13 +81,6 @@ def find_bin_dir() -> Path:
 
 def _major(name: str) -> int:
     return int(name) if name.isdecimal() else -1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def as_server_user(argv: list[str]) -> list[str]:

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +22,7 @@ import redis
 
 from fictures_ai.errors import ServiceUnavailableError
 from fictures_ai.services.rate_limit import Budget, RedisRateLimiter
+from tests.support import FakeClock, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -32,26 +32,6 @@ REDIS_PACKAGE_HINT = (
     "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
     "--no-install-recommends redis-server"
 )
-
-
-class FakeClock:
-    """Seconds that move only when told to; passed to the script as 'now'."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,15 +10,9 @@ import pytest
 import uvicorn
 
 from fictures_ai.api.app import create_app
+from tests.support import free_port
 from tests.unit.conftest import make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -33,7 +26,7 @@ async def slow_server(
 ) -> AsyncIterator[tuple[str, FakeTextEngine]]:
     engine = FakeTextEngine(reply=" ".join(["word"] * 500), token_delay=0.02)
     app = create_app(services=make_services(engine, image_engine=slow_image_engine))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )

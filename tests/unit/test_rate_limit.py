@@ -13,22 +13,10 @@ from fictures_ai.services.rate_limit import (
     RedisRateLimiter,
     create_rate_limiter,
 )
+from tests.support import FakeClock
 
 # A window starts at every multiple of 60 s; tests start at a known offset into one.
 WINDOW_START = 60_000.0
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def limiter(
