@@ -126,26 +126,15 @@ def _finish_reason(chunk: TextChunk) -> OpenAIFinishReason | None:
     return "stop" if chunk.finish_reason == "stop" else "length"
 
 
-def _usage(prompt_tokens: list[int], completion_tokens: list[int], prompts: int) -> Usage:
-    """Usage of a request from its choices' token counts, in choice order.
-
-    Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
-    """
-    per_prompt = len(prompt_tokens) // prompts
-    prompt_total = sum(prompt_tokens[i * per_prompt] for i in range(prompts))
-    completion_total = sum(completion_tokens)
+def _usage(choices: list[_Choice], prompts: int) -> Usage:
+    # Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
+    per_prompt = len(choices) // prompts
+    prompt_tokens = sum(choices[i * per_prompt].prompt_tokens for i in range(prompts))
+    completion_tokens = sum(choice.completion_tokens for choice in choices)
     return Usage(
-        prompt_tokens=prompt_total,
-        completion_tokens=completion_total,
-        total_tokens=prompt_total + completion_total,
-    )
-
-
-def _choices_usage(choices: list[_Choice], prompts: int) -> Usage:
-    return _usage(
-        [choice.prompt_tokens for choice in choices],
-        [choice.completion_tokens for choice in choices],
-        prompts,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
@@ -233,7 +222,7 @@ async def create_chat_completion(
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_choices_usage(choices, 1),
+        usage=_usage(choices, 1),
     )
 
 
@@ -267,14 +256,14 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_choices_usage(choices, len(prompts)),
+        usage=_usage(choices, len(prompts)),
     )
 
 
 class _ChunkEncoder:
     """Writes the SSE events of one streamed completion from precomputed JSON pieces.
 
-    It also keeps each choice's token counts, for the usage chunk at the end.
+    It also keeps each choice's token counts (not its text), for the usage chunk at the end.
     """
 
     def __init__(self, request_id: str, model: str, *, chat: bool, usage: bool, count: int) -> None:
@@ -287,13 +276,13 @@ class _ChunkEncoder:
         self.chat = chat
         self.usage = usage
         self._started = [False] * count
-        self._prompt_tokens = [0] * count
-        self._completion_tokens = [0] * count
+        self._choices = [_Choice() for _ in range(count)]
 
     def chunk(self, index: int, chunk: TextChunk) -> bytes:
         """One event for one engine chunk of choice ``index`` (log-probs when it has them)."""
-        self._prompt_tokens[index] = chunk.prompt_tokens
-        self._completion_tokens[index] = chunk.completion_tokens
+        counts = self._choices[index]
+        counts.prompt_tokens = chunk.prompt_tokens
+        counts.completion_tokens = chunk.completion_tokens
         text = encode_json_string(chunk.delta)
         finish = _finish_reason(chunk)
         finish_json = "null" if finish is None else f'"{finish}"'
@@ -321,7 +310,7 @@ class _ChunkEncoder:
 
     def usage_chunk(self, prompts: int) -> bytes:
         """The last chunk when usage was asked for: no choices, the request's token counts."""
-        usage = _usage(self._prompt_tokens, self._completion_tokens, prompts)
+        usage = _usage(self._choices, prompts)
         return self._head + b'],"usage":' + usage.model_dump_json().encode() + b"}\n\n"
 
 
