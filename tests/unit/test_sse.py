@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 from starlette.requests import ClientDisconnect
@@ -46,7 +46,7 @@ def event(number: int) -> bytes:
 
 
 async def test_events_made_without_waiting_leave_in_one_write() -> None:
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         for number in range(100):
             yield event(number)
 
@@ -64,7 +64,7 @@ async def test_events_that_come_one_at_a_time_go_out_one_at_a_time() -> None:
     written_before: list[int] = []
     send = Recorder()
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         for number in range(5):
             written_before.append(len(send.bodies))
             yield event(number)
@@ -81,7 +81,7 @@ async def test_a_full_buffer_holds_the_producer_back(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sse, "HIGH_WATER_BYTES", 3 * len(event(0)))
     made = 0
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         nonlocal made
         for number in range(10):
             made += 1
@@ -106,7 +106,7 @@ async def test_a_full_buffer_holds_the_producer_back(monkeypatch: pytest.MonkeyP
 async def test_a_client_that_goes_away_closes_the_event_source() -> None:
     closed = asyncio.Event()
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             for number in range(1000):
                 yield event(number)
@@ -127,7 +127,7 @@ async def test_a_cancelled_response_closes_a_source_waiting_for_room(
     closed = asyncio.Event()
     send_blocked = asyncio.Event()
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             for number in range(1000):
                 yield event(number)
@@ -153,7 +153,7 @@ async def test_a_cancelled_response_closes_a_source_waiting_for_room(
 
 
 async def test_an_error_in_the_source_is_raised_after_the_events_before_it() -> None:
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         yield event(0)
         yield event(1)
         raise RuntimeError("broken source")

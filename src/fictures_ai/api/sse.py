@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -67,7 +67,7 @@ class EventStreamResponse(StreamingResponse):
     waits up to ``CLEANUP_WAIT_S`` for that to finish.
     """
 
-    def __init__(self, events: AsyncIterator[bytes], status_code: int = 200) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None], status_code: int = 200) -> None:
         # FastAPI reads the default ``status_code`` off this signature for the OpenAPI document.
         super().__init__(events, status_code, SSE_HEADERS, SSE_MEDIA_TYPE)
         self._events = events
@@ -108,7 +108,7 @@ class _EventBuffer:
         self._data_ready: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
 
-    async def fill(self, source: AsyncIterator[bytes]) -> None:
+    async def fill(self, source: AsyncGenerator[bytes, None]) -> None:
         """Append every event of ``source``; wait while the buffer is full."""
         try:
             async for part in source:
@@ -123,9 +123,7 @@ class _EventBuffer:
         finally:
             self._done = True
             _wake(self._data_ready)
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await source.aclose()
 
     async def take(self) -> bytes | None:
         """Everything buffered, in one piece, once there is some; ``None`` at the end."""

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -256,7 +256,7 @@ class _TextEventEncoder:
 
 async def _text_events(
     first: TextChunk, rest: AsyncGenerator[TextChunk, None], model: str
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     encoder = _TextEventEncoder(model)
     try:
         yield encoder.event(first)
@@ -344,7 +344,7 @@ async def stream_image(body: ImageGenerationRequest, service: ImageService) -> E
 
 async def _image_events(
     service: ImageGenerationService, body: ImageGenerationRequest
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     loop = asyncio.get_running_loop()
     steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -334,7 +334,7 @@ async def _events(
     rest: AsyncGenerator[tuple[int, TextChunk], None],
     encoder: _ChunkEncoder,
     prompts: int,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     try:
         yield encoder.chunk(*first)
         async for index, chunk in rest:
