@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# The private PostgreSQL server fixture, for the integration and end-to-end tests that use it.
+pytest_plugins = ["tests.postgres"]
+
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Report how many generated cases the schemathesis run sent, when it ran."""

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from platformdirs import user_cache_dir
 from pydantic import Field, field_validator, model_validator
@@ -27,7 +28,9 @@ LogFormat = Literal["json", "text"]
 ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
 CpuOffload = Literal["none", "model", "sequential"]
 
-SECRET_MARKERS = ("key", "secret", "password", "token")
+GenerationMode = Literal["all", "text", "image"]
+ApiKeyStoreKind = Literal["local", "fictures"]
+StructuredOutputsBackend = Literal["xgrammar", "guidance", "auto"]
 
 
 class Settings(BaseSettings):
@@ -61,6 +64,13 @@ class Settings(BaseSettings):
     health_window_s: int = Field(
         300, ge=1, description="Seconds of recent requests behind /health's latency and errors."
     )
+    generation_mode: GenerationMode = Field(
+        "all",
+        description=(
+            "What this server generates: all, or only text or only images (the other half's "
+            "routes are not mounted and its model is never loaded)."
+        ),
+    )
     preload_models: bool = Field(
         False,
         description="Load the models at start-up instead of on the first request (lazy).",
@@ -78,8 +88,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None,
         description=(
-            "Key store (SQLAlchemy URL, e.g. postgresql://user:pw@host/db); unset: an SQLite "
-            "file in the user data folder."
+            "The server's own database, for its keys (SQLAlchemy URL, e.g. "
+            "postgresql://user:pw@host/db); unset: an SQLite file in the user data folder."
+        ),
+    )
+    api_key_store: ApiKeyStoreKind = Field(
+        "local",
+        description=(
+            "Where keys come from: local (the server's own, fai_...) or fictures (also the "
+            "web app's fic_... keys, from FICTURES_DATABASE_URL)."
+        ),
+    )
+    fictures_database_url: str | None = Field(
+        None,
+        description=(
+            "The Fictures web app's PostgreSQL, whose api_keys table is read with "
+            "API_KEY_STORE=fictures (never written, but for last_used_at)."
         ),
     )
     api_key_cache_s: float = Field(
@@ -159,6 +183,20 @@ class Settings(BaseSettings):
     vllm_cpu_kv_cache_mb: int = Field(
         512, ge=16, description="KV-cache size in MiB when vLLM runs on the CPU."
     )
+    vllm_structured_outputs_backend: StructuredOutputsBackend = Field(
+        "xgrammar",
+        description=(
+            "Library that constrains JSON, regex, choice and grammar output (auto: vLLM "
+            "picks per request, but cannot keep JSON compact)."
+        ),
+    )
+    vllm_disable_any_whitespace: bool = Field(
+        True,
+        description=(
+            "Constrained JSON is compact: no free whitespace between its tokens, so a small "
+            "model cannot run on in newlines (xgrammar and guidance only)."
+        ),
+    )
 
     # Image generation (diffusers)
     image_model_name: str | None = Field(
@@ -219,19 +257,54 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_key_store(self) -> Settings:
+        if self.api_key_store == "fictures" and not self.fictures_database_url:
+            raise ValueError(
+                "API_KEY_STORE=fictures needs FICTURES_DATABASE_URL, the URL of the Fictures "
+                "web app's PostgreSQL (e.g. postgresql://user:password@host/fictures)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_structured_outputs(self) -> Settings:
+        if self.vllm_disable_any_whitespace and self.vllm_structured_outputs_backend == "auto":
+            raise ValueError(
+                "VLLM_DISABLE_ANY_WHITESPACE=true needs VLLM_STRUCTURED_OUTPUTS_BACKEND=xgrammar "
+                "or guidance (vLLM cannot keep JSON compact when it picks the backend itself)"
+            )
+        return self
+
+    @property
+    def serves_text(self) -> bool:
+        """Whether this server generates text (GENERATION_MODE all or text)."""
+        return self.generation_mode != "image"
+
+    @property
+    def serves_images(self) -> bool:
+        """Whether this server generates images (GENERATION_MODE all or image)."""
+        return self.generation_mode != "text"
+
     @property
     def cors_origins_list(self) -> list[str]:
         """The CORS origins as a list."""
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def non_default_items(self) -> dict[str, Any]:
-        """The settings that differ from their defaults, with secrets masked."""
+        """The settings that differ from their defaults, passwords in URLs masked."""
         changed: dict[str, Any] = {}
         for name, info in type(self).model_fields.items():
             value = getattr(self, name)
             if value == info.get_default(call_default_factory=True):
                 continue
-            if any(marker in name for marker in SECRET_MARKERS) and value:
-                value = "***"
-            changed[name] = value
+            changed[name] = mask_password(value) if isinstance(value, str) else value
         return changed
+
+
+def mask_password(value: str) -> str:
+    """``value`` with the password of a URL in it replaced by ``***`` (other text unchanged)."""
+    parts = urlsplit(value)
+    if "://" not in value or parts.password is None:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -43,14 +43,27 @@ class InvalidRequestError(FicturesError):
 
 
 class ContextLengthExceededError(InvalidRequestError):
-    """The prompt plus the requested output do not fit the model's context window."""
+    """The prompt plus the requested output do not fit the model's context window.
 
-    def __init__(self, *, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    ``max_tokens`` is None when the prompt alone leaves no room for a single output token.
+    """
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+        if max_tokens is None:
+            message = (
+                f"The prompt has {prompt_tokens} tokens, but this model's context is "
+                f"{max_model_len} tokens for prompt and output together: the prompt does not "
+                "fit even without output. Shorten the prompt."
+            )
+        else:
+            message = (
+                f"This model's context is {max_model_len} tokens, but the prompt has "
+                f"{prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
+                f"({prompt_tokens + max_tokens} in all). Shorten the prompt or lower max_tokens."
+            )
         super().__init__(
-            f"This model's context is {max_model_len} tokens, but the prompt has "
-            f"{prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
-            f"({prompt_tokens + max_tokens} in all). Shorten the prompt or lower max_tokens.",
-            param="max_tokens",
+            message,
+            param="prompt" if max_tokens is None else "max_tokens",
             value=max_tokens,
         )
         self.prompt_tokens = prompt_tokens

@@ -1,30 +1,37 @@
-"""``fictures-ai keys``: create, list and revoke the API keys of the server.
+"""``fictures-ai keys``: create, list and revoke the server's own API keys; check any key.
 
 ``keys create`` prints what it made and then the key alone on the last line of stdout, so that
 scripts can take it with ``tail -n 1``; the key is never shown again. Every subcommand works on
 ``--database-url``, else ``DATABASE_URL``, else the SQLite file in the user data dir.
 
-Exit codes: 0 done, 1 the database failed, 2 bad input (message on stderr).
+``keys check KEY`` asks the stores the server would ask (the web app's too, with
+``API_KEY_STORE=fictures`` or ``--fictures-database-url``) and says which one accepts the key,
+with what scopes, or why it is refused. It changes nothing, not even when the key was last used.
+
+Exit codes: 0 done (the key is accepted), 1 a database failed, 2 bad input (message on
+stderr), 3 the key is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from fictures_ai.errors import InvalidRequestError
-from fictures_ai.services.api_keys import (
-    VALID_SCOPES,
-    ApiKeyInfo,
-    ApiKeyService,
-    default_database_url,
-)
+from fictures_ai.config import Settings
+from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
+from fictures_ai.services.api_keys import ApiKeyService
+from fictures_ai.services.database import default_database_url
+from fictures_ai.services.key_store import VALID_SCOPES, ApiKeyInfo
+from fictures_ai.services.key_stores import KeyStores, open_key_stores
 
 DATABASE_URL_ENV = "DATABASE_URL"
+FICTURES_DATABASE_URL_ENV = "FICTURES_DATABASE_URL"
+EXIT_REFUSED = 3
 
 
 def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,7 +65,25 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "key", metavar="KEY_ID_OR_NAME", help="The key's id, prefix (fai_xxxxxxxx) or name."
     )
 
-    for command in (create, list_keys, revoke):
+    check = commands.add_parser(
+        "check",
+        help="Say which store accepts a key, with what scopes (changes nothing).",
+        description=(
+            "Check a key as the server would: say which store accepts it (local: the server's "
+            "own keys; fictures: the web app's) and with what scopes, or why it is refused."
+        ),
+    )
+    check.add_argument("key", metavar="KEY", help="The whole key (fai_... or fic_...).")
+    check.add_argument(
+        "--fictures-database-url",
+        default=None,
+        help=(
+            f"The web app's database [env {FICTURES_DATABASE_URL_ENV}, used when "
+            "API_KEY_STORE=fictures]."
+        ),
+    )
+
+    for command in (create, list_keys, revoke, check):
         command.add_argument(
             "--database-url",
             default=None,
@@ -69,14 +94,14 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 def database_url_from(args: argparse.Namespace) -> str:
     """The flag, else ``DATABASE_URL`` (environment or ``.env``, as the server reads it), else
     :func:`default_database_url`."""
-    from fictures_ai.config import Settings
-
     url: str | None = args.database_url or Settings().database_url
     return url or default_database_url()
 
 
 def run_key_command(args: argparse.Namespace) -> int:
     """Run the ``keys`` subcommand in ``args``; return the exit code."""
+    if args.keys_command == "check":
+        return _check_key(args)
     service = ApiKeyService(database_url=database_url_from(args), cache_ttl_s=0.0)
     try:
         if args.keys_command == "create":
@@ -103,6 +128,48 @@ def run_key_command(args: argparse.Namespace) -> int:
     finally:
         service.close()
     return 0
+
+
+def _check_key(args: argparse.Namespace) -> int:
+    settings = Settings()
+    fictures_url = args.fictures_database_url or (
+        settings.fictures_database_url if settings.api_key_store == "fictures" else None
+    )
+    try:
+        stores = open_key_stores(
+            database_url=args.database_url or settings.database_url,
+            fictures_database_url=fictures_url,
+            cache_ttl_s=0.0,
+        )
+    except ArgumentError as exc:
+        print(f"error: not a database URL: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store, check = asyncio.run(stores.check(args.key.strip()))
+    except ServiceUnavailableError:
+        print(f"error: the key database of {_store_of(stores, args.key)} failed", file=sys.stderr)
+        return 1
+    finally:
+        stores.close()
+    if check.info is None:
+        where = f"the {store.kind} store ({store.description})" if store else "every store"
+        print(f"Refused by {where}: {check.reason}.")
+        return EXIT_REFUSED
+    assert store is not None  # an accepted key has a store
+    info = check.info
+    print(f"Accepted by the {store.kind} store ({store.description})")
+    owner = f", user {info.owner}" if info.owner else ""
+    print(f"  key:     {info.display_prefix} (id {info.id}, name '{info.name}'{owner})")
+    print(f"  scopes:  {', '.join(info.scopes) or '(none)'}")
+    print(f"  models:  {', '.join(info.models) if info.models is not None else 'all'}")
+    print(f"  expires: {_moment(info.expires_at) if info.expires_at else 'never'}")
+    return 0
+
+
+def _store_of(stores: KeyStores, key: str) -> str:
+    """The description of the store that would hold ``key``, for error messages."""
+    store = stores.store_for(key)
+    return f"the {store.kind} store ({store.description})" if store else "the key stores"
 
 
 def _print_created(info: ApiKeyInfo, plaintext: str) -> None:

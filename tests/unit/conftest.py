@@ -13,8 +13,9 @@ import pytest
 from fictures_ai.api.app import create_app
 from fictures_ai.api.dependencies import Services
 from fictures_ai.config import Settings
-from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.key_store import KeyStore
+from fictures_ai.services.key_stores import KeyStores
 from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
@@ -27,12 +28,13 @@ def make_services(
     loader: Callable[[], Any] | None = None,
     image_engine: FakeImageEngine | None = None,
     image_loader: Callable[[], Any] | None = None,
-    api_keys: ApiKeyService | None = None,
+    api_keys: KeyStore | list[KeyStore] | None = None,
     rate_limiter: RateLimiter | None = None,
 ) -> Services:
     """Services over fake engines (or whatever the loaders return).
 
-    Queue bounds and timeouts come from ``settings``; without ``api_keys`` no key is needed.
+    Queue bounds and timeouts come from ``settings``; without ``api_keys`` (one store or
+    several) no key is needed. ``GENERATION_MODE`` in ``settings`` leaves a half out.
     """
     settings = settings or Settings(_env_file=None)  # type: ignore[call-arg]
     engine = engine or FakeTextEngine()
@@ -44,14 +46,14 @@ def make_services(
     async def load_image() -> FakeImageEngine:
         return image_engine
 
-    text = TextGenerationService(
+    text: TextGenerationService | None = TextGenerationService(
         model_name="fake-model",
         max_model_len=engine.max_model_len,
         loader=loader or load,
         max_pending=settings.text_max_pending,
         timeout_s=settings.request_timeout_s,
     )
-    image = ImageGenerationService(
+    image: ImageGenerationService | None = ImageGenerationService(
         model_name="fake-image-model",
         device="cpu",
         max_concurrency=settings.image_max_concurrency,
@@ -59,7 +61,15 @@ def make_services(
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
     )
-    services = Services(settings=settings, text=text, image=image, api_keys=api_keys)
+    stores = None
+    if api_keys is not None:
+        stores = KeyStores(api_keys if isinstance(api_keys, list) else [api_keys])
+    services = Services(
+        settings=settings,
+        text=text if settings.serves_text else None,
+        image=image if settings.serves_images else None,
+        api_keys=stores,
+    )
     if rate_limiter is not None:
         services = dataclasses.replace(services, rate_limiter=rate_limiter)
     return services

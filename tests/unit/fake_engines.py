@@ -24,13 +24,15 @@ from fictures_ai.engines.base import (
     TextModelInfo,
     TextPrompt,
     TokenLogprob,
+    fit_output_tokens,
 )
-from fictures_ai.errors import ContextLengthExceededError, EngineDeadError, GenerationError
+from fictures_ai.errors import EngineDeadError, GenerationError
 
 
 @dataclass
 class FakeTextEngine(TextEngine):
-    """Answers with ``reply`` one word per token; records every call.
+    """Answers with ``reply`` (``json_reply`` under a JSON constraint) one word per token;
+    records every call.
 
     A prompt counts one token per word. ``token_delay`` slows each token; ``fail_after`` raises
     ``GenerationError`` (or ``EngineDeadError`` when ``dead``) after that many tokens.
@@ -51,11 +53,10 @@ class FakeTextEngine(TextEngine):
     def _script(self, params: TextGenerationParams) -> list[str]:
         spec = params.structured
         if spec is not None and spec.kind is StructuredOutputKind.JSON:
-            return [self.json_reply]
+            return _words(self.json_reply)
         if spec is not None and spec.kind is StructuredOutputKind.CHOICE:
             return [(spec.choices or ("",))[0]]
-        words = self.reply.split(" ")
-        return [words[0], *(" " + word for word in words[1:])]
+        return _words(self.reply)
 
     async def generate(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
@@ -63,11 +64,9 @@ class FakeTextEngine(TextEngine):
         self.calls.append((prompt, params))
         text = prompt.text or " ".join(m.content for m in prompt.messages or ())
         prompt_tokens = len(text.split())
-        max_tokens = params.max_tokens or self.max_model_len - prompt_tokens
-        if prompt_tokens + max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(
-                prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_model_len=self.max_model_len
-            )
+        max_tokens, _ = fit_output_tokens(
+            params, prompt_tokens=prompt_tokens, max_model_len=self.max_model_len
+        )
         pieces = self._script(params)
         done = False
         try:
@@ -127,6 +126,12 @@ class FakeTextEngine(TextEngine):
 
     async def shutdown(self) -> None:
         self.shut_down = True
+
+
+def _words(text: str) -> list[str]:
+    """``text`` as tokens: one word each, with the space before it."""
+    words = text.split(" ")
+    return [words[0], *(" " + word for word in words[1:])]
 
 
 @dataclass

@@ -23,17 +23,14 @@ import sqlalchemy as sa
 
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
 from fictures_ai.key_commands import add_key_commands, run_key_command
-from fictures_ai.services import api_keys
+from fictures_ai.services import api_keys, database, key_store
 from fictures_ai.services.api_keys import (
-    ApiKeyInfo,
     ApiKeyNotFoundError,
     ApiKeyService,
-    Scope,
-    default_database_url,
     parse_models,
-    parse_scopes,
-    scope_allows,
 )
+from fictures_ai.services.database import default_database_url, normalise_url
+from fictures_ai.services.key_store import ApiKeyInfo, Scope, parse_scopes, scope_allows
 
 KEY_FORMAT = re.compile(r"fai_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
 CACHE_TTL_S = 0.5
@@ -72,11 +69,11 @@ def run_cli_process(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def read_rows(database_url: str) -> list[dict[str, Any]]:
-    """The api_keys table as stored, read around the service."""
-    engine = sa.create_engine(api_keys._normalise_url(database_url))
+    """The server's key table as stored, read around the service."""
+    engine = sa.create_engine(normalise_url(database_url))
     try:
         with engine.connect() as connection:
-            result = connection.execute(sa.text("SELECT * FROM api_keys ORDER BY id"))
+            result = connection.execute(sa.text(f"SELECT * FROM {api_keys.TABLE_NAME} ORDER BY id"))
             return [dict(row) for row in result.mappings()]
     finally:
         engine.dispose()
@@ -164,7 +161,7 @@ class StoreContract:
         (row,) = read_rows(database_url)
         secret = secret_of(key)
         assert info.display_prefix in caplog.text
-        assert "INSERT INTO api_keys" in caplog.text  # the statement log was on
+        assert f"INSERT INTO {api_keys.TABLE_NAME}" in caplog.text  # the statement log was on
         for forbidden in (secret, other_secret(key), row["hash"], row["hash"].split("$")[-1]):
             assert forbidden not in caplog.text
 
@@ -293,6 +290,8 @@ class StoreContract:
         assert info.last_used_at is None
 
         await service.verify(key)
+        assert service.list()[0].last_used_at is None  # written in batches, off the request
+        await service.flush_usage()
 
         (listed,) = service.list()
         assert listed.last_used_at is not None
@@ -457,7 +456,7 @@ async def test_in_memory_sqlite_is_shared_by_the_worker_threads() -> None:
 def test_default_database_url_is_in_the_user_data_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api_keys, "user_data_dir", lambda app: str(tmp_path / "data" / app))
+    monkeypatch.setattr(database, "user_data_dir", lambda app: str(tmp_path / "data" / app))
 
     url = default_database_url()
 
@@ -485,7 +484,7 @@ async def test_unreachable_database_is_a_service_unavailable_error(tmp_path: Pat
     try:
         with pytest.raises(ServiceUnavailableError) as caught:
             await service.verify("fai_abcdefgh_" + "x" * 43)
-        assert caught.value.retry_after == api_keys.STORE_RETRY_AFTER_S
+        assert caught.value.retry_after == key_store.STORE_RETRY_AFTER_S
     finally:
         service.close()
 

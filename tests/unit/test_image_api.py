@@ -105,14 +105,28 @@ async def test_out_of_range_values_are_400(
     assert needle in response.json()["detail"]
 
 
-async def test_sizes_that_are_not_multiples_of_8_are_400_with_a_clear_message(
+@pytest.mark.parametrize(("width", "height"), [(1344, 756), (768, 1365), (257, 2047), (1001, 999)])
+async def test_any_size_in_range_is_served_exactly(
+    client: httpx.AsyncClient, image_engine: FakeImageEngine, width: int, height: int
+) -> None:
+    response = await client.post(GENERATE, json={"prompt": "x", "width": width, "height": height})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["width"], body["height"]) == (width, height)
+    assert decode(body["image_url"]).size == (width, height)
+    assert (image_engine.calls[-1].width, image_engine.calls[-1].height) == (width, height)
+
+
+async def test_unknown_model_is_404_and_the_served_one_is_accepted(
     client: httpx.AsyncClient,
 ) -> None:
-    response = await client.post(GENERATE, json={"prompt": "x", "width": 1001})
-    assert response.status_code == 400
-    detail = response.json()["detail"]
-    assert "width must be a multiple of 8" in detail
-    assert "1000 or 1008" in detail
+    body = {"prompt": "x", "width": 256, "height": 256}
+    unknown = await client.post(GENERATE, json={**body, "model": "sdxl-turbo"})
+    served = await client.post(GENERATE, json={**body, "model": "fake-image-model"})
+    assert unknown.status_code == 404
+    assert "'sdxl-turbo' does not exist" in unknown.json()["detail"]
+    assert "fake-image-model" in unknown.json()["detail"]
+    assert served.status_code == 200
 
 
 async def test_empty_prompt_is_rejected(client: httpx.AsyncClient) -> None:

@@ -209,8 +209,8 @@ async def test_failed_and_rejected_generations_have_their_own_finish_reasons(
     engine.fail_after = 2
     await client.post("/api/v1/text/stream", json={"prompt": "x", "max_tokens": 5})
     engine.fail_after = None
-    rejected = await client.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 8192})
-    assert rejected.status_code == 400  # prompt + max_tokens exceed the context
+    rejected = await client.post("/api/v1/text/generate", json={"prompt": "x " * 8192})
+    assert rejected.status_code == 400  # the prompt alone fills the context
     text = await scrape(client)
     assert value(text, "fictures_text_requests_total", finish_reason="error") == 1
     assert value(text, "fictures_text_requests_total", finish_reason="rejected") == 1

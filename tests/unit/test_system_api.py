@@ -74,7 +74,7 @@ async def test_docs_and_openapi_are_served(client: httpx.AsyncClient) -> None:
     for path in ["/api/v1/text/generate", "/api/v1/text/stream", "/api/v1/text/structured"]:
         assert path in spec["paths"]
     prompt = spec["components"]["schemas"]["TextGenerationRequest"]["properties"]["prompt"]
-    assert prompt["maxLength"] == 8000
+    assert prompt["maxLength"] == 50_000
 
 
 async def test_cors_allows_the_configured_origins_only() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -166,19 +167,19 @@ async def test_structured_without_the_field_its_type_needs_is_400(
 
 
 @pytest.mark.parametrize("path", [GENERATE, STREAM, STRUCTURED])
-async def test_prompt_over_8000_characters_is_400_with_the_contract_message(
+async def test_prompt_over_50000_characters_is_400_with_the_contract_message(
     client: httpx.AsyncClient, path: str
 ) -> None:
-    body: dict[str, object] = {"prompt": "a" * 8001}
+    body: dict[str, object] = {"prompt": "a" * 50_001}
     if path == STRUCTURED:
         body["guided_decoding"] = {"type": "choice", "choices": ["a"]}
     response = await client.post(path, json=body)
     assert response.status_code == 400
-    assert response.json() == {"detail": "Prompt too long (max 8000 characters)"}
+    assert response.json() == {"detail": "Prompt too long (max 50000 characters)"}
 
 
-async def test_prompt_of_exactly_8000_characters_is_accepted(client: httpx.AsyncClient) -> None:
-    response = await client.post(GENERATE, json={"prompt": "a" * 8000, "max_tokens": 5})
+async def test_prompt_of_exactly_50000_characters_is_accepted(client: httpx.AsyncClient) -> None:
+    response = await client.post(GENERATE, json={"prompt": "a" * 50_000, "max_tokens": 5})
     assert response.status_code == 200
 
 
@@ -187,7 +188,9 @@ async def test_prompt_of_exactly_8000_characters_is_accepted(client: httpx.Async
     [
         {"prompt": ""},
         {"prompt": "x", "max_tokens": 0},
-        {"prompt": "x", "max_tokens": 8193},
+        {"prompt": "x", "max_tokens": 40_961},
+        {"prompt": "x", "min_tokens": -1},
+        {"prompt": "x", "max_tokens": 10, "min_tokens": 11},
         {"prompt": "x", "temperature": 2.5},
         {"prompt": "x", "temperature": -0.1},
         {"prompt": "x", "top_p": 1.5},
@@ -218,18 +221,35 @@ async def test_malformed_bodies_are_422(client: httpx.AsyncClient, content: byte
     assert response.status_code == 422
 
 
-async def test_prompt_plus_max_tokens_beyond_the_context_is_400_with_numbers() -> None:
+@pytest.mark.parametrize("path", [GENERATE, STREAM, STRUCTURED])
+async def test_max_tokens_beyond_the_context_is_lowered_to_what_fits(path: str) -> None:
+    engine = FakeTextEngine(max_model_len=100, reply=" ".join(["word"] * 120))
+    app = create_app(services=make_services(engine))
+    body: dict[str, object] = {"prompt": "one two three", "max_tokens": 16_384}
+    if path == STRUCTURED:
+        body["guided_decoding"] = {"type": "regex", "pattern": "[a-z ]+"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post(path, json=body)
+    assert response.status_code == 200
+    assert engine.calls[-1][1].fit_to_context
+    if path == GENERATE:
+        assert response.json()["finish_reason"] == "length"
+        assert response.json()["tokens_used"] == 97  # 100 - 3 prompt tokens
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM, STRUCTURED])
+async def test_a_prompt_that_cannot_fit_by_itself_is_400_with_both_numbers(path: str) -> None:
     engine = FakeTextEngine(max_model_len=100)
     app = create_app(services=make_services(engine))
+    body: dict[str, object] = {"prompt": "word " * 100, "max_tokens": 5}
+    if path == STRUCTURED:
+        body["guided_decoding"] = {"type": "choice", "choices": ["a"]}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        response = await c.post(GENERATE, json={"prompt": "one two three", "max_tokens": 98})
-        stream = await c.post(STREAM, json={"prompt": "one two three", "max_tokens": 98})
+        response = await c.post(path, json=body)
     assert response.status_code == 400
     detail = response.json()["detail"]
-    assert "100 tokens" in detail
-    assert "3 tokens" in detail
-    assert "98" in detail
-    assert stream.status_code == 400
+    assert "The prompt has 100 tokens" in detail
+    assert "context is 100 tokens" in detail
 
 
 async def test_generation_failure_is_500(client: httpx.AsyncClient) -> None:
@@ -305,3 +325,145 @@ async def test_concurrent_first_requests_load_the_model_once() -> None:
         health = await c.get("/health")
     assert health.json()["models"]["text"]["initialized"] is True
     assert loads == 1
+
+
+# What the Fictures web app sends (api-contract.md, revision 2)
+
+ZOD_CHARACTER = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "nullable": True},
+    },
+    "required": ["name", "age"],
+}
+
+
+async def test_an_empty_stop_sequences_list_means_none(
+    client: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await client.post(GENERATE, json={"prompt": "x", "stop_sequences": []})
+    assert response.status_code == 200
+    assert engine.calls[-1][1].stop == ()
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM])
+async def test_response_format_json_constrains_the_output_to_the_converted_schema(
+    client: httpx.AsyncClient, engine: FakeTextEngine, path: str
+) -> None:
+    response = await client.post(
+        path,
+        json={"prompt": "A character", "response_format": "json", "response_schema": ZOD_CHARACTER},
+    )
+    assert response.status_code == 200
+    spec = engine.calls[-1][1].structured
+    assert spec is not None
+    assert spec.kind is StructuredOutputKind.JSON
+    assert spec.json_schema is not None
+    assert spec.json_schema["properties"]["age"] == {"type": ["integer", "null"]}
+    if path == GENERATE:
+        assert json.loads(response.json()["text"]) == {"name": "Ava", "age": 20}
+
+
+async def test_response_format_json_without_a_schema_asks_for_any_object(
+    client: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await client.post(GENERATE, json={"prompt": "x", "response_format": "json"})
+    assert response.status_code == 200
+    spec = engine.calls[-1][1].structured
+    assert spec is not None
+    assert spec.json_schema == {"type": "object"}
+
+
+async def test_plain_text_requests_are_unconstrained(
+    client: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    for body in ({"prompt": "x"}, {"prompt": "x", "response_format": "text"}):
+        assert (await client.post(GENERATE, json=body)).status_code == 200
+        assert engine.calls[-1][1].structured is None
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"response_format": "text", "response_schema": ZOD_CHARACTER}, "response_schema"),
+        ({"response_format": "json", "response_schema": {"type": "thing"}}, "response_schema"),
+        ({"response_format": "json", "response_schema": {"type": "object", "required": "a"}},
+         "response_schema is not a valid JSON schema"),
+    ],
+)  # fmt: skip
+async def test_a_bad_response_schema_is_400_naming_it(
+    client: httpx.AsyncClient, body: dict[str, object], needle: str
+) -> None:
+    response = await client.post(GENERATE, json={"prompt": "x", **body})
+    assert response.status_code == 400
+    assert needle in response.json()["detail"]
+
+
+async def test_a_zod_schema_is_enforced_on_structured_too(
+    client: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    engine.json_reply = '{"name": "Ava", "age": null}'
+    response = await client.post(
+        STRUCTURED,
+        json={
+            "prompt": "A character",
+            "max_tokens": 16_384,
+            "guided_decoding": {"type": "json", "schema": ZOD_CHARACTER},
+        },
+    )
+    assert response.status_code == 200
+    assert response.json()["is_valid"] is True
+    assert response.json()["parsed_output"] == {"name": "Ava", "age": None}
+    spec = engine.calls[-1][1].structured
+    assert spec is not None
+    assert spec.json_schema is not None
+    assert spec.json_schema["properties"]["age"]["type"] == ["integer", "null"]
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM, STRUCTURED])
+async def test_min_tokens_and_model_reach_the_service(
+    client: httpx.AsyncClient, engine: FakeTextEngine, path: str
+) -> None:
+    body: dict[str, object] = {"prompt": "x", "min_tokens": 3, "model": "fake-model"}
+    if path == STRUCTURED:
+        body["guided_decoding"] = {"type": "choice", "choices": ["a"]}
+    response = await client.post(path, json=body)
+    assert response.status_code == 200
+    assert engine.calls[-1][1].min_tokens == 3
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM, STRUCTURED])
+async def test_an_unknown_model_is_404(
+    client: httpx.AsyncClient, engine: FakeTextEngine, path: str
+) -> None:
+    body: dict[str, object] = {"prompt": "x", "model": "qwen3-14b"}
+    if path == STRUCTURED:
+        body["guided_decoding"] = {"type": "choice", "choices": ["a"]}
+    response = await client.post(path, json=body)
+    assert response.status_code == 404
+    assert response.json() == {
+        "detail": "The model 'qwen3-14b' does not exist on this server. Available: fake-model."
+    }
+    assert engine.calls == []
+
+
+async def test_a_structured_reply_cut_by_the_context_is_invalid_with_length() -> None:
+    engine = FakeTextEngine(max_model_len=4)  # 2 prompt tokens leave room for 2 of 4
+    app = create_app(services=make_services(engine))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post(
+            STRUCTURED,
+            json={
+                "prompt": "one two",
+                "max_tokens": 16_384,
+                "guided_decoding": {"type": "json", "schema": ZOD_CHARACTER},
+            },
+        )
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["finish_reason"], body["is_valid"], body["parsed_output"]) == (
+        "length",
+        False,
+        None,
+    )

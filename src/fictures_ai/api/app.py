@@ -17,16 +17,25 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
+from sqlalchemy.exc import ArgumentError
 from starlette.types import ASGIApp
 
 from fictures_ai import __version__
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import install_error_handlers
-from fictures_ai.api.fictures.router import DESCRIPTION, router, system_router
+from fictures_ai.api.fictures.router import (
+    DESCRIPTION,
+    image_router,
+    models_router,
+    system_router,
+    text_router,
+)
 from fictures_ai.api.health import health_router
 from fictures_ai.api.limits import BodySizeLimitMiddleware
 from fictures_ai.api.middleware import ObservabilityMiddleware
-from fictures_ai.api.openai.router import router as openai_router
+from fictures_ai.api.openai.router import image_router as openai_image_router
+from fictures_ai.api.openai.router import models_router as openai_models_router
+from fictures_ai.api.openai.router import text_router as openai_text_router
 from fictures_ai.api.playground.router import router as playground_router
 from fictures_ai.config import Settings
 from fictures_ai.engines.factory import (
@@ -42,9 +51,10 @@ from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
-from fictures_ai.services.api_keys import ApiKeyService, default_database_url
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
+from fictures_ai.services.key_store import KeyStoreSchemaError
+from fictures_ai.services.key_stores import KeyStores, open_key_stores
 from fictures_ai.services.model_loader import LoadState, ModelLoadInfo
 from fictures_ai.services.rate_limit import create_rate_limiter
 from fictures_ai.services.text_generation import TextGenerationService
@@ -55,31 +65,29 @@ logger = logging.getLogger(__name__)
 def build_services(settings: Settings) -> Services:
     """The production services: engines chosen by the factory from the settings.
 
-    Raises ``ValueError`` for settings that cannot work on this machine.
+    Only the half of text and images that ``GENERATION_MODE`` serves is built. Raises
+    ``ValueError`` for settings that cannot work on this machine.
     """
-
-    text = TextGenerationService(
-        model_name=text_model_display_name(settings),
-        max_model_len=settings.text_max_model_len,
-        loader=functools.partial(create_text_engine, settings),
-        max_pending=settings.text_max_pending,
-        timeout_s=settings.request_timeout_s,
-    )
-    device = image_device(settings)
-    image = ImageGenerationService(
-        model_name=image_model_display_name(settings, device),
-        device=device,
-        max_concurrency=settings.image_max_concurrency,
-        loader=functools.partial(create_image_engine, settings),
-        max_queue=settings.image_max_queue,
-        timeout_s=settings.request_timeout_s,
-        notice=image_model_notice(settings, device),
-    )
-    api_keys = None
-    if settings.require_api_key:
-        api_keys = ApiKeyService(
-            database_url=settings.database_url or default_database_url(),
-            cache_ttl_s=settings.api_key_cache_s,
+    text = None
+    if settings.serves_text:
+        text = TextGenerationService(
+            model_name=text_model_display_name(settings),
+            max_model_len=settings.text_max_model_len,
+            loader=functools.partial(create_text_engine, settings),
+            max_pending=settings.text_max_pending,
+            timeout_s=settings.request_timeout_s,
+        )
+    image = None
+    if settings.serves_images:
+        device = image_device(settings)
+        image = ImageGenerationService(
+            model_name=image_model_display_name(settings, device),
+            device=device,
+            max_concurrency=settings.image_max_concurrency,
+            loader=functools.partial(create_image_engine, settings),
+            max_queue=settings.image_max_queue,
+            timeout_s=settings.request_timeout_s,
+            notice=image_model_notice(settings, device),
         )
     rate_limiter = create_rate_limiter(
         redis_url=settings.redis_url,
@@ -91,10 +99,29 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         text=text,
         image=image,
-        api_keys=api_keys,
+        api_keys=build_key_stores(settings) if settings.require_api_key else None,
         rate_limiter=rate_limiter,
         image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=256 << 20),
     )
+
+
+def build_key_stores(settings: Settings) -> KeyStores:
+    """The server's own key store and, with ``API_KEY_STORE=fictures``, the web app's.
+
+    Raises ``ValueError`` when a database URL cannot be parsed.
+    """
+    try:
+        return open_key_stores(
+            database_url=settings.database_url,
+            fictures_database_url=(
+                settings.fictures_database_url if settings.api_key_store == "fictures" else None
+            ),
+            cache_ttl_s=settings.api_key_cache_s,
+        )
+    except ArgumentError as exc:
+        raise ValueError(
+            f"DATABASE_URL or FICTURES_DATABASE_URL is not a database URL: {exc}"
+        ) from exc
 
 
 class FicturesApp(FastAPI):
@@ -134,34 +161,42 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logger.info("Fictures AI Server %s starting", __version__)
+        logger.info(
+            "Fictures AI Server %s starting (GENERATION_MODE=%s)",
+            __version__,
+            settings.generation_mode,
+        )
         changed = settings.non_default_items()
         if changed:
             logger.info("Settings changed from their defaults: %s", changed)
+        tasks: list[asyncio.Task[None]] = []
         if services.api_keys is None:
             logger.warning(
                 "REQUIRE_API_KEY=false: every route is open to anyone who can reach this "
                 "server. Use this for development only."
             )
-        supervisors = [
+        else:
+            await _prepare_key_stores(services.api_keys, settings)
+            tasks.append(asyncio.create_task(services.api_keys.record_usage(), name="key usage"))
+        served = services.generation()
+        tasks += [
             asyncio.create_task(
                 service.supervise(settings.engine_health_interval_s), name=f"supervise {name}"
             )
-            for name, service in (("text", services.text), ("image", services.image))
+            for name, service in served.items()
         ]
-        preload: asyncio.Task[None] | None = None
         if settings.preload_models:
             # In the background: /health must answer while the model loads.
-            preload = asyncio.create_task(_preload(services), name="preload models")
+            tasks.append(asyncio.create_task(_preload(services), name="preload models"))
         try:
             yield
         finally:
-            if preload is not None and not preload.done():
-                preload.cancel()
-            for supervisor in supervisors:
-                supervisor.cancel()
-            await services.text.shutdown()
-            await services.image.shutdown()
+            for task in tasks:
+                task.cancel()
+            # The key stores write their last batch of last-use times as their task ends.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for service in served.values():
+                await service.shutdown()
             await services.rate_limiter.close()
             if services.api_keys is not None:
                 services.api_keys.close()
@@ -190,10 +225,32 @@ def create_app(
     install_error_handlers(app)
     app.include_router(system_router)
     app.include_router(health_router)
-    app.include_router(router)
-    app.include_router(openai_router)
+    app.include_router(models_router)
+    app.include_router(openai_models_router)
+    if services.text is not None:
+        app.include_router(text_router)
+        app.include_router(openai_text_router)
+    if services.image is not None:
+        app.include_router(image_router)
+        app.include_router(openai_image_router)
     app.include_router(playground_router)
     return app
+
+
+async def _prepare_key_stores(stores: KeyStores, settings: Settings) -> None:
+    """Create or check the key tables; a clash stops the server with a message that says so."""
+    if settings.fictures_database_url and settings.api_key_store != "fictures":
+        logger.warning(
+            "FICTURES_DATABASE_URL is set but API_KEY_STORE=local: the web app's keys are not "
+            "accepted. Set API_KEY_STORE=fictures to accept them."
+        )
+    try:
+        await stores.prepare()
+    except KeyStoreSchemaError as exc:
+        logger.error("Cannot start: %s", exc)
+        raise
+    for store in stores.stores:
+        logger.info("Accepting API keys from %s", store.description)
 
 
 def _build_observability(
@@ -201,10 +258,10 @@ def _build_observability(
 ) -> Observability:
     """The app's registry (the services record into it from now on), window and tracing."""
     metrics = Metrics(version=__version__)
-    services.text.instrument(metrics)
-    services.image.instrument(metrics)
-    metrics.engine_capacity.labels("text").set(settings.vllm_max_num_seqs)
-    metrics.engine_capacity.labels("image").set(settings.image_max_concurrency)
+    capacity = {"text": settings.vllm_max_num_seqs, "image": settings.image_max_concurrency}
+    for kind, service in services.generation().items():
+        service.instrument(metrics)
+        metrics.engine_capacity.labels(kind).set(capacity[kind])
     metrics.watch(engines=functools.partial(_engine_snapshots, services), gpus=gpu_memory)
     return Observability(
         metrics=metrics,
@@ -215,12 +272,19 @@ def _build_observability(
 
 
 def _engine_snapshots(services: Services) -> list[EngineSnapshot]:
-    text, image = services.text.info(), services.image.info()
-    return [
+    snapshots = []
+    if services.text is not None:
+        text = services.text.info()
         # vLLM queues inside its scheduler: waiting text requests count as running.
-        _snapshot("text", text, name=text.name, running=text.running, waiting=None),
-        _snapshot("image", image, name=image.name, running=image.running, waiting=image.waiting),
-    ]
+        snapshots.append(
+            _snapshot("text", text, name=text.name, running=text.running, waiting=None)
+        )
+    if services.image is not None:
+        image = services.image.info()
+        snapshots.append(
+            _snapshot("image", image, name=image.name, running=image.running, waiting=image.waiting)
+        )
+    return snapshots
 
 
 def _snapshot(
@@ -247,7 +311,7 @@ async def _shutdown_tracing(provider: TracerProvider | None) -> None:
 
 
 async def _preload(services: Services) -> None:
-    for service in (services.text, services.image):
+    for service in services.generation().values():
         try:
             await service.initialize()
         except Exception:

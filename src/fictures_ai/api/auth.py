@@ -20,7 +20,7 @@ from fastapi import Request
 
 from fictures_ai.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from fictures_ai.observability.context import RequestContext, current_request
-from fictures_ai.services.api_keys import ApiKeyInfo
+from fictures_ai.services.key_store import ApiKeyInfo
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def require_scope(
                 raise AuthenticationError(MISSING_KEY)
             if not info.has_scope(scope):
                 raise PermissionDeniedError(f"Insufficient permissions. Required scope: {scope}")
-            client = Client(id=f"key:{info.id}", name=info.name, key=info)
+            client = Client(id=info.client_id, name=info.name, key=info)
             if model is not None:
                 client.check_model(await _model_name(request, model))
         request.state.client = client

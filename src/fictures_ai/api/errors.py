@@ -141,6 +141,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
         # Framework errors (unparsable body, unknown route, wrong method) in the surface's shape.
+        if exc.status_code == 404:
+            mode = request.app.state.services.settings.generation_mode
+            message = unserved_route_message(request.url.path, mode)
+            if message is not None:
+                exc = StarletteHTTPException(404, message)
         if is_openai_path(request.url.path):
             return JSONResponse(
                 error_body(str(exc.detail), exc.status_code),
@@ -148,6 +153,24 @@ def install_error_handlers(app: FastAPI) -> None:
                 headers=exc.headers,
             )
         return await http_exception_handler(request, exc)
+
+
+_ROUTE_PREFIXES = {
+    "text": ("/api/v1/text/", "/v1/chat/", "/v1/completions"),
+    "image": ("/api/v1/images/", "/v1/images/"),
+}
+
+
+def unserved_route_message(path: str, generation_mode: str) -> str | None:
+    """Why ``path`` is not found when it belongs to the half ``generation_mode`` leaves out."""
+    for half, prefixes in _ROUTE_PREFIXES.items():
+        if generation_mode not in ("all", half) and path.startswith(prefixes):
+            return (
+                f"Not Found: this server runs with GENERATION_MODE={generation_mode} and does "
+                f"not generate {'images' if half == 'image' else 'text'}; send this request to "
+                "the server that does."
+            )
+    return None
 
 
 def is_openai_path(path: str) -> bool:

@@ -20,12 +20,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fictures_ai.api.dependencies import Services, get_services
+from fictures_ai.api.dependencies import GenerationService, Services, get_services
 from fictures_ai.errors import FicturesError
 from fictures_ai.observability import Observability
-from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.model_loader import LoadState
-from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +84,11 @@ async def check_readiness(services: ServicesDep) -> JSONResponse:
     the first request loads it. A failed load, a reload after a failure (a dead engine being
     restarted) or a failing engine health check does not.
     """
-    text, image = await asyncio.gather(
-        _readiness(services.text, services.text.info().name),
-        _readiness(services.image, services.image.info().name),
-    )
+    served = services.generation()
+    readiness = await asyncio.gather(*(_readiness(service) for service in served.values()))
     body = ReadyResponse(
-        status="ready" if text.ready and image.ready else "not_ready",
-        models={"text": text, "image": image},
+        status="ready" if all(model.ready for model in readiness) else "not_ready",
+        models=dict(zip(served, readiness, strict=True)),
     )
     if body.status == "ready":
         return JSONResponse(body.model_dump())
@@ -103,10 +99,9 @@ async def check_readiness(services: ServicesDep) -> JSONResponse:
     )
 
 
-async def _readiness(
-    service: TextGenerationService | ImageGenerationService, name: str
-) -> ModelReadiness:
+async def _readiness(service: GenerationService) -> ModelReadiness:
     info = service.info()
+    name = info.name
     # Failed, or loading again after a failure (an engine that died is being restarted).
     if info.state is LoadState.FAILED or (info.state is LoadState.LOADING and info.last_error):
         return ModelReadiness(

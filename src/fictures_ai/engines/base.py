@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fictures_ai.errors import ContextLengthExceededError
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -57,8 +59,11 @@ class ChatMessage:
 class TextGenerationParams:
     """Sampling parameters of one text request, independent of any engine.
 
-    ``max_tokens=None`` means "the rest of the context window". ``logprobs=None`` returns no
-    log-probabilities; ``0`` returns the chosen token's; ``k`` adds the ``k`` most likely.
+    ``max_tokens=None`` means "the rest of the context window"; with ``fit_to_context`` a larger
+    ``max_tokens`` than the context leaves room for is lowered to what fits (the Fictures
+    contract) instead of refused (OpenAI's). ``min_tokens``: no end (EOS or stop sequence)
+    before that many tokens. ``logprobs=None`` returns no log-probabilities; ``0`` returns the
+    chosen token's; ``k`` adds the ``k`` most likely.
     """
 
     max_tokens: int | None
@@ -71,6 +76,32 @@ class TextGenerationParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     structured: StructuredOutputSpec | None = None
+    min_tokens: int = 0
+    fit_to_context: bool = False
+
+
+def fit_output_tokens(
+    params: TextGenerationParams, *, prompt_tokens: int, max_model_len: int
+) -> tuple[int, int]:
+    """``(max_tokens, min_tokens)`` for a prompt of ``prompt_tokens`` in a context of
+    ``max_model_len`` tokens (prompt plus output).
+
+    Raises ``ContextLengthExceededError`` when the prompt leaves no room for one output token,
+    or when ``max_tokens`` does not fit and ``params.fit_to_context`` is false.
+    """
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise ContextLengthExceededError(
+            prompt_tokens=prompt_tokens, max_tokens=None, max_model_len=max_model_len
+        )
+    max_tokens = room if params.max_tokens is None else params.max_tokens
+    if max_tokens > room:
+        if not params.fit_to_context:
+            raise ContextLengthExceededError(
+                prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_model_len=max_model_len
+            )
+        max_tokens = room
+    return max_tokens, min(params.min_tokens, max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +190,26 @@ class ImageGenerationParams:
     height: int = 768
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
+
+
+def covering_size(width: int, height: int, *, multiple: int) -> tuple[int, int]:
+    """The smallest ``(width, height)`` in multiples of ``multiple`` that covers the request.
+
+    Pipelines render only sizes their VAE (and, for transformer models, their latent packing)
+    can produce: SDXL multiples of 8, Flux- and SD3-type models multiples of 16.
+    """
+    return -(-width // multiple) * multiple, -(-height // multiple) * multiple
+
+
+def centre_crop_box(
+    rendered: tuple[int, int], requested: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The ``(left, top, right, bottom)`` box (PIL's) of the ``requested`` size in the middle
+    of an image of the ``rendered`` size; the few pixels over are cut evenly from both sides.
+    """
+    (rendered_w, rendered_h), (width, height) = rendered, requested
+    left, top = (rendered_w - width) // 2, (rendered_h - height) // 2
+    return left, top, left + width, top + height
 
 
 @dataclass(frozen=True, slots=True)

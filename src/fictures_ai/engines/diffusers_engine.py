@@ -27,6 +27,8 @@ from fictures_ai.engines.base import (
     ImageGenerationParams,
     ImageModelInfo,
     ProgressCallback,
+    centre_crop_box,
+    covering_size,
 )
 from fictures_ai.engines.tiny_pipeline import (
     TINY_IMAGE_MODEL,
@@ -35,7 +37,6 @@ from fictures_ai.engines.tiny_pipeline import (
 )
 from fictures_ai.errors import (
     GenerationError,
-    InvalidRequestError,
     ModelLoadError,
     ServiceUnavailableError,
 )
@@ -232,14 +233,16 @@ class DiffusersImageEngine(ImageEngine):
     ) -> GeneratedImage:
         """Render one image in the engine's worker thread and return it as PNG.
 
+        Any width and height are served: the pipeline renders the smallest size it can produce
+        that covers them (:meth:`render_size`), and the few pixels over are cropped evenly from
+        the edges, so the PNG has exactly the requested size and nothing is stretched.
+
         Cancelling the awaiting task stops the render after the current denoising step; the
         ``CancelledError`` is re-raised once the worker has let go of the pipeline. Raises
-        ``InvalidRequestError`` for a width or height the VAE cannot produce,
         ``GenerationError`` when the pipeline fails (including running out of memory) and
         ``ServiceUnavailableError`` after :meth:`shutdown`.
         """
         self._check_open()
-        self._check_size(params)
         cancelled = threading.Event()
         job = self._executor.submit(self._render, params, progress, cancelled)
         render = asyncio.wrap_future(job)
@@ -292,17 +295,17 @@ class DiffusersImageEngine(ImageEngine):
         if self._closed:
             raise ServiceUnavailableError("The image engine has shut down.")
 
-    def _check_size(self, params: ImageGenerationParams) -> None:
-        multiple = int(getattr(self._pipeline, "vae_scale_factor", 8))
-        for param, value in (("width", params.width), ("height", params.height)):
-            if value < multiple or value % multiple:
-                lower = max(multiple, value - value % multiple)
-                raise InvalidRequestError(
-                    f"{param} must be a positive multiple of {multiple} for this model, but is "
-                    f"{value}; try {lower} or {lower + multiple}.",
-                    param=param,
-                    value=value,
-                )
+    def render_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the pipeline renders for a request of ``width`` x ``height`` pixels.
+
+        A multiple of the VAE's scale factor (8 for SDXL), doubled for transformer models,
+        which pack 2x2 latent patches (Flux, SD3, Qwen-Image: 16).
+        """
+        pipeline = self._pipeline
+        multiple = int(getattr(pipeline, "vae_scale_factor", 8))
+        if getattr(pipeline, "transformer", None) is not None:
+            multiple *= 2
+        return covering_size(width, height, multiple=multiple)
 
     def _render(
         self,
@@ -330,12 +333,13 @@ class DiffusersImageEngine(ImageEngine):
 
         # A CPU generator gives the same initial noise for a seed on every device.
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        render_width, render_height = self.render_size(params.width, params.height)
         try:
             result = pipeline(
                 prompt=params.prompt,
                 negative_prompt=params.negative_prompt,
-                width=params.width,
-                height=params.height,
+                width=render_width,
+                height=render_height,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 generator=generator,
@@ -355,6 +359,8 @@ class DiffusersImageEngine(ImageEngine):
             logger.exception("Image render failed")
             raise GenerationError(f"The image pipeline failed: {exc}") from exc
         image: Image = result.images[0]
+        if image.size != (params.width, params.height):
+            image = image.crop(centre_crop_box(image.size, (params.width, params.height)))
         return image
 
     def _thread_pipeline(self) -> Any:

@@ -24,11 +24,11 @@ from fictures_ai.engines.base import (
     TextModelInfo,
     TextPrompt,
     TokenLogprob,
+    fit_output_tokens,
 )
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, prepare_bundled_model
 from fictures_ai.engines.factory import text_model_display_name
 from fictures_ai.errors import (
-    ContextLengthExceededError,
     EngineDeadError,
     GenerationError,
     InvalidRequestError,
@@ -58,6 +58,7 @@ def resolve_text_model(settings: Settings) -> str:
 
 def build_engine_args(settings: Settings, model: str) -> Any:
     """Map the settings onto vLLM's ``AsyncEngineArgs``."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
@@ -74,6 +75,10 @@ def build_engine_args(settings: Settings, model: str) -> Any:
         trust_remote_code=settings.vllm_trust_remote_code,
         enforce_eager=settings.vllm_enforce_eager,
         kv_cache_memory_bytes=kv_cache_bytes,
+        structured_outputs_config=StructuredOutputsConfig(
+            backend=settings.vllm_structured_outputs_backend,
+            disable_any_whitespace=settings.vllm_disable_any_whitespace,
+        ),
         disable_log_stats=True,
     )
 
@@ -128,16 +133,10 @@ class VllmTextEngine(TextEngine):
             raise EngineDeadError("The text engine has stopped; it is being restarted.")
         engine_input = await self._render(prompt)
         prompt_tokens = len(engine_input["prompt_token_ids"])
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self._max_model_len - prompt_tokens
-        if max_tokens < 1 or prompt_tokens + max_tokens > self._max_model_len:
-            raise ContextLengthExceededError(
-                prompt_tokens=prompt_tokens,
-                max_tokens=max(max_tokens, 1),
-                max_model_len=self._max_model_len,
-            )
-        sampling = self._sampling_params(params, max_tokens)
+        max_tokens, min_tokens = fit_output_tokens(
+            params, prompt_tokens=prompt_tokens, max_model_len=self._max_model_len
+        )
+        sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
         completion_tokens = 0
         finished = False
         stream = self._llm.generate(engine_input, sampling, request_id)
@@ -234,12 +233,15 @@ class VllmTextEngine(TextEngine):
         return engine_input
 
     @staticmethod
-    def _sampling_params(params: TextGenerationParams, max_tokens: int) -> SamplingParams:
+    def _sampling_params(
+        params: TextGenerationParams, *, max_tokens: int, min_tokens: int
+    ) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             stop=list(params.stop) or None,

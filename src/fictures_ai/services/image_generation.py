@@ -32,7 +32,7 @@ from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceU
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
-from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo
+from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo, check_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,11 @@ class ImageGenerationService:
     def instrument(self, metrics: Metrics) -> None:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
         self._metrics = metrics.image(self._model.name)
+
+    def check_model(self, requested: str | None) -> str:
+        """The model a request names (None: the served one); ``ModelNotFoundError`` when this
+        service does not serve it."""
+        return check_model_name(requested, self.info().name)
 
     def info(self) -> ImageServiceInfo:
         """Describe the model and the queue without loading anything."""

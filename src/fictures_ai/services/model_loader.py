@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from fictures_ai.errors import FicturesError, ModelLoadError
+from fictures_ai.errors import FicturesError, ModelLoadError, ModelNotFoundError
 from fictures_ai.observability.tracing import child_span
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,16 @@ class ModelLoadInfo:
     load_failures: int = 0
     last_error: str | None = None
     """Why the model is not available, when its state is ``failed`` (or it is reloading)."""
+
+
+def check_model_name(requested: str | None, served: str) -> str:
+    """``served`` when ``requested`` is None (the default model) or names it.
+
+    Raises ``ModelNotFoundError`` (listing ``served``) for any other name.
+    """
+    if requested is not None and requested != served:
+        raise ModelNotFoundError(requested, available=[served])
+    return served
 
 
 class LazyModel(Generic[EngineT]):

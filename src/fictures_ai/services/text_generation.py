@@ -44,7 +44,7 @@ from fictures_ai.errors import (
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
-from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo
+from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo, check_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,11 @@ class TextGenerationService:
         """The name the API reports for the model (known before it loads)."""
         engine = self._model.engine
         return engine.model_info().name if engine is not None else self._model.name
+
+    def check_model(self, requested: str | None) -> str:
+        """The model a request names (None: the served one); ``ModelNotFoundError`` when this
+        service does not serve it."""
+        return check_model_name(requested, self.model_name)
 
     def info(self) -> TextServiceInfo:
         """Describe the model without loading it."""

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
+from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.config import GenerationMode
 from fictures_ai.engines.base import (
     FinishReason,
     ImageGenerationParams,
@@ -22,7 +31,8 @@ from fictures_ai.engines.base import (
 from fictures_ai.errors import InvalidRequestError
 from fictures_ai.services.image_generation import MAX_SEED, random_seed
 
-MAX_PROMPT_CHARS = 8000
+MAX_PROMPT_CHARS = 50_000
+MAX_TEXT_TOKENS = 40_960
 PROMPT_TOO_LONG = f"Prompt too long (max {MAX_PROMPT_CHARS} characters)"
 
 ResponseFinishReason = Literal["stop", "length", "error"]
@@ -48,30 +58,103 @@ class _Request(BaseModel):
 
 class _TextSampling(_Request):
     prompt: str = Field(
-        ..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The prompt (1..8000 chars)."
+        ...,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"The prompt (1..{MAX_PROMPT_CHARS} characters).",
     )
-    max_tokens: int = Field(2048, ge=1, le=8192, description="Most tokens to generate.")
+    max_tokens: int = Field(
+        2048,
+        ge=1,
+        le=MAX_TEXT_TOKENS,
+        description=(
+            "Most tokens to generate; lowered to what the model's context leaves after the "
+            "prompt (finish_reason 'length' when the output fills it)."
+        ),
+    )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.9, ge=0.0, le=1.0, description="Nucleus sampling mass.")
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TEXT_TOKENS,
+        description="No end (end of text or a stop sequence) before this many tokens.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The text model (see /api/v1/models); default: the server's.",
+    )
+
+    @model_validator(mode="after")
+    def _check_min_tokens(self) -> _TextSampling:
+        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
 
     def to_prompt(self, prompt_format: PromptFormat) -> TextPrompt:
         """The engine prompt, formatted as the server is configured."""
         return TextPrompt(text=self.prompt, format=prompt_format)
 
-
-class TextGenerationRequest(_TextSampling):
-    """Body of ``/api/v1/text/generate`` and ``/api/v1/text/stream``."""
-
-    stop_sequences: list[str] | None = Field(None, description="Stop when one of these appears.")
-
-    def to_generation_params(self) -> TextGenerationParams:
-        """The engine's sampling parameters for this request."""
+    def _params(
+        self, *, stop: tuple[str, ...] = (), structured: StructuredOutputSpec | None = None
+    ) -> TextGenerationParams:
         return TextGenerationParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            stop=tuple(s for s in self.stop_sequences or () if s),
+            stop=stop,
+            structured=structured,
+            min_tokens=self.min_tokens or 0,
+            # The contract: more than the context holds is lowered to what fits, not refused.
+            fit_to_context=True,
         )
+
+
+class TextGenerationRequest(_TextSampling):
+    """Body of ``/api/v1/text/generate`` and ``/api/v1/text/stream``."""
+
+    stop_sequences: list[str] | None = Field(
+        None, description="Stop when one of these appears ([] or null: none)."
+    )
+    response_format: Literal["text", "json"] | None = Field(
+        None,
+        description=(
+            "'json': the output is JSON, constrained while sampling to response_schema (or to "
+            "any JSON object without one)."
+        ),
+    )
+    response_schema: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "JSON schema of the output (JSON Schema, or OpenAPI 3.0's dialect as Zod writes "
+            "it: nullable, exclusiveMinimum flags)."
+        ),
+    )
+
+    def to_generation_params(self) -> TextGenerationParams:
+        """The engine's sampling parameters for this request."""
+        return self._params(
+            stop=tuple(s for s in self.stop_sequences or () if s), structured=self._structured()
+        )
+
+    def _structured(self) -> StructuredOutputSpec | None:
+        if self.response_format == "text" and self.response_schema is not None:
+            raise InvalidRequestError(
+                'response_schema constrains JSON output: send it with response_format "json" '
+                "(or leave response_format out).",
+                param="response_schema",
+            )
+        if self.response_format != "json" and self.response_schema is None:
+            return None
+        schema = (
+            to_json_schema(self.response_schema, param="response_schema")
+            if self.response_schema is not None
+            else {"type": "object"}
+        )
+        return StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=schema)
 
 
 class TextGenerationResponse(BaseModel):
@@ -121,9 +204,12 @@ class GuidedDecoding(_Request):
                 f"guided_decoding of type '{self.type}' needs a non-empty '{field}'.",
                 param=f"guided_decoding.{field}",
             )
+        json_schema = None
+        if kind is StructuredOutputKind.JSON and self.schema_ is not None:
+            json_schema = to_json_schema(self.schema_, param="guided_decoding.schema")
         return StructuredOutputSpec(
             kind=kind,
-            json_schema=self.schema_,
+            json_schema=json_schema,
             regex=self.pattern,
             choices=tuple(self.choices) if self.choices else None,
             grammar=self.grammar,
@@ -137,12 +223,7 @@ class StructuredGenerationRequest(_TextSampling):
 
     def to_generation_params(self) -> TextGenerationParams:
         """The engine's sampling parameters, with the output constraint."""
-        return TextGenerationParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            structured=self.guided_decoding.to_spec(),
-        )
+        return self._params(structured=self.guided_decoding.to_spec())
 
 
 class StructuredGenerationResponse(BaseModel):
@@ -178,10 +259,15 @@ class ImageModelInfo(BaseModel):
 
 
 class HealthModels(BaseModel):
-    """The models block of ``/health``."""
+    """The models block of ``/health``; a half the server does not serve is left out."""
 
-    text: TextModelInfo
-    image: ImageModelInfo
+    text: TextModelInfo | None = None
+    image: ImageModelInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unserved(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        served: dict[str, Any] = handler(self)
+        return {kind: info for kind, info in served.items() if info is not None}
 
 
 class HealthRequests(BaseModel):
@@ -209,6 +295,7 @@ class HealthResponse(BaseModel):
 
     status: Literal["healthy"] = "healthy"
     version: str
+    generation_mode: GenerationMode
     models: HealthModels
     requests: HealthRequests | None = Field(
         None, description="Latency and error rate of recent requests (added to the contract)."
@@ -219,8 +306,9 @@ class HealthResponse(BaseModel):
 
 
 class ModelsResponse(BaseModel):
-    """Answer of ``/api/v1/models``."""
+    """Answer of ``/api/v1/models``: the half the server does not serve has an empty list."""
 
+    generation_mode: GenerationMode
     text_generation: list[TextModelInfo]
     image_generation: list[ImageModelInfo]
 
@@ -265,25 +353,22 @@ class ImageGenerationRequest(_Request):
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     negative_prompt: str | None = Field(None, description="What to keep out of the image.")
-    width: int = Field(1344, ge=256, le=2048, description="Width in pixels, a multiple of 8.")
-    height: int = Field(768, ge=256, le=2048, description="Height in pixels, a multiple of 8.")
+    width: int = Field(
+        1344, ge=256, le=2048, description="Width in pixels, any; the PNG has exactly this width."
+    )
+    height: int = Field(
+        768, ge=256, le=2048, description="Height in pixels, any; the PNG has exactly this height."
+    )
     num_inference_steps: int = Field(30, ge=1, le=100, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Prompt adherence.")
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Same seed and request, same image; random if unset."
     )
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_eight(cls, value: int, info: object) -> int:
-        if value % 8:
-            name = getattr(info, "field_name", "size")
-            lower, upper = value - value % 8, value - value % 8 + 8
-            raise ValueError(
-                f"{name} must be a multiple of 8 (the VAE works in 8-pixel blocks); "
-                f"got {value}, use {lower} or {upper}"
-            )
-        return value
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The image model (see /api/v1/models); default: the server's.",
+    )
 
     def to_generation_params(self) -> ImageGenerationParams:
         """The engine's parameters; a request without a seed gets a random one (> 0)."""

@@ -1,4 +1,5 @@
-"""Routes of the Fictures surface: system endpoints and ``/api/v1/text/...``."""
+"""Routes of the Fictures surface: system endpoints, model listings, ``/api/v1/text/...`` and
+``/api/v1/images/...`` (the last two mounted only when ``GENERATION_MODE`` serves them)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = "Self-hosted text (vLLM) and image (diffusers) generation for Fictures."
 
 system_router = APIRouter(tags=["system"])
-router = APIRouter(prefix="/api/v1", responses=error_responses(ErrorResponse, include_422=False))
+_ERRORS = error_responses(ErrorResponse, include_422=False)
+models_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
+text_router = APIRouter(prefix="/api/v1/text", tags=["text"], responses=_ERRORS)
+image_router = APIRouter(prefix="/api/v1/images", tags=["images"], responses=_ERRORS)
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
@@ -98,14 +102,19 @@ async def describe_server() -> RootResponse:
 async def check_health(services: ServicesDep, observability: ObservabilityDep) -> HealthResponse:
     """Answers at once, also while models load; ``initialized`` says whether they have.
 
-    Beyond the contract's fields: recent request latency and error rate, and GPU memory when
-    this process uses CUDA (``gpu`` is null otherwise).
+    A model of the half that ``generation_mode`` leaves out is not listed. Beyond the
+    contract's fields: recent request latency and error rate, and GPU memory when this process
+    uses CUDA (``gpu`` is null otherwise).
     """
-    models = HealthModels(text=_text_info(services.text), image=_image_info(services.image))
+    models = HealthModels(
+        text=_text_info(services.text) if services.text is not None else None,
+        image=_image_info(services.image) if services.image is not None else None,
+    )
     recent = observability.window.summary()
     gpus = gpu_memory()
     return HealthResponse(
         version=__version__,
+        generation_mode=services.settings.generation_mode,
         models=models,
         requests=HealthRequests(
             window_s=recent.window_s,
@@ -129,18 +138,19 @@ async def check_health(services: ServicesDep, observability: ObservabilityDep) -
     )
 
 
-@router.get("/models", response_model=ModelsResponse, dependencies=read_access, tags=["models"])
+@models_router.get(
+    "/models", response_model=ModelsResponse, dependencies=read_access, tags=["models"]
+)
 async def list_models(services: ServicesDep) -> ModelsResponse:
-    """Every model this server serves."""
+    """Every model this server serves (an empty list for a half it does not serve)."""
     return ModelsResponse(
-        text_generation=[_text_info(services.text)],
-        image_generation=[_image_info(services.image)],
+        generation_mode=services.settings.generation_mode,
+        text_generation=[_text_info(services.text)] if services.text is not None else [],
+        image_generation=[_image_info(services.image)] if services.image is not None else [],
     )
 
 
-@router.get(
-    "/text/models", response_model=TextModelsResponse, dependencies=read_access, tags=["text"]
-)
+@text_router.get("/models", response_model=TextModelsResponse, dependencies=read_access)
 async def list_text_models(service: TextService) -> TextModelsResponse:
     """The text models, with whether each is loaded."""
     info = service.info()
@@ -153,16 +163,15 @@ async def list_text_models(service: TextService) -> TextModelsResponse:
     return TextModelsResponse(models=[entry])
 
 
-@router.post(
-    "/text/generate",
-    response_model=TextGenerationResponse,
-    dependencies=text_access,
-    tags=["text"],
-)
+@text_router.post("/generate", response_model=TextGenerationResponse, dependencies=text_access)
 async def generate_text(
     body: TextGenerationRequest, request: Request, service: TextService, services: ServicesDep
 ) -> TextGenerationResponse:
-    """Generate text and return it whole; a client that disconnects aborts the generation."""
+    """Generate text and return it whole; a client that disconnects aborts the generation.
+
+    With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
+    """
+    service.check_model(body.model)
     prompt = body.to_prompt(services.settings.text_prompt_format)
     result = await cancel_on_disconnect(
         request,
@@ -176,10 +185,9 @@ async def generate_text(
     )
 
 
-@router.post(
-    "/text/stream",
+@text_router.post(
+    "/stream",
     dependencies=text_access,
-    tags=["text"],
     response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `data: TextStreamResponse` (JSON), then `data: [DONE]`."
@@ -189,6 +197,7 @@ async def stream_text(
     body: TextGenerationRequest, service: TextService, services: ServicesDep
 ) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
+    service.check_model(body.model)
     chunks = service.stream(
         body.to_prompt(services.settings.text_prompt_format),
         body.to_generation_params(),
@@ -271,11 +280,8 @@ async def _text_events(
     yield DONE_EVENT
 
 
-@router.post(
-    "/text/structured",
-    response_model=StructuredGenerationResponse,
-    dependencies=text_access,
-    tags=["text"],
+@text_router.post(
+    "/structured", response_model=StructuredGenerationResponse, dependencies=text_access
 )
 async def generate_structured_text(
     body: StructuredGenerationRequest,
@@ -284,6 +290,7 @@ async def generate_structured_text(
     services: ServicesDep,
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
+    service.check_model(body.model)
     prompt = body.to_prompt(services.settings.text_prompt_format)
     outcome = await cancel_on_disconnect(
         request,
@@ -307,16 +314,13 @@ def _png_data_url(png: bytes) -> str:
         return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-@router.post(
-    "/images/generate",
-    response_model=ImageGenerationResponse,
-    dependencies=image_access,
-    tags=["images"],
-)
+@image_router.post("/generate", response_model=ImageGenerationResponse, dependencies=image_access)
 async def generate_image(
     body: ImageGenerationRequest, request: Request, service: ImageService
 ) -> ImageGenerationResponse:
-    """Render one image; a client that disconnects frees its queue place or stops the render."""
+    """Render one image of exactly the requested size; a client that disconnects frees its
+    queue place or stops the render."""
+    service.check_model(body.model)
     image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
     return ImageGenerationResponse(
         image_url=_png_data_url(image.png),
@@ -327,10 +331,9 @@ async def generate_image(
     )
 
 
-@router.post(
-    "/images/stream",
+@image_router.post(
+    "/stream",
     dependencies=image_access,
-    tags=["images"],
     response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `{step, total_steps, done: false}` (JSON) after each denoising "
@@ -339,6 +342,7 @@ async def generate_image(
 )
 async def stream_image(body: ImageGenerationRequest, service: ImageService) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
+    service.check_model(body.model)
     return EventStreamResponse(_image_events(service, body))
 
 
@@ -383,9 +387,7 @@ async def _image_events(
     yield DONE_EVENT
 
 
-@router.get(
-    "/images/models", response_model=ImageModelsResponse, dependencies=read_access, tags=["images"]
-)
+@image_router.get("/models", response_model=ImageModelsResponse, dependencies=read_access)
 async def list_image_models(service: ImageService) -> ImageModelsResponse:
     """The image models, with whether each is loaded."""
     info = service.info()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.engines.base import (
     ChatMessage,
     ImageGenerationParams,
@@ -63,7 +64,10 @@ class ResponseFormat(_Request):
                 param="response_format.json_schema",
             )
         schema = self.json_schema.schema_ or {"type": "object"}
-        return StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=schema)
+        return StructuredOutputSpec(
+            StructuredOutputKind.JSON,
+            json_schema=to_json_schema(schema, param="response_format.json_schema.schema"),
+        )
 
 
 class StreamOptions(_Request):
@@ -84,6 +88,9 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-text.")
+    min_tokens: int = Field(
+        0, ge=0, description="Extension (vLLM's): no end of text or stop before this many tokens."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +111,12 @@ class _Sampling(_Request):
         logprobs: int | None,
         structured: StructuredOutputSpec | None,
     ) -> list[TextGenerationParams]:
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                param="min_tokens",
+                value=self.min_tokens,
+            )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return [
             TextGenerationParams(
@@ -117,6 +130,7 @@ class _Sampling(_Request):
                 frequency_penalty=self.frequency_penalty,
                 logprobs=logprobs,
                 structured=structured,
+                min_tokens=self.min_tokens,
             )
             for index in range(self.n)
         ]
@@ -314,7 +328,9 @@ class ImageGenerationRequest(_Request):
     prompt: str = Field(..., min_length=1)
     model: str | None = Field(None, description="The image model's id; default: the served one.")
     n: int = Field(1, ge=1, le=10)
-    size: str = Field("1024x1024", description="WIDTHxHEIGHT, multiples of 8 in 256..2048.")
+    size: str = Field(
+        "1024x1024", description="WIDTHxHEIGHT, each in 256..2048; the PNG has exactly this size."
+    )
     response_format: Literal["url", "b64_json"] = "url"
     negative_prompt: str | None = Field(None, description="Extension: what to keep out.")
     steps: int = Field(30, ge=1, le=100, description="Extension: denoising steps.")
@@ -328,10 +344,8 @@ class ImageGenerationRequest(_Request):
         if match is None:
             raise ValueError(f"size must look like 1024x1024, not '{value}'")
         for side in (int(match.group(1)), int(match.group(2))):
-            if not 256 <= side <= 2048 or side % 8:
-                raise ValueError(
-                    f"size '{value}': width and height must be multiples of 8 in 256..2048"
-                )
+            if not 256 <= side <= 2048:
+                raise ValueError(f"size '{value}': width and height must be in 256..2048")
         return value
 
     def to_generation_params(self) -> list[ImageGenerationParams]:

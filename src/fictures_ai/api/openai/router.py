@@ -60,7 +60,7 @@ from fictures_ai.engines.base import (
     TextPrompt,
     TokenLogprob,
 )
-from fictures_ai.errors import FicturesError, ModelNotFoundError
+from fictures_ai.errors import FicturesError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
@@ -70,9 +70,10 @@ logger = logging.getLogger(__name__)
 
 OpenAIFinishReason = Literal["stop", "length"]
 
-router = APIRouter(
-    prefix="/v1", tags=["openai"], responses=error_responses(ErrorResponse, include_422=True)
-)
+_ERRORS = error_responses(ErrorResponse, include_422=True)
+models_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
+text_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
+image_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
@@ -82,22 +83,16 @@ text_access = [Depends(require_scope("stories:write", model="body"))]
 image_access = [Depends(require_scope("stories:write", images="n", model="image"))]
 
 
-def _check_model(requested: str | None, served: str) -> str:
-    if requested is not None and requested != served:
-        raise ModelNotFoundError(requested, available=[served])
-    return served
-
-
-@router.get("/models", response_model=ModelList, dependencies=read_access)
+@models_router.get("/models", response_model=ModelList, dependencies=read_access)
 async def list_models(services: ServicesDep) -> ModelList:
-    """The text and image models this server serves."""
+    """The text and image models this server serves (per ``GENERATION_MODE``)."""
     created = int(time.time())
-    return ModelList(
-        data=[
-            Model(id=services.text.model_name, created=created),
-            Model(id=services.image.info().name, created=created),
-        ]
-    )
+    names = []
+    if services.text is not None:
+        names.append(services.text.model_name)
+    if services.image is not None:
+        names.append(services.image.info().name)
+    return ModelList(data=[Model(id=name, created=created) for name in names])
 
 
 @dataclass
@@ -193,12 +188,14 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, dependencies=text_access)
+@text_router.post(
+    "/chat/completions", response_model=ChatCompletionResponse, dependencies=text_access
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: TextService
 ) -> Any:
     """Chat with the text model; ``stream: true`` answers with server-sent events."""
-    model = _check_model(body.model, service.model_name)
+    model = service.check_model(body.model)
     params = body.to_generation_params()
     prompts = [TextPrompt(messages=body.to_messages())]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -226,10 +223,10 @@ async def create_chat_completion(
     )
 
 
-@router.post("/completions", response_model=CompletionResponse, dependencies=text_access)
+@text_router.post("/completions", response_model=CompletionResponse, dependencies=text_access)
 async def create_completion(body: CompletionRequest, request: Request, service: TextService) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
-    model = _check_model(body.model, service.model_name)
+    model = service.check_model(body.model)
     params = body.to_generation_params()
     prompts = [TextPrompt(text=text, format=PromptFormat.RAW) for text in body.prompts()]
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -349,12 +346,13 @@ async def _events(
     yield DONE_EVENT
 
 
-@router.post("/images/generations", response_model=ImagesResponse, dependencies=image_access)
+@image_router.post("/images/generations", response_model=ImagesResponse, dependencies=image_access)
 async def create_image(
     body: ImageGenerationRequest, request: Request, service: ImageService, services: ServicesDep
 ) -> ImagesResponse:
-    """Render ``n`` images; answer with URLs (kept for a while) or base64 PNGs."""
-    _check_model(body.model, service.info().name)
+    """Render ``n`` images of exactly ``size``; answer with URLs (kept for a while) or base64
+    PNGs."""
+    service.check_model(body.model)
     params = body.to_generation_params()
 
     async def render_all() -> list[GeneratedImage]:
@@ -372,7 +370,7 @@ async def create_image(
     return ImagesResponse(created=int(time.time()), data=data)
 
 
-@router.get("/images/files/{token}", include_in_schema=False)
+@image_router.get("/images/files/{token}", include_in_schema=False)
 async def get_generated_image(token: str, services: ServicesDep) -> Response:
     """A PNG stored for a URL answer; 404 once it expired. The token is the permission."""
     png = services.image_store.get(token)
