@@ -167,6 +167,14 @@ class Settings(BaseSettings):
     vllm_max_num_seqs: int = Field(
         256, ge=1, description="Most sequences vLLM batches together (continuous batching)."
     )
+    vllm_max_num_batched_tokens: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Most tokens one engine step processes (chunked prefill); lower keeps streams "
+            "moving while a long prompt is read; unset: vLLM's default."
+        ),
+    )
     vllm_trust_remote_code: bool = Field(
         False, description="Allow models that ship their own Python code (only trusted models)."
     )

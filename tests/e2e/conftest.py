@@ -1,7 +1,11 @@
 """A real ``fictures-ai serve`` process on a free port, started once per test session.
 
-API keys are required, as by default: the fixture creates a ``stories:write`` key and a
-``stories:read`` key in a key database of its own with the real CLI before starting it.
+It runs as the Fictures web app's server does: ``API_KEY_STORE=fictures`` with the web app's
+``users`` and ``api_keys`` tables in a real PostgreSQL (``tests/postgres.py``), and the
+server's own key table in that same database (both URLs name one database). API keys are
+required, as by default: the fixture creates a ``stories:write`` key and a ``stories:read`` key
+of the server's own with the real CLI before starting it; tests add web app keys through
+``server.web_app``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.postgres import PostgresServer
+from tests.support import WebAppDatabase, free_port
 
 CLI = Path(sys.executable).with_name("fictures-ai")
 
@@ -34,6 +39,7 @@ class RunningServer:
     read_key: str
     database_url: str
     http: httpx.Client
+    web_app: WebAppDatabase
 
     def env(self) -> dict[str, str]:
         """The environment for a CLI process talking to this server with its key."""
@@ -53,40 +59,74 @@ def create_key(database_url: str, name: str, scopes: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``fictures-ai serve`` on a free loopback port with ``env`` over the environment; return
+    the process and its URL once ``/health`` answers (the test fails if it never does)."""
     port = free_port()
-    folder = tmp_path_factory.mktemp("server")
-    log = folder / "server.log"
-    database_url = f"sqlite:///{folder / 'keys.db'}"
-    key = create_key(database_url, "e2e-writer", "stories:write")
-    read_key = create_key(database_url, "e2e-reader", "stories:read")
-    env = {
+    full_env = {
         **os.environ,
         "API_HOST": "127.0.0.1",
         "API_PORT": str(port),
-        "VLLM_CPU_KV_CACHE_MB": "256",
-        "TEXT_MAX_MODEL_LEN": "4096",
         "IMAGE_TORCH_THREADS": "1",
-        "DATABASE_URL": database_url,
-        "REQUIRE_API_KEY": "true",
+        **env,
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(CLI), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env
+            [str(CLI), "serve"], stdout=out, stderr=subprocess.STDOUT, env=full_env
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return process, url
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within a minute."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def web_app_database(postgres_server: PostgresServer) -> Iterator[WebAppDatabase]:
+    """The web app's database, with its tables and one user, for the session's server."""
+    postgres_server.create_database("fictures_web_app")
+    database = WebAppDatabase(postgres_server.url("fictures_web_app"))
+    database.create_tables()
+    database.add_user()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, web_app_database: WebAppDatabase
+) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("server")
+    log = folder / "server.log"
+    database_url = web_app_database.url
+    key = create_key(database_url, "e2e-writer", "stories:write")
+    read_key = create_key(database_url, "e2e-reader", "stories:read")
+    env = {
+        "VLLM_CPU_KV_CACHE_MB": "256",
+        "TEXT_MAX_MODEL_LEN": "8192",
+        "REQUIRE_API_KEY": "true",
+        "DATABASE_URL": database_url,
+        "API_KEY_STORE": "fictures",
+        "FICTURES_DATABASE_URL": database_url,
+    }
+    process, url = start_server(env, log)
     http = httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30)
     yield RunningServer(
         url=url,
@@ -96,14 +136,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         read_key=read_key,
         database_url=database_url,
         http=http,
+        web_app=web_app_database,
     )
     http.close()
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_server(process)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

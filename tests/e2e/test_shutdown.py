@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -12,34 +11,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import CLI, free_port
+from tests.e2e.conftest import start_server
 
 pytestmark = pytest.mark.e2e
 
 RENDER = {"prompt": "a harbour", "width": 512, "height": 512, "seed": 1}
 
 
-def start_server(tmp_path: Path, grace_s: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_image_server(tmp_path: Path, grace_s: int) -> tuple[subprocess.Popen[bytes], str]:
     env = {
-        **os.environ,
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
         "REQUIRE_API_KEY": "false",
-        "IMAGE_TORCH_THREADS": "1",
         "SHUTDOWN_GRACE_S": str(grace_s),
         "MODEL_CACHE_DIR": str(tmp_path / "models"),
     }
-    log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen([str(CLI), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    process, url = start_server(env, tmp_path / "server.log")
     # Load the image model before the test proper.
     warm = httpx.post(
         f"{url}/api/v1/images/generate", json={**RENDER, "num_inference_steps": 1}, timeout=120
@@ -77,7 +62,7 @@ def render_in_background(url: str, steps: int) -> tuple[threading.Thread, dict[s
 
 
 def test_in_flight_requests_finish_and_new_ones_are_refused(tmp_path: Path) -> None:
-    process, url = start_server(tmp_path, grace_s=60)
+    process, url = start_image_server(tmp_path, grace_s=60)
     worker, result = render_in_background(url, steps=8)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -91,7 +76,7 @@ def test_in_flight_requests_finish_and_new_ones_are_refused(tmp_path: Path) -> N
 
 
 def test_requests_past_the_deadline_are_stopped_and_the_server_exits(tmp_path: Path) -> None:
-    process, url = start_server(tmp_path, grace_s=1)
+    process, url = start_image_server(tmp_path, grace_s=1)
     worker, result = render_in_background(url, steps=100)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)

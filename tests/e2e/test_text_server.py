@@ -100,17 +100,19 @@ def test_structured_json_output_is_valid(server: RunningServer) -> None:
 
 def test_bad_requests_get_their_status_codes(server: RunningServer) -> None:
     too_long = server.http.post(
-        f"{server.url}/api/v1/text/generate", json={"prompt": "a" * 8001}, timeout=TIMEOUT
+        f"{server.url}/api/v1/text/generate", json={"prompt": "a" * 50_001}, timeout=TIMEOUT
     )
     assert too_long.status_code == 400
-    assert too_long.json() == {"detail": "Prompt too long (max 8000 characters)"}
+    assert too_long.json() == {"detail": "Prompt too long (max 50000 characters)"}
     over_context = server.http.post(
         f"{server.url}/api/v1/text/generate",
-        json={"prompt": "word " * 1000, "max_tokens": 8000},
+        json={"prompt": "word " * 9000, "max_tokens": 8000},
         timeout=TIMEOUT,
     )
     assert over_context.status_code == 400
-    assert "4096 tokens" in over_context.json()["detail"]
+    detail = over_context.json()["detail"]
+    assert "context is 8192 tokens" in detail
+    assert "The prompt has 90" in detail  # 9000 words and the chat template
     malformed = server.http.post(
         f"{server.url}/api/v1/text/generate", json={"prompt": 3}, timeout=TIMEOUT
     )

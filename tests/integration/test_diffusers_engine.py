@@ -28,7 +28,7 @@ from fictures_ai.engines.diffusers_engine import (
     validate_image_settings,
 )
 from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL, build_tiny_sdxl_pipeline
-from fictures_ai.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
+from fictures_ai.errors import ModelLoadError, ServiceUnavailableError
 
 pytestmark = pytest.mark.integration
 
@@ -139,17 +139,40 @@ async def test_progress_is_reported_after_every_step(engine: DiffusersImageEngin
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("width", "height", "param"), [(260, 256, "width"), (256, 250, "height"), (0, 256, "width")]
-)
-async def test_size_not_a_multiple_of_8_is_rejected(
-    engine: DiffusersImageEngine, width: int, height: int, param: str
-) -> None:
-    with pytest.raises(InvalidRequestError, match="multiple of 8") as caught:
-        await engine.generate(params(width=width, height=height))
+# Every size the Fictures web app asks for (its quick profile's are not multiples of 8).
+WEB_APP_SIZES = [
+    (1024, 1024),
+    (1664, 936),
+    (928, 1664),
+    (832, 1248),
+    (1344, 756),
+    (896, 896),
+    (768, 1365),
+    (768, 1152),
+]
 
-    assert caught.value.param == param
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("width", "height"), [*WEB_APP_SIZES, (257, 2047)])
+async def test_any_size_in_range_comes_back_exactly(
+    engine: DiffusersImageEngine, width: int, height: int
+) -> None:
+    image = await engine.generate(
+        params(width=width, height=height, num_inference_steps=1, guidance_scale=1.0)
+    )
+    assert decode(image).size == (width, height)
+    assert (image.width, image.height) == (width, height)
+
+
+@pytest.mark.asyncio
+async def test_an_odd_size_is_the_middle_of_the_covering_render_not_a_stretch(
+    engine: DiffusersImageEngine,
+) -> None:
+    odd = await engine.generate(params(width=1344, height=756, num_inference_steps=1))
+    covering = await engine.generate(params(width=1344, height=760, num_inference_steps=1))
+    assert engine.render_size(1344, 756) == (1344, 760)
+    expected = decode(covering).crop((0, 2, 1344, 758))
+    assert decode(odd).tobytes() == expected.tobytes()
 
 
 @pytest.mark.asyncio

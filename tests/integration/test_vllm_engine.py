@@ -10,6 +10,7 @@ import uuid
 import jsonschema
 import pytest
 
+from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.engines.base import (
     ChatMessage,
     PromptFormat,
@@ -168,6 +169,86 @@ async def test_prompt_plus_max_tokens_beyond_the_context_is_refused(
         await collect(text_engine, prompt, TextGenerationParams(max_tokens=3000))
     assert caught.value.max_model_len == 4096
     assert caught.value.prompt_tokens > 2000
+
+
+async def test_fit_to_context_lowers_max_tokens_to_what_the_prompt_leaves(
+    text_engine: VllmTextEngine,
+) -> None:
+    prompt = TextPrompt(text="story " * 4050)  # with the chat template, ~15 short of 4096
+    params = TextGenerationParams(max_tokens=16_384, ignore_eos=True, fit_to_context=True)
+    chunks = await collect(text_engine, prompt, params)
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.prompt_tokens + last.completion_tokens == 4096
+
+
+async def test_a_prompt_that_fills_the_context_by_itself_is_refused_with_both_numbers(
+    text_engine: VllmTextEngine,
+) -> None:
+    prompt = TextPrompt(text="story " * 5000)
+    params = TextGenerationParams(max_tokens=10, fit_to_context=True)
+    with pytest.raises(ContextLengthExceededError) as caught:
+        await collect(text_engine, prompt, params)
+    assert caught.value.max_tokens is None
+    assert f"The prompt has {caught.value.prompt_tokens} tokens" in caught.value.message
+    assert "context is 4096 tokens" in caught.value.message
+
+
+async def test_min_tokens_holds_off_the_end(text_engine: VllmTextEngine) -> None:
+    prompt = TextPrompt(text="Reply with the single word: yes.")
+    free = await collect(text_engine, prompt, TextGenerationParams(max_tokens=40, temperature=0))
+    held = await collect(
+        text_engine, prompt, TextGenerationParams(max_tokens=40, temperature=0, min_tokens=25)
+    )
+    assert free[-1].completion_tokens < 25
+    assert held[-1].completion_tokens >= 25
+
+
+# A comic-script schema as Zod writes it for OpenAPI 3.0 (nullable fields, nesting, enums).
+ZOD_PANELS = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "panels": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 2,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "description": {"type": "string"},
+                    "dialogue": {"type": "string", "nullable": True},
+                    "shot": {"type": "string", "enum": ["wide", "close"], "nullable": True},
+                },
+                "required": ["description", "dialogue", "shot"],
+            },
+        },
+    },
+    "required": ["title", "panels"],
+}
+
+
+async def test_constrained_json_is_compact_and_follows_a_zod_schema(
+    text_engine: VllmTextEngine,
+) -> None:
+    schema = to_json_schema(ZOD_PANELS, param="schema")
+    spec = StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=schema)
+    prompt = TextPrompt(text="Write a two-panel comic about a cat as JSON.")
+    finished = 0
+    for seed in range(4):
+        params = TextGenerationParams(
+            max_tokens=160, temperature=1.0, top_p=1.0, seed=seed, structured=spec
+        )
+        chunks = await collect(text_engine, prompt, params)
+        text = "".join(chunk.delta for chunk in chunks)
+        # No free whitespace: the grammar gives the model nothing to run on with.
+        assert "\n" not in text, text
+        if chunks[-1].finish_reason == "stop":
+            finished += 1
+            value = json.loads(text)
+            jsonschema.validate(value, schema)
+            assert json.dumps(value, separators=(",", ":"), ensure_ascii=False) == text
+    assert finished >= 1
 
 
 async def test_raw_format_and_chat_messages(text_engine: VllmTextEngine) -> None:

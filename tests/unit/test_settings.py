@@ -60,6 +60,9 @@ def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.Monkey
         ("TEXT_GPU_MEMORY_UTILIZATION", "1.5", "less than or equal to 1"),
         ("CORS_ORIGINS", "fictures.example", "must start with http"),
         ("TEXT_PROMPT_FORMAT", "xml", "'chat' or 'raw'"),
+        ("API_KEY_STORE", "fictures", "API_KEY_STORE=fictures needs FICTURES_DATABASE_URL"),
+        ("GENERATION_MODE", "audio", "'all', 'text' or 'image'"),
+        ("VLLM_STRUCTURED_OUTPUTS_BACKEND", "auto", "cannot keep JSON compact"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(
@@ -68,6 +71,24 @@ def test_bad_values_fail_with_a_clear_message(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_passwords_in_urls_are_masked_in_the_start_up_log() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url="postgresql://server:s3cret@db:5432/fictures_ai",
+        api_key_store="fictures",
+        fictures_database_url="postgresql://web:hunter2@db/fictures",
+        redis_url="redis://:r3dis@cache:6379/0",
+        rate_limit_tokens_per_minute=1000,
+    )
+    changed = settings.non_default_items()
+    assert changed["database_url"] == "postgresql://server:***@db:5432/fictures_ai"
+    assert changed["fictures_database_url"] == "postgresql://web:***@db/fictures"
+    assert changed["redis_url"] == "redis://:***@cache:6379/0"
+    assert changed["api_key_store"] == "fictures"  # not a secret, shown as it is
+    assert changed["rate_limit_tokens_per_minute"] == 1000
+    assert "s3cret" not in str(changed)
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:

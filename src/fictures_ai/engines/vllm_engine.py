@@ -72,6 +72,7 @@ def build_engine_args(settings: Settings, model: str) -> Any:
         gpu_memory_utilization=settings.text_gpu_memory_utilization,
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         max_num_seqs=settings.vllm_max_num_seqs,
+        max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
         trust_remote_code=settings.vllm_trust_remote_code,
         enforce_eager=settings.vllm_enforce_eager,
         kv_cache_memory_bytes=kv_cache_bytes,

@@ -111,13 +111,19 @@ async function loadModels() {
   try {
     const response = await fetch("health", { headers: requestHeaders() });
     if (!response.ok) throw new Error(await httpErrorMessage(response));
-    const { models } = await response.json();
+    const { models, generation_mode: mode } = await response.json();
     const state = (info) => (info.initialized ? "loaded" : "loads on first use");
-    $("text-model").textContent = `${models.text.name} (${state(models.text)})`;
-    $("image-model").textContent = `${models.image.name} (${state(models.image)})`;
+    for (const kind of ["text", "image"]) {
+      const info = models[kind];
+      // A server started with GENERATION_MODE=text or image serves one half only.
+      $(`${kind}-model`).textContent = info
+        ? `${info.name} (${state(info)})`
+        : `not served here (GENERATION_MODE=${mode})`;
+      $(`${kind}-panel`).hidden = !info;
+    }
     const notice = $("image-notice");
-    notice.textContent = models.image.notice ? `Image model: ${models.image.notice}` : "";
-    notice.hidden = !models.image.notice;
+    notice.textContent = models.image?.notice ? `Image model: ${models.image.notice}` : "";
+    notice.hidden = !models.image?.notice;
   } catch (error) {
     $("text-model").textContent = $("image-model").textContent = "unavailable";
     $("text-model").title = String(error.message ?? error);

@@ -1,0 +1,123 @@
+"""The web app's keys on a real PostgreSQL holding its tables, made from the contract's columns.
+
+Keys are made the web app's way (bcrypt, cost 10, ``$2a$``). The store must only read, and
+write ``last_used_at``; a database user that may only read is enough for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from fictures_ai.services.api_keys import TABLE_NAME, ApiKeyService
+from fictures_ai.services.fictures_keys import FicturesKeyStore
+from tests.postgres import PostgresServer
+from tests.support import WebAppDatabase
+
+pytestmark = pytest.mark.integration
+
+CATALOG = """
+SELECT c.relkind, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' ORDER BY 1, 2
+"""
+
+
+@pytest.fixture
+def web_app(postgres_server: PostgresServer) -> Iterator[WebAppDatabase]:
+    name = f"fictures_{uuid.uuid4().hex[:12]}"
+    postgres_server.create_database(name)
+    database = WebAppDatabase(postgres_server.url(name))
+    database.create_tables()
+    database.add_user()
+    yield database
+    database.dispose()
+
+
+def catalog(database: WebAppDatabase) -> list[tuple[str, str]]:
+    """Every table, index and sequence in the database's public schema."""
+    with database.engine.connect() as connection:
+        rows = connection.exec_driver_sql(CATALOG).all()
+    return [(str(kind), str(name)) for kind, name in rows]
+
+
+async def test_keys_made_the_web_apps_way_are_checked_as_the_contract_says(
+    web_app: WebAppDatabase,
+) -> None:
+    valid_id, valid = web_app.add_key(scopes=["stories:write"])
+    _, expired = web_app.add_key(expires_at=datetime.now(UTC) - timedelta(days=1))
+    _, inactive = web_app.add_key(is_active=False)
+    _, reader = web_app.add_key(scopes=["stories:read"])
+    _, future = web_app.add_key(expires_at=datetime.now(UTC) + timedelta(days=1))
+    before = catalog(web_app)
+    store = FicturesKeyStore(database_url=web_app.url, cache_ttl_s=0.0)
+    try:
+        store.prepare()
+        info = await store.verify(valid)
+        assert info is not None
+        assert (info.id, info.scopes, info.owner) == (valid_id, ("stories:write",), "user_1")
+        assert await store.verify(valid[:-1] + ("x" if valid[-1] != "x" else "y")) is None
+        assert await store.verify(expired) is None
+        assert await store.verify(inactive) is None
+        reader_info = await store.verify(reader)
+        assert reader_info is not None
+        assert not reader_info.has_scope("stories:write")
+        assert await store.verify(future) is not None
+
+        await store.flush_usage()
+    finally:
+        store.close()
+    assert web_app.key_row(valid_id)["last_used_at"] is not None
+    assert catalog(web_app) == before  # nothing created, altered or dropped
+
+
+async def test_a_read_only_database_user_is_enough(
+    web_app: WebAppDatabase, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_id, key = web_app.add_key()
+    database = web_app.url.rsplit("/", 1)[1]
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        dbname=database,
+        autocommit=True,
+    ) as connection:
+        connection.execute("CREATE ROLE reader LOGIN PASSWORD 'reader'")
+        connection.execute("GRANT SELECT ON api_keys TO reader")
+    url = f"postgresql://reader:reader@127.0.0.1:{postgres_server.port}/{database}"
+    store = FicturesKeyStore(database_url=url, cache_ttl_s=0.0)
+    caplog.set_level(logging.WARNING)
+    try:
+        assert await store.verify(key) is not None
+        await store.flush_usage()  # refused: logged once, then no more attempts
+        assert await store.verify(key) is not None
+        await store.flush_usage()
+    finally:
+        store.close()
+    assert caplog.text.count("may not update api_keys.last_used_at") == 1
+    assert web_app.key_row(key_id)["last_used_at"] is None
+
+
+async def test_the_servers_own_keys_may_live_in_the_web_apps_database(
+    web_app: WebAppDatabase,
+) -> None:
+    _, theirs = web_app.add_key()
+    ours = ApiKeyService(database_url=web_app.url)
+    fictures = FicturesKeyStore(database_url=web_app.url)
+    try:
+        ours.prepare()
+        fictures.prepare()
+        _, own_key = ours.create("ops", "admin:all")
+        assert await ours.verify(own_key) is not None
+        assert await fictures.verify(theirs) is not None
+    finally:
+        ours.close()
+        fictures.close()
+    tables = {name for kind, name in catalog(web_app) if kind == "r"}
+    assert tables == {"users", "api_keys", TABLE_NAME}
