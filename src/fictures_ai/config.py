@@ -15,7 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from platformdirs import user_cache_dir
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fictures_ai.engines.base import PromptFormat
@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     )
     generation_mode: GenerationMode = Field(
         "all",
+        # The original ai-server read AI_SERVER_GENERATION_MODE (image | text | both) from the
+        # web app's .env.local; both names and 'both' still work.
+        validation_alias=AliasChoices("generation_mode", "ai_server_generation_mode"),
         description=(
             "What this server generates: all, or only text or only images (the other half's "
             "routes are not mounted and its model is never loaded)."
@@ -242,6 +245,11 @@ class Settings(BaseSettings):
     image_max_concurrency: int = Field(
         1, ge=1, description="Images rendered at once; further requests wait in a queue."
     )
+
+    @field_validator("generation_mode", mode="before")
+    @classmethod
+    def _both_means_all(cls, value: object) -> object:
+        return "all" if isinstance(value, str) and value.strip().lower() == "both" else value
 
     @field_validator("cors_origins")
     @classmethod

@@ -91,9 +91,19 @@ async def test_wrong_secret_unknown_prefix_and_other_shapes_are_refused(
     assert (await store.check(wrong)).reason == "the secret does not match"
     assert await store.verify(unknown) is None
     assert "no key has the prefix" in ((await store.check(unknown)).reason or "")
-    for malformed in (key[:-1], key + "x", "fai_" + key[4:], key.replace("_", "-", 1)):
+    for malformed in ("fic_" + "a" * 31, "fic_" + "a" * 125, "fai_" + key[4:], key + "+"):
         assert store.lookup_prefix(malformed) is None
         assert await store.verify(malformed) is None
+    # An older key shape the web app also accepts: fic_ and 43 characters, no second "_".
+    assert store.lookup_prefix("fic_" + "b" * 43) == "fic_" + "b" * 12
+
+
+async def test_a_key_whose_user_is_gone_is_refused(
+    web_app: WebAppDatabase, store: FicturesKeyStore
+) -> None:
+    _, key = web_app.add_key(user_id="ghost", rounds=ROUNDS)
+    assert await store.verify(key) is None
+    assert (await store.check(key)).reason == "the key's user ghost does not exist"
 
 
 async def test_a_key_made_inactive_stops_working_within_the_cache_time(
@@ -157,7 +167,7 @@ async def test_last_used_at_is_written_in_batches_and_nothing_else_changes(
     assert web_app.table_names() == tables  # nothing created
 
 
-def test_prepare_refuses_a_database_without_the_web_apps_table(tmp_path: Path) -> None:
+def test_prepare_refuses_a_database_without_the_web_apps_tables(tmp_path: Path) -> None:
     store = FicturesKeyStore(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
     try:
         with pytest.raises(KeyStoreSchemaError, match="has no table api_keys"):
@@ -171,6 +181,7 @@ def test_prepare_refuses_an_api_keys_table_that_is_not_the_web_apps(tmp_path: Pa
     engine = sa.create_engine(url)
     with engine.begin() as connection:
         connection.execute(sa.text("CREATE TABLE api_keys (id integer, prefix text, hash text)"))
+        connection.execute(sa.text("CREATE TABLE users (id text)"))
     engine.dispose()
     store = FicturesKeyStore(database_url=url)
     try:
@@ -281,6 +292,21 @@ def test_a_foreign_table_under_our_name_stops_the_server_at_start_up(tmp_path: P
             pytest.fail("the server started")
 
     with pytest.raises(KeyStoreSchemaError, match="is not the server's key table"):
+        asyncio.run(start())
+
+
+def test_the_original_ai_servers_set_up_is_a_clear_start_up_error(
+    web_app: WebAppDatabase,
+) -> None:
+    # DATABASE_URL pointed at the web app's database, as the original ai-server had it, and no
+    # API_KEY_STORE: the web app's keys would all be refused, so the server does not start.
+    app = create_app(services=make_services(api_keys=ApiKeyService(database_url=web_app.url)))
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pytest.fail("the server started")
+
+    with pytest.raises(KeyStoreSchemaError, match="set API_KEY_STORE=fictures"):
         asyncio.run(start())
 
 

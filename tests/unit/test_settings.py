@@ -46,6 +46,17 @@ def test_the_original_deployment_variable_names_still_work(
     )
 
 
+def test_the_original_ai_servers_generation_mode_variable_still_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "both")
+    assert Settings(_env_file=None).generation_mode == "all"  # type: ignore[call-arg]
+    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "image")
+    assert Settings(_env_file=None).generation_mode == "image"  # type: ignore[call-arg]
+    monkeypatch.setenv("GENERATION_MODE", "text")
+    assert Settings(_env_file=None).generation_mode == "text"  # type: ignore[call-arg]
+
+
 def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("VLLM_TENSOR_PARALLEL_SIZE", "4")

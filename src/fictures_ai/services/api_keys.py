@@ -189,6 +189,9 @@ class ApiKeyService(KeyStore):
         self._url = normalise_url(database_url)
         self._engine = create_database_engine(self._url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self.shares_web_app_database = False
+        """Whether the database also holds the Fictures web app's ``api_keys`` table (known
+        once the store is prepared)."""
         logger.debug("API key store at %s", self.database_url)
 
     @property
@@ -340,6 +343,7 @@ class ApiKeyService(KeyStore):
             )
         if inspector.has_table(LEGACY_TABLE_NAME):
             legacy = {column["name"] for column in inspector.get_columns(LEGACY_TABLE_NAME)}
+            self.shares_web_app_database = {"key_prefix", "key_hash"} <= legacy
             self._take_over_legacy_keys(legacy)
 
     def _take_over_legacy_keys(self, legacy_columns: set[str]) -> None:

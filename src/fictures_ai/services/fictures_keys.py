@@ -4,11 +4,13 @@ The web app issues keys to its users and keeps them in its own table ``api_keys`
 (``api-contract.md``, "Keys from the web app's database"): ``id text``, ``user_id text``,
 ``name``, ``key_hash`` (bcrypt, cost 10, made with bcryptjs: ``$2a$``/``$2b$``), ``key_prefix``
 (the key's first 16 characters), ``scopes json`` (a list of scope strings), ``last_used_at``,
-``expires_at`` (null: never), ``is_active``, ``created_at``, ``updated_at``. A key reads
-``fic_`` + 12 characters + ``_`` + 43 characters of URL-safe base64.
+``expires_at`` (null: never), ``is_active``, ``created_at``, ``updated_at``; ``users`` has
+``id``. A key reads ``fic_`` + 12 characters + ``_`` + 43 characters of URL-safe base64; like the
+web app (``isValidApiKeyFormat``), any ``fic_`` + 32 or more URL-safe characters is looked up.
 
-A key is valid when a row with its prefix is active, not expired, and its hash matches; its
-scopes are the row's. This store never creates, alters or deletes anything in that database:
+A key is valid when a row with its prefix is active, not expired, its hash matches and its user
+still exists (the web app's own check, ``dual-auth.ts``, joins ``users`` too); its scopes are the
+row's. This store never creates, alters or deletes anything in that database:
 it reads rows by prefix and, in batches off the request path, sets ``last_used_at`` (if the
 database user may not, it logs that once and stops trying).
 """
@@ -50,11 +52,14 @@ from fictures_ai.services.key_store import (
 
 logger = logging.getLogger(__name__)
 
-KEY_PATTERN = re.compile(r"fic_[A-Za-z0-9_-]{12}_[A-Za-z0-9_-]{43}")
-"""The shape of the web app's keys (``api-contract.md``)."""
+KEY_PATTERN = re.compile(r"fic_[A-Za-z0-9_-]{32,124}")
+"""The keys the web app accepts (its ``isValidApiKeyFormat``), up to 128 characters."""
 PREFIX_LENGTH = 16
 """``key_prefix`` holds the key's first 16 characters: ``fic_`` and the 12 after it."""
+BCRYPT_MAX_BYTES = 72
+"""bcrypt reads at most 72 bytes of a key; bcryptjs drops the rest, and so do we."""
 TABLE_NAME = "api_keys"
+USERS_TABLE_NAME = "users"
 _INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for "permission denied"
 
 # Declared here, never created: the web app owns this table (see prepare()).
@@ -72,6 +77,7 @@ _API_KEYS = Table(
     Column("is_active", Boolean),
     Column("created_at", DateTime),
 )
+_USERS = Table(USERS_TABLE_NAME, MetaData(), Column("id", Text, primary_key=True))
 _COLUMNS = tuple(column.name for column in _API_KEYS.columns)
 
 
@@ -99,18 +105,20 @@ class FicturesKeyStore(KeyStore):
 
     def lookup_prefix(self, presented: str) -> str | None:
         """The first 16 characters of a ``fic_`` key, as the web app stores them."""
-        if len(presented) != 60 or not KEY_PATTERN.fullmatch(presented):
+        if len(presented) > 128 or not KEY_PATTERN.fullmatch(presented):
             return None
         return presented[:PREFIX_LENGTH]
 
     def _prepare(self) -> None:
-        """Check that the database holds the web app's ``api_keys`` table (reads only)."""
+        """Check that the database holds the web app's ``api_keys`` and ``users`` tables
+        (reads only)."""
         inspector = inspect(self._engine)
-        if not inspector.has_table(TABLE_NAME):
-            raise KeyStoreSchemaError(
-                f"FICTURES_DATABASE_URL={masked(self._url)} has no table {TABLE_NAME}: is it "
-                "the Fictures web app's database?"
-            )
+        for table in (TABLE_NAME, USERS_TABLE_NAME):
+            if not inspector.has_table(table):
+                raise KeyStoreSchemaError(
+                    f"FICTURES_DATABASE_URL={masked(self._url)} has no table {table}: is it "
+                    "the Fictures web app's database?"
+                )
         columns = {column["name"]: column for column in inspector.get_columns(TABLE_NAME)}
         missing = [name for name in _COLUMNS if name not in columns]
         if missing:
@@ -123,9 +131,12 @@ class FicturesKeyStore(KeyStore):
 
     def _check_blocking(self, *, prefix: str, presented: str, checked_hash: str | None) -> KeyCheck:
         self.prepare()
+        user = _USERS.c.id.label("user_exists")
         with self._engine.connect() as connection:
             rows = connection.execute(
-                select(_API_KEYS).where(_API_KEYS.c.key_prefix == prefix)
+                select(_API_KEYS, user)
+                .select_from(_API_KEYS.outerjoin(_USERS, _USERS.c.id == _API_KEYS.c.user_id))
+                .where(_API_KEYS.c.key_prefix == prefix)
             ).all()
         if not rows:
             return KeyCheck(info=None, reason=f"no key has the prefix {prefix}")
@@ -138,6 +149,8 @@ class FicturesKeyStore(KeyStore):
             return KeyCheck(info=None, reason="the secret does not match")
         if not row.is_active:
             return KeyCheck(info=None, reason="the key is inactive (is_active is false)")
+        if row.user_exists is None:
+            return KeyCheck(info=None, reason=f"the key's user {row.user_id} does not exist")
         expires_at = aware(row.expires_at) if row.expires_at is not None else None
         if expires_at is not None and expires_at <= datetime.now(UTC):
             return KeyCheck(info=None, reason=f"the key expired at {expires_at:%Y-%m-%d %H:%M}Z")
@@ -193,7 +206,7 @@ def _bcrypt_matches(stored: str | None, presented: str) -> bool:
     if not stored:
         return False
     try:
-        return bcrypt.checkpw(presented.encode(), stored.encode())
+        return bcrypt.checkpw(presented.encode()[:BCRYPT_MAX_BYTES], stored.encode())
     except ValueError:  # not a bcrypt hash
         logger.warning("A web app key row holds a key_hash that is not a bcrypt hash")
         return False
