@@ -26,7 +26,7 @@ from fictures_ai.config import Settings
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
 from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.database import default_database_url
-from fictures_ai.services.key_store import VALID_SCOPES, ApiKeyInfo
+from fictures_ai.services.key_store import VALID_SCOPES, ApiKeyInfo, KeyStoreSchemaError
 from fictures_ai.services.key_stores import KeyStores, open_key_stores
 
 DATABASE_URL_ENV = "DATABASE_URL"
@@ -91,18 +91,20 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         )
 
 
-def database_url_from(args: argparse.Namespace) -> str:
-    """The flag, else ``DATABASE_URL`` (environment or ``.env``, as the server reads it), else
-    :func:`default_database_url`."""
-    url: str | None = args.database_url or Settings().database_url
-    return url or default_database_url()
-
-
 def run_key_command(args: argparse.Namespace) -> int:
-    """Run the ``keys`` subcommand in ``args``; return the exit code."""
+    """Run the ``keys`` subcommand in ``args``; return the exit code.
+
+    The database is ``--database-url``, else ``DATABASE_URL`` (environment or ``.env``, as the
+    server reads it), else :func:`default_database_url`.
+    """
+    settings = Settings()
     if args.keys_command == "check":
-        return _check_key(args)
-    service = ApiKeyService(database_url=database_url_from(args), cache_ttl_s=0.0)
+        return _check_key(args, settings)
+    service = ApiKeyService(
+        database_url=args.database_url or settings.database_url or default_database_url(),
+        beside_web_app_keys=settings.api_key_store == "fictures",
+        cache_ttl_s=0.0,
+    )
     try:
         if args.keys_command == "create":
             info, plaintext = service.create(args.name, args.scopes, args.models)
@@ -114,7 +116,7 @@ def run_key_command(args: argparse.Namespace) -> int:
             print(f"Revoked API key '{info.name}' ({info.display_prefix}, id {info.id}).")
         else:  # argparse only lets the known commands through
             raise AssertionError(args.keys_command)
-    except (ValueError, InvalidRequestError) as exc:
+    except (ValueError, InvalidRequestError, KeyStoreSchemaError) as exc:
         message = exc.message if isinstance(exc, InvalidRequestError) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -130,8 +132,7 @@ def run_key_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_key(args: argparse.Namespace) -> int:
-    settings = Settings()
+def _check_key(args: argparse.Namespace, settings: Settings) -> int:
     fictures_url = args.fictures_database_url or (
         settings.fictures_database_url if settings.api_key_store == "fictures" else None
     )

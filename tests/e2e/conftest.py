@@ -47,10 +47,14 @@ class RunningServer:
 
 
 def create_key(database_url: str, name: str, scopes: str) -> str:
-    """Create a key with the real CLI and return it (the last line it prints)."""
+    """Create a key of the server's own with the real CLI and return it (the last line it
+    prints). The database is the web app's too, so the CLI is told the web app's keys are
+    accepted (API_KEY_STORE=fictures), as the server is."""
+    env = {**os.environ, "DATABASE_URL": database_url, "API_KEY_STORE": "fictures",
+           "FICTURES_DATABASE_URL": database_url}  # fmt: skip
     result = subprocess.run(
         [str(CLI), "keys", "create", "--name", name, "--scopes", scopes],
-        env={**os.environ, "DATABASE_URL": database_url},
+        env=env,
         capture_output=True,
         text=True,
         check=True,

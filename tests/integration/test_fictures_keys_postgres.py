@@ -89,7 +89,7 @@ async def test_a_read_only_database_user_is_enough(
         autocommit=True,
     ) as connection:
         connection.execute("CREATE ROLE reader LOGIN PASSWORD 'reader'")
-        connection.execute("GRANT SELECT ON api_keys TO reader")
+        connection.execute("GRANT SELECT ON api_keys, users TO reader")
     url = f"postgresql://reader:reader@127.0.0.1:{postgres_server.port}/{database}"
     store = FicturesKeyStore(database_url=url, cache_ttl_s=0.0)
     caplog.set_level(logging.WARNING)
@@ -108,7 +108,7 @@ async def test_the_servers_own_keys_may_live_in_the_web_apps_database(
     web_app: WebAppDatabase,
 ) -> None:
     _, theirs = web_app.add_key()
-    ours = ApiKeyService(database_url=web_app.url)
+    ours = ApiKeyService(database_url=web_app.url, beside_web_app_keys=True)
     fictures = FicturesKeyStore(database_url=web_app.url)
     try:
         ours.prepare()

@@ -240,7 +240,7 @@ async def test_rate_limits_are_per_key_whichever_store_it_came_from(
 
 
 def test_both_urls_may_name_one_database(web_app: WebAppDatabase) -> None:
-    local = ApiKeyService(database_url=web_app.url)
+    local = ApiKeyService(database_url=web_app.url, beside_web_app_keys=True)
     try:
         info, _ = local.create("ops", "admin:all")
         assert [key.id for key in local.list()] == [info.id]
@@ -308,6 +308,7 @@ def test_the_original_ai_servers_set_up_is_a_clear_start_up_error(
 
     with pytest.raises(KeyStoreSchemaError, match="set API_KEY_STORE=fictures"):
         asyncio.run(start())
+    assert web_app.table_names() == {"users", "api_keys"}  # refused before creating anything
 
 
 # fictures-ai keys check

@@ -51,7 +51,6 @@ from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
-from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.key_store import KeyStoreSchemaError
@@ -247,32 +246,11 @@ async def _prepare_key_stores(stores: KeyStores, settings: Settings) -> None:
         )
     try:
         await stores.prepare()
-        _check_key_store_choice(stores, settings)
     except KeyStoreSchemaError as exc:
         logger.error("Cannot start: %s", exc)
         raise
     for store in stores.stores:
         logger.info("Accepting API keys from %s", store.description)
-
-
-def _check_key_store_choice(stores: KeyStores, settings: Settings) -> None:
-    """Refuse the original ai-server's set-up, which pointed ``DATABASE_URL`` at the web app's
-    database to take its keys: here that URL is the server's own database, and without
-    ``API_KEY_STORE=fictures`` every key of the web app would get 401."""
-    for store in stores.stores:
-        if (
-            isinstance(store, ApiKeyService)
-            and store.shares_web_app_database
-            and settings.api_key_store == "local"
-        ):
-            raise KeyStoreSchemaError(
-                f"DATABASE_URL ({store.database_url}) holds the Fictures web app's api_keys "
-                "table, but API_KEY_STORE=local accepts only the server's own keys, so the "
-                "web app's keys would be refused. To accept them, set API_KEY_STORE=fictures "
-                "and FICTURES_DATABASE_URL to that URL (DATABASE_URL may stay: the server's "
-                "own tables are named fictures_ai_*). Otherwise point DATABASE_URL at another "
-                "database."
-            )
 
 
 def _build_observability(

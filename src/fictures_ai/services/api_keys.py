@@ -179,19 +179,24 @@ class ApiKeyService(KeyStore):
 
     kind = "local"
 
-    def __init__(self, *, database_url: str, **options: Any) -> None:
+    def __init__(
+        self, *, database_url: str, beside_web_app_keys: bool = False, **options: Any
+    ) -> None:
         """Open (lazily) the database at ``database_url``; ``options`` are
         :class:`~fictures_ai.services.key_store.KeyStore`'s (cache TTLs, threads, batching).
+
+        ``beside_web_app_keys``: the web app's keys are accepted too (``API_KEY_STORE=
+        fictures``), so this database may be the web app's. Without it, a database holding the
+        web app's ``api_keys`` table is refused when the store is prepared: that is the original
+        ai-server's set-up, where every key of the web app would now get 401.
 
         Raises ``sqlalchemy.exc.ArgumentError`` when ``database_url`` is not a database URL.
         """
         super().__init__(**options)
         self._url = normalise_url(database_url)
+        self._beside_web_app_keys = beside_web_app_keys
         self._engine = create_database_engine(self._url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        self.shares_web_app_database = False
-        """Whether the database also holds the Fictures web app's ``api_keys`` table (known
-        once the store is prepared)."""
         logger.debug("API key store at %s", self.database_url)
 
     @property
@@ -325,6 +330,19 @@ class ApiKeyService(KeyStore):
         database_file = sqlite_file(self._url)
         if database_file is not None:
             database_file.parent.mkdir(parents=True, exist_ok=True)
+        inspector = inspect(self._engine)
+        legacy: set[str] = set()
+        if inspector.has_table(LEGACY_TABLE_NAME):
+            legacy = {column["name"] for column in inspector.get_columns(LEGACY_TABLE_NAME)}
+        if {"key_prefix", "key_hash"} <= legacy and not self._beside_web_app_keys:
+            raise KeyStoreSchemaError(
+                f"DATABASE_URL ({self.database_url}) holds the Fictures web app's api_keys "
+                "table, but API_KEY_STORE=local accepts only the server's own keys, so the web "
+                "app's keys would be refused. To accept them, set API_KEY_STORE=fictures and "
+                "FICTURES_DATABASE_URL to that URL (DATABASE_URL may stay: the server's own "
+                "tables are named fictures_ai_*). Otherwise point DATABASE_URL at another "
+                "database."
+            )
         try:
             _Base.metadata.create_all(self._engine)
         except SQLAlchemyError:
@@ -332,8 +350,7 @@ class ApiKeyService(KeyStore):
             # only a table that is still missing is an error.
             if not inspect(self._engine).has_table(TABLE_NAME):
                 raise
-        inspector = inspect(self._engine)
-        found = {column["name"] for column in inspector.get_columns(TABLE_NAME)}
+        found = {column["name"] for column in inspect(self._engine).get_columns(TABLE_NAME)}
         missing = [name for name in _COLUMNS if name not in found]
         if missing:
             raise KeyStoreSchemaError(
@@ -341,19 +358,15 @@ class ApiKeyService(KeyStore):
                 f"(it lacks the columns {', '.join(missing)}). Point DATABASE_URL at another "
                 "database, or move that table out of the way."
             )
-        if inspector.has_table(LEGACY_TABLE_NAME):
-            legacy = {column["name"] for column in inspector.get_columns(LEGACY_TABLE_NAME)}
-            self.shares_web_app_database = {"key_prefix", "key_hash"} <= legacy
-            self._take_over_legacy_keys(legacy)
+        if legacy == set(_COLUMNS):
+            self._take_over_legacy_keys()
 
-    def _take_over_legacy_keys(self, legacy_columns: set[str]) -> None:
+    def _take_over_legacy_keys(self) -> None:
         """Copy the keys of a pre-0.2 ``api_keys`` table of ours, once, when ours is empty.
 
         A table of that name with other columns (the Fictures web app's, when both URLs name
         one database) is not ours and is never read here.
         """
-        if legacy_columns != set(_COLUMNS):
-            return
         legacy = table(LEGACY_TABLE_NAME, *(column(name) for name in _COLUMNS))
         with self._engine.begin() as connection:
             if connection.execute(select(func.count()).select_from(_ApiKeyRow)).scalar_one():

@@ -25,7 +25,11 @@ def open_key_stores(
     Raises ``sqlalchemy.exc.ArgumentError`` when a URL is not a database URL.
     """
     stores: list[KeyStore] = [
-        ApiKeyService(database_url=database_url or default_database_url(), cache_ttl_s=cache_ttl_s)
+        ApiKeyService(
+            database_url=database_url or default_database_url(),
+            beside_web_app_keys=fictures_database_url is not None,
+            cache_ttl_s=cache_ttl_s,
+        )
     ]
     if fictures_database_url:
         stores.append(FicturesKeyStore(database_url=fictures_database_url, cache_ttl_s=cache_ttl_s))
