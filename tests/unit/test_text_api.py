@@ -339,6 +339,15 @@ ZOD_CHARACTER = {
 }
 
 
+async def test_a_min_tokens_over_max_tokens_is_400_in_plain_words(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"prompt": "x", "max_tokens": 10, "min_tokens": 11}
+    response = await client.post(GENERATE, json=body)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "min_tokens (11) must not exceed max_tokens (10)"}
+
+
 async def test_an_empty_stop_sequences_list_means_none(
     client: httpx.AsyncClient, engine: FakeTextEngine
 ) -> None:

@@ -8,6 +8,7 @@ everything else speaks the Fictures ``{"detail": ...}`` shape.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,6 +82,14 @@ def error_responses(model: type[BaseModel], *, include_422: bool) -> dict[int | 
         code: {"model": model, "description": ERROR_DESCRIPTIONS.get(code, "Malformed body")}
         for code in codes
     }
+
+
+def validation_message(error: Mapping[str, Any]) -> str:
+    """One Pydantic validation error for people: ``field.path: message``, or the message alone
+    for a check of the whole body (Pydantic's ``Value error,`` prefix left out)."""
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def status_for(exc: FicturesError) -> int:

@@ -8,7 +8,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers
+from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers, validation_message
 from fictures_ai.api.fictures.protocol import PROMPT_TOO_LONG
 from fictures_ai.errors import FicturesError
 
@@ -33,6 +33,6 @@ def fictures_validation_error(exc: RequestValidationError) -> JSONResponse:
         elif where == "prompt" and first.get("type") == "string_too_short":
             detail = "Prompt must not be empty"
         else:
-            detail = "; ".join(f"{_location(e)}: {e.get('msg')}" for e in errors)
+            detail = "; ".join(validation_message(error) for error in errors)
         return JSONResponse({"detail": detail}, status_code=400)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers
+from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers, validation_message
 from fictures_ai.errors import FicturesError, InvalidRequestError, ModelNotFoundError
 
 _TYPES = {
@@ -47,9 +47,6 @@ def openai_validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     first = errors[0] if errors else {}
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-        for e in errors
-    )
+    message = "; ".join(validation_message(error) for error in errors)
     status = 400 if errors and all(e.get("type") in RANGE_ERROR_TYPES for e in errors) else 422
     return JSONResponse(error_body(message, status, param=param), status_code=status)
