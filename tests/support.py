@@ -12,6 +12,19 @@ import sqlalchemy as sa
 
 from fictures_ai.services.database import normalise_url
 
+# Every image size the Fictures web app asks for: its standard and quick profiles (the quick
+# profile's are not multiples of 8).
+WEB_APP_SIZES = [
+    (1024, 1024),
+    (1664, 936),
+    (928, 1664),
+    (832, 1248),
+    (1344, 756),
+    (896, 896),
+    (768, 1365),
+    (768, 1152),
+]
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

@@ -31,6 +31,7 @@ from PIL import Image
 from fictures_ai.api.auth import MISSING_KEY
 from fictures_ai.api.json_schema import to_json_schema
 from tests.e2e.conftest import CLI, RunningServer, start_server, stop_server
+from tests.support import WEB_APP_SIZES
 
 pytestmark = pytest.mark.e2e
 
@@ -40,18 +41,6 @@ STREAM = "/api/v1/text/stream"
 STRUCTURED = "/api/v1/text/structured"
 IMAGES = "/api/v1/images/generate"
 FORBIDDEN = "Insufficient permissions. Required scope: stories:write"
-
-# Every size the web app asks for: its standard and quick profiles.
-WEB_APP_SIZES = [
-    (1024, 1024),
-    (1664, 936),
-    (928, 1664),
-    (832, 1248),
-    (1344, 756),
-    (896, 896),
-    (768, 1365),
-    (768, 1152),
-]
 
 # A comic-script schema as Zod writes it for OpenAPI 3.0: nested, arrays, enums, nullable, no
 # $schema; bounded the way the web app bounds its fields (.max()).

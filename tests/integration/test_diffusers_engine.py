@@ -29,6 +29,7 @@ from fictures_ai.engines.diffusers_engine import (
 )
 from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL, build_tiny_sdxl_pipeline
 from fictures_ai.errors import ModelLoadError, ServiceUnavailableError
+from tests.support import WEB_APP_SIZES
 
 pytestmark = pytest.mark.integration
 
@@ -137,19 +138,6 @@ async def test_progress_is_reported_after_every_step(engine: DiffusersImageEngin
     await engine.generate(params(num_inference_steps=3), progress=lambda *call: calls.append(call))
 
     assert calls == [(1, 3), (2, 3), (3, 3)]
-
-
-# Every size the Fictures web app asks for (its quick profile's are not multiples of 8).
-WEB_APP_SIZES = [
-    (1024, 1024),
-    (1664, 936),
-    (928, 1664),
-    (832, 1248),
-    (1344, 756),
-    (896, 896),
-    (768, 1365),
-    (768, 1152),
-]
 
 
 @pytest.mark.asyncio

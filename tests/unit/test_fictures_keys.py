@@ -239,6 +239,13 @@ async def test_rate_limits_are_per_key_whichever_store_it_came_from(
 # The server's own table beside the web app's
 
 
+async def start_server(store: ApiKeyService) -> None:
+    """Run the app's start-up on ``store``; it must refuse to start."""
+    app = create_app(services=make_services(api_keys=store))
+    async with app.router.lifespan_context(app):
+        pytest.fail("the server started")
+
+
 def test_both_urls_may_name_one_database(web_app: WebAppDatabase) -> None:
     local = ApiKeyService(database_url=web_app.url, beside_web_app_keys=True)
     try:
@@ -284,15 +291,8 @@ def test_a_foreign_table_under_our_name_stops_the_server_at_start_up(tmp_path: P
     with engine.begin() as connection:
         connection.execute(sa.text(f"CREATE TABLE {TABLE_NAME} (id integer, secret text)"))
     engine.dispose()
-    local = ApiKeyService(database_url=url)
-    app = create_app(services=make_services(api_keys=local))
-
-    async def start() -> None:
-        async with app.router.lifespan_context(app):
-            pytest.fail("the server started")
-
     with pytest.raises(KeyStoreSchemaError, match="is not the server's key table"):
-        asyncio.run(start())
+        asyncio.run(start_server(ApiKeyService(database_url=url)))
 
 
 def test_the_original_ai_servers_set_up_is_a_clear_start_up_error(
@@ -300,14 +300,8 @@ def test_the_original_ai_servers_set_up_is_a_clear_start_up_error(
 ) -> None:
     # DATABASE_URL pointed at the web app's database, as the original ai-server had it, and no
     # API_KEY_STORE: the web app's keys would all be refused, so the server does not start.
-    app = create_app(services=make_services(api_keys=ApiKeyService(database_url=web_app.url)))
-
-    async def start() -> None:
-        async with app.router.lifespan_context(app):
-            pytest.fail("the server started")
-
     with pytest.raises(KeyStoreSchemaError, match="set API_KEY_STORE=fictures"):
-        asyncio.run(start())
+        asyncio.run(start_server(ApiKeyService(database_url=web_app.url)))
     assert web_app.table_names() == {"users", "api_keys"}  # refused before creating anything
 
 

@@ -9,18 +9,9 @@ from PIL import Image
 
 from fictures_ai.engines.base import centre_crop_box, covering_size
 from fictures_ai.engines.diffusers_engine import DiffusersImageEngine, ResolvedImageModel
+from tests.support import WEB_APP_SIZES
 
 SIDES = range(256, 2049)
-WEB_APP_SIZES = [
-    (1024, 1024),
-    (1664, 936),
-    (928, 1664),
-    (832, 1248),
-    (1344, 756),
-    (896, 896),
-    (768, 1365),
-    (768, 1152),
-]
 
 
 @pytest.mark.parametrize("multiple", [8, 16])
