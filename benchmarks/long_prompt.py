@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import httpx
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from loadgen import percentile  # noqa: E402
-from text_concurrency import start_server  # noqa: E402
+from text_concurrency import measure_and_write  # noqa: E402
 
 RESULTS = HERE / "results" / "long_prompt.json"
 STREAM = {"prompt": "Tell a long story about a lighthouse.", "max_tokens": 160,
@@ -134,19 +132,7 @@ def main() -> None:
     )
     parser.add_argument("--api-key", default=os.environ.get("FICTURES_API_KEY"))
     args = parser.parse_args()
-    process = None
-    url = args.url
-    if url is None:
-        process, url = start_server({"REQUIRE_API_KEY": "false"})
-    try:
-        result = asyncio.run(measure(url, args.senders, args.api_key))
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS}")
+    measure_and_write(args.url, lambda url: measure(url, args.senders, args.api_key), RESULTS)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -108,26 +110,32 @@ def start_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Po
     raise SystemExit("the server did not start")
 
 
+def measure_and_write(
+    url: str | None, measure: Callable[[str], Awaitable[dict[str, Any]]], results: Path
+) -> None:
+    """Run ``measure`` against ``url``, or against a private server on loopback started for it
+    (no keys, so that the figures are the engine's), and write what it returns to ``results``."""
+    process = None
+    if url is None:
+        process, url = start_server({"REQUIRE_API_KEY": "false"})
+    try:
+        result = asyncio.run(measure(url))
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {results}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="Measure a running server instead of starting one.")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--api-key", default=os.environ.get("FICTURES_API_KEY"))
     args = parser.parse_args()
-    process = None
-    url = args.url
-    if url is None:
-        # A private server on loopback: no keys, so that the figures are the engine's.
-        process, url = start_server({"REQUIRE_API_KEY": "false"})
-    try:
-        result = asyncio.run(measure(url, args.max_tokens, args.api_key))
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS}")
+    measure_and_write(args.url, lambda url: measure(url, args.max_tokens, args.api_key), RESULTS)
 
 
 if __name__ == "__main__":
