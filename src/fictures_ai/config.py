@@ -249,7 +249,10 @@ class Settings(BaseSettings):
     @field_validator("generation_mode", mode="before")
     @classmethod
     def _both_means_all(cls, value: object) -> object:
-        return "all" if isinstance(value, str) and value.strip().lower() == "both" else value
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        return "all" if value == "both" else value
 
     @field_validator("cors_origins")
     @classmethod

@@ -119,12 +119,15 @@ class GenerationTimeoutError(FicturesError):
 class ModelNotFoundError(FicturesError):
     """The request names a model this server does not serve."""
 
-    def __init__(self, model: str, *, available: list[str]) -> None:
+    def __init__(self, model: str, *, kind: str, available: list[str]) -> None:
+        """``kind`` is what the route generates (``text``, ``image``); ``available`` the models
+        of that kind this server serves."""
         super().__init__(
-            f"The model '{model}' does not exist on this server. "
-            f"Available: {', '.join(available) or 'none'}."
+            f"There is no {kind} model '{model}' on this server. "
+            f"{kind.capitalize()} models here: {', '.join(available) or 'none'}."
         )
         self.model = model
+        self.kind = kind
         self.available = available
 
 

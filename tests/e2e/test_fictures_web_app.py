@@ -300,8 +300,11 @@ def test_an_unknown_model_is_404(web_app: httpx.Client) -> None:
     text = web_app.post(GENERATE, json={"prompt": "x", "model": "qwen3-14b-awq"})
     image = web_app.post(IMAGES, json={"prompt": "x", "model": "qwen-image-lightning"})
     assert (text.status_code, image.status_code) == (404, 404)
-    assert "Available: SmolLM2-135M-Instruct" in text.json()["detail"]
-    assert "Available: tiny-sdxl-random" in image.json()["detail"]
+    assert "Text models here: SmolLM2-135M-Instruct" in text.json()["detail"]
+    assert "Image models here: tiny-sdxl-random" in image.json()["detail"]
+    other_half = web_app.post(GENERATE, json={"prompt": "x", "model": "tiny-sdxl-random"})
+    assert other_half.status_code == 404
+    assert "There is no text model 'tiny-sdxl-random'" in other_half.json()["detail"]
 
 
 @pytest.mark.parametrize(("width", "height"), WEB_APP_SIZES)

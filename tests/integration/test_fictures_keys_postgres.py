@@ -16,6 +16,8 @@ import pytest
 
 from fictures_ai.services.api_keys import TABLE_NAME, ApiKeyService
 from fictures_ai.services.fictures_keys import FicturesKeyStore
+from fictures_ai.services.key_store import KeyStoreSchemaError
+from fictures_ai.services.key_stores import open_key_stores
 from tests.postgres import PostgresServer
 from tests.support import WebAppDatabase
 
@@ -121,3 +123,29 @@ async def test_the_servers_own_keys_may_live_in_the_web_apps_database(
         fictures.close()
     tables = {name for kind, name in catalog(web_app) if kind == "r"}
     assert tables == {"users", "api_keys", TABLE_NAME}
+
+
+async def test_a_database_user_that_may_not_create_our_table_stops_start_up(
+    web_app: WebAppDatabase, postgres_server: PostgresServer
+) -> None:
+    # Both URLs on the web app's database with a user that may only read: the server's own
+    # table cannot be made there, which is a settings error, not an outage.
+    database = web_app.url.rsplit("/", 1)[1]
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        dbname=database,
+        autocommit=True,
+    ) as connection:
+        connection.execute("CREATE ROLE onlyreads LOGIN PASSWORD 'onlyreads'")
+        connection.execute("GRANT SELECT ON api_keys, users TO onlyreads")
+        connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    url = f"postgresql://onlyreads:onlyreads@127.0.0.1:{postgres_server.port}/{database}"
+    stores = open_key_stores(database_url=url, fictures_database_url=url, cache_ttl_s=0.0)
+    try:
+        with pytest.raises(KeyStoreSchemaError, match="permission denied for schema public"):
+            await stores.prepare()
+    finally:
+        stores.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -203,8 +203,8 @@ async def test_the_chain_asks_the_store_whose_keys_look_like_the_key(
         assert stores.store_for(ours) is local
         assert stores.store_for(theirs) is fictures
         assert stores.store_for("sk-something") is None
-        assert (await stores.verify(ours)).store == "local"  # type: ignore[union-attr]
-        assert (await stores.verify(theirs)).store == "fictures"  # type: ignore[union-attr]
+        assert (await local.verify(ours)).store == "local"  # type: ignore[union-attr]
+        assert (await fictures.verify(theirs)).store == "fictures"  # type: ignore[union-attr]
         store, check = await stores.check("sk-something")
         assert store is None
         assert check.reason == "not shaped like a key of the local or fictures store"
@@ -336,3 +336,45 @@ def test_keys_check_says_which_store_accepts_a_key_and_its_scopes(
     assert run_cli("keys", "check", theirs, "--database-url", ours_url) == 3
     assert "not shaped like a key of the local store" in capsys.readouterr().out
     assert web_app.key_row(key_id)["last_used_at"] is None  # a check records no use
+
+
+# What the routes make of the web app's keys
+
+
+@pytest.fixture
+async def app_client(
+    web_app: WebAppDatabase, store: FicturesKeyStore
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(services=make_services(api_keys=store))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c
+
+
+@pytest.mark.parametrize("scopes", [[], ["ai:use"], ["stories:read"]])
+async def test_model_listings_take_any_valid_key(
+    web_app: WebAppDatabase, app_client: httpx.AsyncClient, scopes: list[str]
+) -> None:
+    _, key = web_app.add_key(scopes=scopes, rounds=ROUNDS)
+    headers = {"x-api-key": key}
+    for path in ("/api/v1/models", "/api/v1/text/models", "/api/v1/images/models", "/v1/models"):
+        assert (await app_client.get(path, headers=headers)).status_code == 200, path
+    generate = await app_client.post("/api/v1/text/generate", json={"prompt": "x"}, headers=headers)
+    assert generate.status_code == 403
+    assert generate.json() == {"detail": "Insufficient permissions. Required scope: stories:write"}
+
+
+async def test_an_unrelated_bearer_token_does_not_hide_the_x_api_key(
+    web_app: WebAppDatabase, app_client: httpx.AsyncClient
+) -> None:
+    _, key = web_app.add_key(rounds=ROUNDS)
+    body = {"prompt": "x", "max_tokens": 2}
+    headers = {"Authorization": "Bearer a-session-token-of-someone-else", "x-api-key": key}
+    assert (
+        await app_client.post("/api/v1/text/generate", json=body, headers=headers)
+    ).status_code == 200
+    # A key-shaped but wrong Bearer is the key presented: it is refused.
+    wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+    headers = {"Authorization": f"Bearer {wrong}", "x-api-key": key}
+    assert (
+        await app_client.post("/api/v1/text/generate", json=body, headers=headers)
+    ).status_code == 401

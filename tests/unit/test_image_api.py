@@ -124,7 +124,7 @@ async def test_unknown_model_is_404_and_the_served_one_is_accepted(
     unknown = await client.post(GENERATE, json={**body, "model": "sdxl-turbo"})
     served = await client.post(GENERATE, json={**body, "model": "fake-image-model"})
     assert unknown.status_code == 404
-    assert "'sdxl-turbo' does not exist" in unknown.json()["detail"]
+    assert "There is no image model 'sdxl-turbo'" in unknown.json()["detail"]
     assert "fake-image-model" in unknown.json()["detail"]
     assert served.status_code == 200
 

@@ -51,7 +51,7 @@ def test_the_original_ai_servers_generation_mode_variable_still_works(
 ) -> None:
     monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "both")
     assert Settings(_env_file=None).generation_mode == "all"  # type: ignore[call-arg]
-    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "image")
+    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "IMAGE")
     assert Settings(_env_file=None).generation_mode == "image"  # type: ignore[call-arg]
     monkeypatch.setenv("GENERATION_MODE", "text")
     assert Settings(_env_file=None).generation_mode == "text"  # type: ignore[call-arg]

@@ -452,7 +452,7 @@ async def test_an_unknown_model_is_404(
     response = await client.post(path, json=body)
     assert response.status_code == 404
     assert response.json() == {
-        "detail": "The model 'qwen3-14b' does not exist on this server. Available: fake-model."
+        "detail": "There is no text model 'qwen3-14b' on this server. Text models here: fake-model."
     }
     assert engine.calls == []
 

@@ -1,10 +1,11 @@
 """Who is calling, what they may do, and how much of their budget is left.
 
-Every API route declares the scope it needs with ``require_scope``; the dependency reads the
-key from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``, checks it against the key store
-(cached: microseconds on the hot path), checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃
-``stories:read``), then charges the caller's per-minute budget. With ``REQUIRE_API_KEY=false``
-there is no key check and the budget is per client address.
+Every API route declares the scope it needs with ``require_scope`` (None: any valid key, as
+the contract has it for model listings); the dependency reads the key from ``Authorization:
+Bearer KEY`` or ``x-api-key: KEY``, checks it against the key stores (cached: microseconds on
+the hot path), checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``), then
+charges the caller's per-minute budget. With ``REQUIRE_API_KEY=false`` there is no key check
+and the budget is per client address.
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class Client:
             )
 
 
-def presented_key(request: Request) -> str | None:
-    """The key the request carries, from either header form."""
-    authorization = request.headers.get("authorization", "")
-    scheme, _, credentials = authorization.partition(" ")
+def presented_keys(request: Request) -> list[str]:
+    """The keys the request carries: ``Authorization: Bearer``'s, then ``x-api-key``'s."""
+    keys = []
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
+        keys.append(credentials.strip())
     api_key = request.headers.get("x-api-key", "").strip()
-    return api_key or None
+    if api_key:
+        keys.append(api_key)
+    return keys
 
 
 def current_client(request: Request) -> Client:
@@ -68,9 +71,13 @@ ModelSource = Literal["text", "image", "body"]
 
 
 def require_scope(
-    scope: str, *, images: ImageCount = 0, model: ModelSource | None = None
+    scope: str | None, *, images: ImageCount = 0, model: ModelSource | None = None
 ) -> Callable[[Request], Coroutine[Any, Any, Client]]:
-    """The dependency of a route that needs ``scope``.
+    """The dependency of a route that needs ``scope`` (None: any valid key).
+
+    Of the keys a request carries, the first shaped like a key of one of the stores is checked:
+    a proxy's or a browser's unrelated ``Authorization: Bearer`` token does not hide the
+    ``x-api-key`` the Fictures web app sends.
 
     ``images`` is how many images the request renders, charged to the images budget: a fixed
     number, or ``"n"`` to read the body's ``n`` field (OpenAI's image API). ``model`` names the
@@ -84,11 +91,15 @@ def require_scope(
             address = request.client.host if request.client else "unknown"
             client = Client(id=f"address:{address}", name=None, key=None)
         else:
-            presented = presented_key(request)
-            info = await services.api_keys.verify(presented) if presented else None
+            info = None
+            for presented in presented_keys(request):
+                store = services.api_keys.store_for(presented)
+                if store is not None:
+                    info = await store.verify(presented)
+                    break
             if info is None:
                 raise AuthenticationError(MISSING_KEY)
-            if not info.has_scope(scope):
+            if scope is not None and not info.has_scope(scope):
                 raise PermissionDeniedError(f"Insufficient permissions. Required scope: {scope}")
             client = Client(id=info.client_id, name=info.name, key=info)
             if model is not None:

@@ -339,9 +339,8 @@ class ApiKeyService(KeyStore):
                 f"DATABASE_URL ({self.database_url}) holds the Fictures web app's api_keys "
                 "table, but API_KEY_STORE=local accepts only the server's own keys, so the web "
                 "app's keys would be refused. To accept them, set API_KEY_STORE=fictures and "
-                "FICTURES_DATABASE_URL to that URL (DATABASE_URL may stay: the server's own "
-                "tables are named fictures_ai_*). Otherwise point DATABASE_URL at another "
-                "database."
+                "FICTURES_DATABASE_URL to that URL, and point DATABASE_URL at a database of the "
+                "server's own (or leave it: the server's tables are named fictures_ai_*)."
             )
         try:
             _Base.metadata.create_all(self._engine)

@@ -91,7 +91,7 @@ class ImageGenerationService:
     def check_model(self, requested: str | None) -> str:
         """The model a request names (None: the served one); ``ModelNotFoundError`` when this
         service does not serve it."""
-        return check_model_name(requested, self.info().name)
+        return check_model_name(requested, self.info().name, kind="image")
 
     def info(self) -> ImageServiceInfo:
         """Describe the model and the queue without loading anything."""

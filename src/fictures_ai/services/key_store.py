@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from fictures_ai.errors import ServiceUnavailableError
 
@@ -396,6 +396,17 @@ class KeyStore(abc.ABC):
         bound = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
         try:
             return await loop.run_in_executor(self._executor, bound)
+        except OperationalError as exc:  # unreachable: one line, not a traceback per request
+            logger.error(
+                "The %s key database at %s cannot be reached: %s",
+                self.kind,
+                self.description,
+                first_line(exc),
+            )
+            raise ServiceUnavailableError(
+                "The API key store is unavailable; try again shortly.",
+                retry_after=STORE_RETRY_AFTER_S,
+            ) from exc
         except (SQLAlchemyError, KeyStoreSchemaError) as exc:
             logger.exception("The %s key database at %s failed", self.kind, self.description)
             raise ServiceUnavailableError(
@@ -408,6 +419,13 @@ class KeyStore(abc.ABC):
         # Mark the outcome as seen even when every waiter was cancelled (no stray warning).
         if not future.cancelled():
             future.exception()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error: the driver's message, without SQLAlchemy's
+    statement and background link."""
+    cause = getattr(exc, "orig", None) or exc
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(exc).__name__
 
 
 def _utcnow() -> datetime:

@@ -6,12 +6,12 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.database import default_database_url
 from fictures_ai.services.fictures_keys import FicturesKeyStore
-from fictures_ai.services.key_store import ApiKeyInfo, KeyCheck, KeyStore
+from fictures_ai.services.key_store import KeyCheck, KeyStore, KeyStoreSchemaError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,6 @@ class KeyStores:
                 return store
         return None
 
-    async def verify(self, presented: str) -> ApiKeyInfo | None:
-        """The key's info if it is valid in its store, else None (see ``KeyStore.verify``)."""
-        store = self.store_for(presented)
-        return await store.verify(presented) if store is not None else None
-
     async def check(self, presented: str) -> tuple[KeyStore | None, KeyCheck]:
         """Which store would hold ``presented``, and what it says of it now (uncached)."""
         store = self.store_for(presented)
@@ -67,21 +62,28 @@ class KeyStores:
     async def prepare(self) -> None:
         """Create or check every store's tables before the server takes requests.
 
-        Raises ``KeyStoreSchemaError`` (the server must not start). A database that cannot be
-        reached now is only logged: key checks answer 503 until it can, and the tables are
-        checked then.
+        Raises ``KeyStoreSchemaError`` (the server must not start) when a database holds the
+        wrong tables or answers with an error (a wrong password, a missing database, a user
+        that may not read a table or create ours). A database that cannot be reached now is only
+        logged: key checks answer 503 until it can, and the tables are checked then.
         """
         for store in self.stores:
             try:
                 await asyncio.to_thread(store.prepare)
-            except SQLAlchemyError as exc:
+            except OperationalError as exc:
+                # PostgreSQL answered (it sent an SQLSTATE): the settings are wrong, not the
+                # network. No answer at all (refused, timed out) may pass: it is only logged.
+                if getattr(exc.orig, "sqlstate", None):
+                    raise _refused(store, exc) from exc
                 logger.error(
                     "The %s key database at %s cannot be reached (%s); key checks answer 503 "
                     "until it can",
                     store.kind,
                     store.description,
-                    type(exc).__name__,
+                    first_line(exc),
                 )
+            except SQLAlchemyError as exc:
+                raise _refused(store, exc) from exc
 
     async def record_usage(self) -> None:
         """Write every store's last-use times in batches until cancelled."""
@@ -91,3 +93,11 @@ class KeyStores:
         """Close every store."""
         for store in self.stores:
             store.close()
+
+
+def _refused(store: KeyStore, exc: SQLAlchemyError) -> KeyStoreSchemaError:
+    return KeyStoreSchemaError(
+        f"The {store.kind} key store ({store.description}) failed its start-up checks: "
+        f"{first_line(exc)}. Check the URL and its user's rights (the README lists them), or "
+        "point it at another database."
+    )

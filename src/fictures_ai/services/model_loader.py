@@ -56,13 +56,13 @@ class ModelLoadInfo:
     """Why the model is not available, when its state is ``failed`` (or it is reloading)."""
 
 
-def check_model_name(requested: str | None, served: str) -> str:
+def check_model_name(requested: str | None, served: str, *, kind: str) -> str:
     """``served`` when ``requested`` is None (the default model) or names it.
 
-    Raises ``ModelNotFoundError`` (listing ``served``) for any other name.
+    Raises ``ModelNotFoundError`` (listing ``served`` as the ``kind`` models) for another name.
     """
     if requested is not None and requested != served:
-        raise ModelNotFoundError(requested, available=[served])
+        raise ModelNotFoundError(requested, kind=kind, available=[served])
     return served
 
 

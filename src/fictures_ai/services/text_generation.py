@@ -116,7 +116,7 @@ class TextGenerationService:
     def check_model(self, requested: str | None) -> str:
         """The model a request names (None: the served one); ``ModelNotFoundError`` when this
         service does not serve it."""
-        return check_model_name(requested, self.model_name)
+        return check_model_name(requested, self.model_name, kind="text")
 
     def info(self) -> TextServiceInfo:
         """Describe the model without loading it."""

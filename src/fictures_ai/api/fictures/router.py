@@ -73,7 +73,8 @@ image_router = APIRouter(prefix="/api/v1/images", tags=["images"], responses=_ER
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
-read_access = [Depends(require_scope("stories:read"))]
+# Model listings: any valid key (api-contract.md, "Authentication").
+listing_access = [Depends(require_scope(None))]
 text_access = [Depends(require_scope("stories:write", model="text"))]
 image_access = [Depends(require_scope("stories:write", images=1, model="image"))]
 
@@ -139,7 +140,7 @@ async def check_health(services: ServicesDep, observability: ObservabilityDep) -
 
 
 @models_router.get(
-    "/models", response_model=ModelsResponse, dependencies=read_access, tags=["models"]
+    "/models", response_model=ModelsResponse, dependencies=listing_access, tags=["models"]
 )
 async def list_models(services: ServicesDep) -> ModelsResponse:
     """Every model this server serves (an empty list for a half it does not serve)."""
@@ -150,7 +151,7 @@ async def list_models(services: ServicesDep) -> ModelsResponse:
     )
 
 
-@text_router.get("/models", response_model=TextModelsResponse, dependencies=read_access)
+@text_router.get("/models", response_model=TextModelsResponse, dependencies=listing_access)
 async def list_text_models(service: TextService) -> TextModelsResponse:
     """The text models, with whether each is loaded."""
     info = service.info()
@@ -387,7 +388,7 @@ async def _image_events(
     yield DONE_EVENT
 
 
-@image_router.get("/models", response_model=ImageModelsResponse, dependencies=read_access)
+@image_router.get("/models", response_model=ImageModelsResponse, dependencies=listing_access)
 async def list_image_models(service: ImageService) -> ImageModelsResponse:
     """The image models, with whether each is loaded."""
     info = service.info()

@@ -78,12 +78,13 @@ image_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
-read_access = [Depends(require_scope("stories:read"))]
+# Model listings: any valid key (api-contract.md, "Authentication").
+listing_access = [Depends(require_scope(None))]
 text_access = [Depends(require_scope("stories:write", model="body"))]
 image_access = [Depends(require_scope("stories:write", images="n", model="image"))]
 
 
-@models_router.get("/models", response_model=ModelList, dependencies=read_access)
+@models_router.get("/models", response_model=ModelList, dependencies=listing_access)
 async def list_models(services: ServicesDep) -> ModelList:
     """The text and image models this server serves (per ``GENERATION_MODE``)."""
     created = int(time.time())
