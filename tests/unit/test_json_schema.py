@@ -127,3 +127,11 @@ def test_an_invalid_schema_is_refused_naming_the_field() -> None:
     assert caught.value.param == "schema"
     assert "schema is not a valid JSON schema" in caught.value.message
     assert "properties/a/type" in caught.value.message
+
+
+def test_a_schema_nested_beyond_reason_is_refused_not_a_crash() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(2000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(InvalidRequestError, match="nests too deeply"):
+        to_json_schema(schema, param="response_schema")

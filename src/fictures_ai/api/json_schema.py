@@ -35,9 +35,13 @@ def to_json_schema(schema: dict[str, Any], *, param: str) -> dict[str, Any]:
     Returns a new dict; the input is not changed. Raises ``InvalidRequestError`` naming
     ``param`` when the result is not a valid JSON Schema.
     """
-    converted: dict[str, Any] = _convert(schema)
     try:
+        converted: dict[str, Any] = _convert(schema)
         jsonschema.Draft202012Validator.check_schema(converted)
+    except RecursionError:
+        raise InvalidRequestError(
+            f"{param} nests too deeply to be used as a JSON schema.", param=param
+        ) from None
     except jsonschema.SchemaError as exc:
         where = "/".join(str(part) for part in exc.path)
         raise InvalidRequestError(
