@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from fictures_ai.config import LogFormat, Settings
+from fictures_ai.config import LogFormat, Settings, describe_settings_error
 from fictures_ai.key_commands import add_key_commands, run_key_command
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
     except ValidationError as exc:
-        print(f"Invalid settings:\n{exc}", file=sys.stderr)
+        print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:

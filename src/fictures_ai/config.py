@@ -15,8 +15,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from platformdirs import user_cache_dir
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from fictures_ai.engines.base import PromptFormat
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
@@ -37,7 +39,12 @@ class Settings(BaseSettings):
     """Every setting of the server, with its default and a one-line description."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        # VAR= (docker compose passes ${VAR} through empty) means unset, not "".
+        env_ignore_empty=True,
     )
 
     # HTTP
@@ -249,10 +256,27 @@ class Settings(BaseSettings):
     @field_validator("generation_mode", mode="before")
     @classmethod
     def _both_means_all(cls, value: object) -> object:
+        # The web app's AI_SERVER_GENERATION_MODE says both for all, in any case.
         if not isinstance(value, str):
             return value
         value = value.strip().lower()
         return "all" if value == "both" else value
+
+    @field_validator("database_url", "fictures_database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            backend = None
+        if backend not in ("postgresql", "sqlite"):
+            raise ValueError(
+                "must be a PostgreSQL URL (postgresql://user:password@host:5432/db) or an "
+                f"SQLite one (sqlite:///path/to/file.db), not '{mask_password(value)}'"
+            )
+        return value
 
     @field_validator("cors_origins")
     @classmethod
@@ -318,6 +342,26 @@ class Settings(BaseSettings):
                 continue
             changed[name] = mask_password(value) if isinstance(value, str) else value
         return changed
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """The errors of invalid settings, one a line, each naming its environment variable(s)
+    (``GENERATION_MODE or AI_SERVER_GENERATION_MODE='x': Input should be ...``)."""
+    lines = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else None
+        info = Settings.model_fields.get(field) if field else None
+        if info is None:
+            lines.append(message)
+            continue
+        names = [str(field).upper()]
+        if isinstance(info.validation_alias, AliasChoices):
+            names = [str(choice).upper() for choice in info.validation_alias.choices]
+        value = error.get("input")
+        shown = f"={mask_password(value)!r}" if isinstance(value, str) else ""
+        lines.append(f"{' or '.join(names)}{shown}: {message}")
+    return "\n".join(lines)
 
 
 def mask_password(value: str) -> str:

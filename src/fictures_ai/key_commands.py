@@ -20,9 +20,10 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
+from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from fictures_ai.config import Settings
+from fictures_ai.config import Settings, describe_settings_error
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
 from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.database import default_database_url
@@ -97,7 +98,11 @@ def run_key_command(args: argparse.Namespace) -> int:
     The database is ``--database-url``, else ``DATABASE_URL`` (environment or ``.env``, as the
     server reads it), else :func:`default_database_url`.
     """
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
+        return 2
     if args.keys_command == "check":
         return _check_key(args, settings)
     service = ApiKeyService(
@@ -155,6 +160,11 @@ def _check_key(args: argparse.Namespace, settings: Settings) -> int:
     if check.info is None:
         where = f"the {store.kind} store ({store.description})" if store else "every store"
         print(f"Refused by {where}: {check.reason}.")
+        if store is None and args.key.strip().startswith("fic_"):
+            print(
+                "This looks like a key of the Fictures web app: set API_KEY_STORE=fictures and "
+                "FICTURES_DATABASE_URL (or pass --fictures-database-url) to check it there."
+            )
         return EXIT_REFUSED
     assert store is not None  # an accepted key has a store
     info = check.info

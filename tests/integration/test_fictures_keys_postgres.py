@@ -17,7 +17,7 @@ import pytest
 from fictures_ai.services.api_keys import TABLE_NAME, ApiKeyService
 from fictures_ai.services.fictures_keys import FicturesKeyStore
 from fictures_ai.services.key_store import KeyStoreSchemaError
-from fictures_ai.services.key_stores import open_key_stores
+from fictures_ai.services.key_stores import KeyStores, open_key_stores
 from tests.postgres import PostgresServer
 from tests.support import WebAppDatabase
 
@@ -149,3 +149,69 @@ async def test_a_database_user_that_may_not_create_our_table_stops_start_up(
             await stores.prepare()
     finally:
         stores.close()
+
+
+@pytest.mark.parametrize(
+    ("grants", "password", "message"),
+    [
+        ([], "secret", "permission denied for table api_keys"),
+        (["GRANT SELECT ON api_keys TO {role}"], "secret", "permission denied for table users"),
+        (["GRANT SELECT ON api_keys, users TO {role}"], "wrong", "password authentication"),
+    ],
+)
+async def test_a_web_app_database_user_without_the_rights_stops_start_up(
+    web_app: WebAppDatabase,
+    postgres_server: PostgresServer,
+    grants: list[str],
+    password: str,
+    message: str,
+) -> None:
+    database = web_app.url.rsplit("/", 1)[1]
+    role = f"role_{uuid.uuid4().hex[:8]}"  # roles belong to the whole server
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        dbname=database,
+        autocommit=True,
+    ) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'secret'")
+        for grant in grants:
+            connection.execute(grant.format(role=role))
+    url = f"postgresql://{role}:{password}@127.0.0.1:{postgres_server.port}/{database}"
+    store = FicturesKeyStore(database_url=url)
+    stores = KeyStores([store])
+    try:
+        with pytest.raises(KeyStoreSchemaError, match=message):
+            await stores.prepare()
+    finally:
+        stores.close()
+
+
+async def test_the_narrowest_grant_is_enough(
+    web_app: WebAppDatabase, postgres_server: PostgresServer
+) -> None:
+    _, key = web_app.add_key()
+    database = web_app.url.rsplit("/", 1)[1]
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        dbname=database,
+        autocommit=True,
+    ) as connection:
+        connection.execute("CREATE ROLE narrow LOGIN PASSWORD 'narrow'")
+        connection.execute("GRANT SELECT ON api_keys TO narrow")
+        connection.execute("GRANT SELECT (id) ON users TO narrow")
+        connection.execute("GRANT UPDATE (last_used_at) ON api_keys TO narrow")
+    store = FicturesKeyStore(
+        database_url=f"postgresql://narrow:narrow@127.0.0.1:{postgres_server.port}/{database}"
+    )
+    try:
+        store.prepare()
+        assert await store.verify(key) is not None
+        await store.flush_usage()
+    finally:
+        store.close()

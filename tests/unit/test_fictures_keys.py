@@ -378,3 +378,17 @@ async def test_an_unrelated_bearer_token_does_not_hide_the_x_api_key(
     assert (
         await app_client.post("/api/v1/text/generate", json=body, headers=headers)
     ).status_code == 401
+
+
+def test_keys_commands_report_bad_settings_and_hint_at_the_web_apps_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_KEY_STORE", "Fictures")
+    assert run_cli("keys", "list", "--database-url", f"sqlite:///{tmp_path / 'k.db'}") == 2
+    assert "API_KEY_STORE='Fictures': Input should be 'local' or 'fictures'" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.delenv("API_KEY_STORE")
+    key = "fic_" + "a" * 12 + "_" + "b" * 43
+    assert run_cli("keys", "check", key, "--database-url", f"sqlite:///{tmp_path / 'k.db'}") == 3
+    assert "set API_KEY_STORE=fictures and FICTURES_DATABASE_URL" in capsys.readouterr().out

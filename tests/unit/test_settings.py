@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from fictures_ai.cli import add_settings_flags, build_parser, settings_from
-from fictures_ai.config import Settings
+from fictures_ai.config import Settings, describe_settings_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,3 +136,26 @@ def test_serve_flags_mirror_the_settings() -> None:
 def test_non_default_settings_mask_secrets() -> None:
     settings = Settings(_env_file=None, api_port=9001)  # type: ignore[call-arg]
     assert settings.non_default_items() == {"api_port": 9001}
+
+
+def test_errors_name_the_variables_a_user_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "bogus")
+    monkeypatch.setenv("FICTURES_DATABASE_URL", "mysql://web:hunter2@db/fictures")
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    described = describe_settings_error(caught.value)
+    assert "GENERATION_MODE or AI_SERVER_GENERATION_MODE='bogus': Input should be" in described
+    assert "FICTURES_DATABASE_URL='mysql://web:***@db/fictures': must be a PostgreSQL URL" in (
+        described
+    )
+    assert "hunter2" not in described
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker compose passes ${GENERATION_MODE} through as an empty string when it is unset.
+    monkeypatch.setenv("GENERATION_MODE", "")
+    monkeypatch.setenv("AI_SERVER_GENERATION_MODE", "image")
+    monkeypatch.setenv("DATABASE_URL", "")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.generation_mode == "image"
+    assert settings.database_url is None

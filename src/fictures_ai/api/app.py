@@ -250,7 +250,8 @@ async def _prepare_key_stores(stores: KeyStores, settings: Settings) -> None:
         logger.error("Cannot start: %s", exc)
         raise
     for store in stores.stores:
-        logger.info("Accepting API keys from %s", store.description)
+        if store.prepared:  # the others logged why not, and answer 503 until they can
+            logger.info("Accepting API keys from %s", store.description)
 
 
 def _build_observability(

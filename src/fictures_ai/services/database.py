@@ -16,6 +16,7 @@ from typing import Any
 from platformdirs import user_data_dir
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
 TABLE_PREFIX = "fictures_ai_"
@@ -38,9 +39,15 @@ def default_database_url() -> str:
 def normalise_url(database_url: str) -> URL:
     """The SQLAlchemy URL; a plain ``postgresql://`` URL uses psycopg 3 (psycopg2 is absent).
 
-    Raises ``sqlalchemy.exc.ArgumentError`` for a string that is not a database URL.
+    Raises ``sqlalchemy.exc.ArgumentError`` for a string that is not a database URL, or one of
+    a database other than PostgreSQL and SQLite (the only drivers installed).
     """
     url = make_url(database_url)
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ArgumentError(
+            f"{url.get_backend_name()} is not supported: use a PostgreSQL URL "
+            "(postgresql://user:password@host:5432/db) or an SQLite one (sqlite:///path)"
+        )
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     return url

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     MetaData,
+    Select,
     String,
     Table,
     Text,
@@ -110,8 +111,12 @@ class FicturesKeyStore(KeyStore):
         return presented[:PREFIX_LENGTH]
 
     def _prepare(self) -> None:
-        """Check that the database holds the web app's ``api_keys`` and ``users`` tables
-        (reads only)."""
+        """Check that the database holds the web app's ``api_keys`` and ``users`` tables and
+        that this user may read what a key check reads (reads only).
+
+        Raises ``KeyStoreSchemaError`` for missing tables or columns; a user without the rights
+        makes the test query raise ``sqlalchemy.exc.ProgrammingError``.
+        """
         inspector = inspect(self._engine)
         for table in (TABLE_NAME, USERS_TABLE_NAME):
             if not inspector.has_table(table):
@@ -128,16 +133,13 @@ class FicturesKeyStore(KeyStore):
                 "Fictures web app's database?"
             )
         self._last_used_has_zone = bool(getattr(columns["last_used_at"]["type"], "timezone", False))
+        with self._engine.connect() as connection:  # the key check's own query, reading nothing
+            connection.execute(self._key_query("").limit(0)).all()
 
     def _check_blocking(self, *, prefix: str, presented: str, checked_hash: str | None) -> KeyCheck:
         self.prepare()
-        user = _USERS.c.id.label("user_exists")
         with self._engine.connect() as connection:
-            rows = connection.execute(
-                select(_API_KEYS, user)
-                .select_from(_API_KEYS.outerjoin(_USERS, _USERS.c.id == _API_KEYS.c.user_id))
-                .where(_API_KEYS.c.key_prefix == prefix)
-            ).all()
+            rows = connection.execute(self._key_query(prefix)).all()
         if not rows:
             return KeyCheck(info=None, reason=f"no key has the prefix {prefix}")
         # Prefixes are not unique in the web app's schema: the hash decides between rows.
@@ -167,6 +169,15 @@ class FicturesKeyStore(KeyStore):
             owner=row.user_id,
         )
         return KeyCheck(info=info, key_hash=row.key_hash)
+
+    @staticmethod
+    def _key_query(prefix: str) -> Select[Any]:
+        """The rows of ``prefix``, each with ``user_exists`` (its user's id, or null)."""
+        return (
+            select(_API_KEYS, _USERS.c.id.label("user_exists"))
+            .select_from(_API_KEYS.outerjoin(_USERS, _USERS.c.id == _API_KEYS.c.user_id))
+            .where(_API_KEYS.c.key_prefix == prefix)
+        )
 
     def _write_last_used(self, uses: dict[KeyId, datetime]) -> None:
         if not self._record_last_used:

@@ -251,6 +251,11 @@ class KeyStore(abc.ABC):
     def lookup_prefix(self, presented: str) -> str | None:
         """The prefix that finds ``presented``'s row, or None when this store cannot hold it."""
 
+    @property
+    def prepared(self) -> bool:
+        """Whether the store's tables have been created or checked."""
+        return self._prepared
+
     def prepare(self) -> None:
         """Create or check the store's tables, once (blocking; later calls return at once).
 

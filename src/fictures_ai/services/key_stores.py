@@ -71,9 +71,10 @@ class KeyStores:
             try:
                 await asyncio.to_thread(store.prepare)
             except OperationalError as exc:
-                # PostgreSQL answered (it sent an SQLSTATE): the settings are wrong, not the
-                # network. No answer at all (refused, timed out) may pass: it is only logged.
-                if getattr(exc.orig, "sqlstate", None):
+                # The server answered with a refusal: the settings are wrong, not the network,
+                # and waiting will not help. No answer at all (refused connection, time-out)
+                # may pass: it is only logged.
+                if _is_refusal(exc):
                     raise _refused(store, exc) from exc
                 logger.error(
                     "The %s key database at %s cannot be reached (%s); key checks answer 503 "
@@ -101,3 +102,21 @@ def _refused(store: KeyStore, exc: SQLAlchemyError) -> KeyStoreSchemaError:
         f"{first_line(exc)}. Check the URL and its user's rights (the README lists them), or "
         "point it at another database."
     )
+
+
+# libpq's words for a server that answered and said no (it sends no SQLSTATE before a session
+# exists, so the message is all there is to go by).
+_REFUSALS = (
+    "password authentication failed",
+    "authentication failed",
+    "does not exist",  # database or role
+    "no pg_hba.conf entry",
+    "permission denied",
+)
+
+
+def _is_refusal(exc: OperationalError) -> bool:
+    if getattr(exc.orig, "sqlstate", None):
+        return True
+    message = str(exc.orig).lower()
+    return any(words in message for words in _REFUSALS)
