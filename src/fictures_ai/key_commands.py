@@ -105,11 +105,15 @@ def run_key_command(args: argparse.Namespace) -> int:
         return 2
     if args.keys_command == "check":
         return _check_key(args, settings)
-    service = ApiKeyService(
-        database_url=args.database_url or settings.database_url or default_database_url(),
-        beside_web_app_keys=settings.api_key_store == "fictures",
-        cache_ttl_s=0.0,
-    )
+    try:
+        service = ApiKeyService(
+            database_url=args.database_url or settings.database_url or default_database_url(),
+            beside_web_app_keys=settings.api_key_store == "fictures",
+            cache_ttl_s=0.0,
+        )
+    except ArgumentError as exc:
+        print(f"error: not a database URL: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.keys_command == "create":
             info, plaintext = service.create(args.name, args.scopes, args.models)

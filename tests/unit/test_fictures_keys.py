@@ -389,6 +389,8 @@ def test_keys_commands_report_bad_settings_and_hint_at_the_web_apps_store(
         capsys.readouterr().err
     )
     monkeypatch.delenv("API_KEY_STORE")
+    assert run_cli("keys", "list", "--database-url", "mysql://u:p@db/keys") == 2
+    assert "mysql is not supported" in capsys.readouterr().err
     key = "fic_" + "a" * 12 + "_" + "b" * 43
     assert run_cli("keys", "check", key, "--database-url", f"sqlite:///{tmp_path / 'k.db'}") == 3
     assert "set API_KEY_STORE=fictures and FICTURES_DATABASE_URL" in capsys.readouterr().out
