@@ -49,15 +49,20 @@ class PostgresServer:
         )
 
     def create_database(self, name: str) -> None:
+        self.execute("postgres", f'CREATE DATABASE "{name}"')
+
+    def execute(self, database: str, *statements: str) -> None:
+        """Run ``statements`` in ``database`` as the superuser, each in its own transaction."""
         with psycopg.connect(
             host="127.0.0.1",
             port=self.port,
             user=self.user,
             password=self.password,
-            dbname="postgres",
+            dbname=database,
             autocommit=True,
         ) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
+            for statement in statements:
+                connection.execute(statement.encode())
 
 
 def find_bin_dir() -> Path:

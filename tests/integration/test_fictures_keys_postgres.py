@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 
 from fictures_ai.services.api_keys import TABLE_NAME, ApiKeyService
@@ -82,16 +81,11 @@ async def test_a_read_only_database_user_is_enough(
 ) -> None:
     key_id, key = web_app.add_key()
     database = web_app.url.rsplit("/", 1)[1]
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        dbname=database,
-        autocommit=True,
-    ) as connection:
-        connection.execute("CREATE ROLE reader LOGIN PASSWORD 'reader'")
-        connection.execute("GRANT SELECT ON api_keys, users TO reader")
+    postgres_server.execute(
+        database,
+        "CREATE ROLE reader LOGIN PASSWORD 'reader'",
+        "GRANT SELECT ON api_keys, users TO reader",
+    )
     url = f"postgresql://reader:reader@127.0.0.1:{postgres_server.port}/{database}"
     store = FicturesKeyStore(database_url=url, cache_ttl_s=0.0)
     caplog.set_level(logging.WARNING)
@@ -131,17 +125,12 @@ async def test_a_database_user_that_may_not_create_our_table_stops_start_up(
     # Both URLs on the web app's database with a user that may only read: the server's own
     # table cannot be made there, which is a settings error, not an outage.
     database = web_app.url.rsplit("/", 1)[1]
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        dbname=database,
-        autocommit=True,
-    ) as connection:
-        connection.execute("CREATE ROLE onlyreads LOGIN PASSWORD 'onlyreads'")
-        connection.execute("GRANT SELECT ON api_keys, users TO onlyreads")
-        connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    postgres_server.execute(
+        database,
+        "CREATE ROLE onlyreads LOGIN PASSWORD 'onlyreads'",
+        "GRANT SELECT ON api_keys, users TO onlyreads",
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+    )
     url = f"postgresql://onlyreads:onlyreads@127.0.0.1:{postgres_server.port}/{database}"
     stores = open_key_stores(database_url=url, fictures_database_url=url, cache_ttl_s=0.0)
     try:
@@ -168,17 +157,11 @@ async def test_a_web_app_database_user_without_the_rights_stops_start_up(
 ) -> None:
     database = web_app.url.rsplit("/", 1)[1]
     role = f"role_{uuid.uuid4().hex[:8]}"  # roles belong to the whole server
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        dbname=database,
-        autocommit=True,
-    ) as connection:
-        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'secret'")
-        for grant in grants:
-            connection.execute(grant.format(role=role))
+    postgres_server.execute(
+        database,
+        f"CREATE ROLE {role} LOGIN PASSWORD 'secret'",
+        *(grant.format(role=role) for grant in grants),
+    )
     url = f"postgresql://{role}:{password}@127.0.0.1:{postgres_server.port}/{database}"
     store = FicturesKeyStore(database_url=url)
     stores = KeyStores([store])
@@ -194,18 +177,13 @@ async def test_the_narrowest_grant_is_enough(
 ) -> None:
     _, key = web_app.add_key()
     database = web_app.url.rsplit("/", 1)[1]
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        dbname=database,
-        autocommit=True,
-    ) as connection:
-        connection.execute("CREATE ROLE narrow LOGIN PASSWORD 'narrow'")
-        connection.execute("GRANT SELECT ON api_keys TO narrow")
-        connection.execute("GRANT SELECT (id) ON users TO narrow")
-        connection.execute("GRANT UPDATE (last_used_at) ON api_keys TO narrow")
+    postgres_server.execute(
+        database,
+        "CREATE ROLE narrow LOGIN PASSWORD 'narrow'",
+        "GRANT SELECT ON api_keys TO narrow",
+        "GRANT SELECT (id) ON users TO narrow",
+        "GRANT UPDATE (last_used_at) ON api_keys TO narrow",
+    )
     store = FicturesKeyStore(
         database_url=f"postgresql://narrow:narrow@127.0.0.1:{postgres_server.port}/{database}"
     )
