@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
-from sqlalchemy.exc import ArgumentError
 from starlette.types import ASGIApp
 
 from fictures_ai import __version__
@@ -106,22 +105,15 @@ def build_services(settings: Settings) -> Services:
 
 
 def build_key_stores(settings: Settings) -> KeyStores:
-    """The server's own key store and, with ``API_KEY_STORE=fictures``, the web app's.
-
-    Raises ``ValueError`` when a database URL cannot be parsed.
-    """
-    try:
-        return open_key_stores(
-            database_url=settings.database_url,
-            fictures_database_url=(
-                settings.fictures_database_url if settings.api_key_store == "fictures" else None
-            ),
-            cache_ttl_s=settings.api_key_cache_s,
-        )
-    except ArgumentError as exc:
-        raise ValueError(
-            f"DATABASE_URL or FICTURES_DATABASE_URL is not a database URL: {exc}"
-        ) from exc
+    """The server's own key store and, with ``API_KEY_STORE=fictures``, the web app's (their
+    URLs were checked by the settings)."""
+    return open_key_stores(
+        database_url=settings.database_url,
+        fictures_database_url=(
+            settings.fictures_database_url if settings.api_key_store == "fictures" else None
+        ),
+        cache_ttl_s=settings.api_key_cache_s,
+    )
 
 
 class FicturesApp(FastAPI):
