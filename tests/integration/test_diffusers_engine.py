@@ -362,3 +362,32 @@ async def test_two_render_threads_run_at_once_and_match_a_single_thread(
     # Each thread has its own scheduler: the images equal single-threaded renders.
     assert images[0].png == (await engine.generate(params(seed=1, num_inference_steps=4))).png
     assert images[1].png == (await engine.generate(params(seed=2, num_inference_steps=4))).png
+
+
+@pytest.mark.asyncio
+async def test_render_threads_share_weights_but_not_per_call_state(
+    engine: DiffusersImageEngine, cache_dir: Path
+) -> None:
+    """Concurrent renders once failed in CI with "Expected size 19 but got size 77": the two
+    threads shared one fast tokenizer, whose padding setting is state on one Rust object. The
+    race is too rare to provoke on demand, so this checks what prevents it."""
+    settings = make_settings(cache_dir, image_max_concurrency=2)
+    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    views: list[object] = []
+
+    def take_view() -> None:
+        views.append(other._thread_pipeline())  # the per-thread view is not public API
+
+    try:
+        threads = [threading.Thread(target=take_view) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        await other.shutdown()
+    first, second = views
+    for name in ("tokenizer", "tokenizer_2", "scheduler"):
+        assert getattr(first, name) is not getattr(second, name), name
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert getattr(first, name) is getattr(second, name), name

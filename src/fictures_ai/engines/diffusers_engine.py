@@ -368,8 +368,11 @@ class DiffusersImageEngine(ImageEngine):
 
         With one render at a time that is the pipeline itself. With more, each thread gets its
         own view of the same components (``from_pipe`` shares the weights, no extra memory)
-        with its own scheduler copy: the scheduler holds per-render state (timesteps, step
-        index), which concurrent renders must not share.
+        with its own copies of the components that hold per-call state, which concurrent
+        renders must not share: the scheduler (timesteps, step index) and the tokenizers (a
+        fast tokenizer sets padding and truncation on its one Rust object on every call, so
+        two threads sharing it get each other's padding or ``RuntimeError: Already borrowed``;
+        huggingface/transformers#47085, huggingface/tokenizers#537).
         """
         if self._pipeline is None:
             raise ServiceUnavailableError("The image engine has shut down.")
@@ -377,8 +380,15 @@ class DiffusersImageEngine(ImageEngine):
             return self._pipeline
         view = getattr(self._thread_pipelines, "pipeline", None)
         if view is None:
+            from transformers import PreTrainedTokenizerBase
+
             base = self._pipeline
-            view = type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler))
+            per_call_state = {
+                name: copy.deepcopy(component)
+                for name, component in base.components.items()
+                if name == "scheduler" or isinstance(component, PreTrainedTokenizerBase)
+            }
+            view = type(base).from_pipe(base, **per_call_state)
             view.set_progress_bar_config(disable=True)
             self._thread_pipelines.pipeline = view
         return view
