@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from fictures_ai.config import LogFormat, Settings, describe_settings_error
 from fictures_ai.key_commands import add_key_commands, run_key_command
+from fictures_ai.redaction import mask_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(settings)
     except ValueError as exc:
-        print(f"Invalid settings: {exc}", file=sys.stderr)
+        print(f"Invalid settings: {mask_credentials(str(exc))}", file=sys.stderr)
         return 2
     uvicorn.run(
         app,
@@ -145,7 +146,11 @@ def prepare_models() -> int:
     """Convert the bundled text model into the cache and print its folder."""
     from fictures_ai.engines.bundled_model import prepare_bundled_model
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     print(prepare_bundled_model(settings.model_cache_dir))
     return 0

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from platformdirs import user_cache_dir
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from fictures_ai.engines.base import PromptFormat
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
+from fictures_ai.redaction import mask_credentials, mask_setting
+from fictures_ai.services.database import SUPPORTED_BACKENDS, parse_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ GenerationMode = Literal["all", "text", "image"]
 ApiKeyStoreKind = Literal["local", "fictures"]
 StructuredOutputsBackend = Literal["xgrammar", "guidance", "auto"]
 
+SECRET: dict[str, Any] = {"secret": True}
+"""``json_schema_extra`` of a setting that may hold a credential: its value is only ever shown
+masked (start-up log, ``repr``, error messages)."""
+
 
 class Settings(BaseSettings):
     """Every setting of the server, with its default and a one-line description."""
@@ -45,6 +51,9 @@ class Settings(BaseSettings):
         validate_default=True,
         # VAR= (docker compose passes ${VAR} through empty) means unset, not "".
         env_ignore_empty=True,
+        # A ValidationError's text would quote every input, passwords in URLs too;
+        # describe_settings_error shows them masked.
+        hide_input_in_errors=True,
     )
 
     # HTTP
@@ -67,6 +76,7 @@ class Settings(BaseSettings):
             "OTLP/HTTP collector URL for traces (e.g. http://collector:4318); unset: "
             "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing."
         ),
+        json_schema_extra=SECRET,
     )
     health_window_s: int = Field(
         300, ge=1, description="Seconds of recent requests behind /health's latency and errors."
@@ -101,6 +111,7 @@ class Settings(BaseSettings):
             "The server's own database, for its keys (SQLAlchemy URL, e.g. "
             "postgresql://user:pw@host/db); unset: an SQLite file in the user data folder."
         ),
+        json_schema_extra=SECRET,
     )
     api_key_store: ApiKeyStoreKind = Field(
         "local",
@@ -115,6 +126,7 @@ class Settings(BaseSettings):
             "The Fictures web app's PostgreSQL, whose api_keys table is read with "
             "API_KEY_STORE=fictures (never written, but for last_used_at)."
         ),
+        json_schema_extra=SECRET,
     )
     api_key_cache_s: float = Field(
         5.0, ge=0.0, description="Seconds a verified key is trusted before a revocation shows."
@@ -129,7 +141,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Images per minute per key; 0: no limit."
     )
     redis_url: str | None = Field(
-        None, description="Redis URL to share rate limits between replicas; unset: in-process."
+        None,
+        description="Redis URL to share rate limits between replicas; unset: in-process.",
+        json_schema_extra=SECRET,
     )
     image_url_ttl_s: int = Field(
         3600, ge=1, description="How long an image answered by URL (OpenAI API) stays fetchable."
@@ -268,13 +282,33 @@ class Settings(BaseSettings):
         if value is None:
             return value
         try:
-            backend = make_url(value).get_backend_name()
-        except ArgumentError:
-            backend = None
-        if backend not in ("postgresql", "sqlite"):
+            backend: str | None = parse_database_url(value).get_backend_name()
+            problem = ""
+        except ArgumentError as exc:
+            backend, problem = None, f" ({exc})"
+        if backend not in SUPPORTED_BACKENDS:
             raise ValueError(
                 "must be a PostgreSQL URL (postgresql://user:password@host:5432/db) or an "
-                f"SQLite one (sqlite:///path/to/file.db), not '{mask_password(value)}'"
+                f"SQLite one (sqlite:///path/to/file.db), not '{mask_setting(value)}'{problem}"
+            )
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, value: str | None) -> str | None:
+        # Checked here: the exporter would log a URL it cannot parse whole, password and all.
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host (e.g. "
+                f"http://collector:4318), not '{mask_setting(value)}'"
             )
         return value
 
@@ -333,41 +367,55 @@ class Settings(BaseSettings):
         """The CORS origins as a list."""
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
+    @classmethod
+    def secret_fields(cls) -> frozenset[str]:
+        """The settings that may hold a credential (a URL with a password, a token)."""
+        return frozenset(
+            name
+            for name, info in cls.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret")
+        )
+
     def non_default_items(self) -> dict[str, Any]:
-        """The settings that differ from their defaults, passwords in URLs masked."""
+        """The settings that differ from their defaults, credentials masked."""
         changed: dict[str, Any] = {}
         for name, info in type(self).model_fields.items():
             value = getattr(self, name)
             if value == info.get_default(call_default_factory=True):
                 continue
-            changed[name] = mask_password(value) if isinstance(value, str) else value
+            changed[name] = _shown(name, value)
         return changed
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr(settings) (a debugger, a log line, a traceback) shows credentials masked.
+        for name, value in super().__repr_args__():
+            yield name, _shown(name, value) if name else value
 
 
 def describe_settings_error(exc: ValidationError) -> str:
     """The errors of invalid settings, one a line, each naming its environment variable(s)
-    (``GENERATION_MODE or AI_SERVER_GENERATION_MODE='x': Input should be ...``)."""
+    (``GENERATION_MODE or AI_SERVER_GENERATION_MODE='x': Input should be ...``), values masked
+    as in :meth:`Settings.non_default_items` (the validators' own messages mask them too)."""
     lines = []
     for error in exc.errors():
         message = str(error["msg"]).removeprefix("Value error, ")
         field = str(error["loc"][0]) if error["loc"] else None
         info = Settings.model_fields.get(field) if field else None
-        if info is None:
+        if field is None or info is None:
             lines.append(message)
             continue
-        names = [str(field).upper()]
+        names = [field.upper()]
         if isinstance(info.validation_alias, AliasChoices):
             names = [str(choice).upper() for choice in info.validation_alias.choices]
         value = error.get("input")
-        shown = f"={mask_password(value)!r}" if isinstance(value, str) else ""
+        shown = f"={_shown(field, value)!r}" if isinstance(value, str) else ""
         lines.append(f"{' or '.join(names)}{shown}: {message}")
     return "\n".join(lines)
 
 
-def mask_password(value: str) -> str:
-    """``value`` with the password of a URL in it replaced by ``***`` (other text unchanged)."""
-    parts = urlsplit(value)
-    if "://" not in value or parts.password is None:
+def _shown(name: str, value: Any) -> Any:
+    """A setting's value as logs and messages may show it: a credential setting's masked, and
+    any string cleared of what looks like a credential."""
+    if not isinstance(value, str):
         return value
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return mask_setting(value) if name in Settings.secret_fields() else mask_credentials(value)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fictures_ai.config import Settings, describe_settings_error
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
+from fictures_ai.redaction import mask_credentials
 from fictures_ai.services.api_keys import ApiKeyService
 from fictures_ai.services.database import default_database_url
 from fictures_ai.services.key_store import VALID_SCOPES, ApiKeyInfo, KeyStoreSchemaError
@@ -132,7 +133,7 @@ def run_key_command(args: argparse.Namespace) -> int:
     except SQLAlchemyError as exc:
         print(
             f"error: the key database at {service.database_url} failed: "
-            f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}",
+            f"{type(exc).__name__}: {mask_credentials(str(exc.args[0] if exc.args else exc))}",
             file=sys.stderr,
         )
         return 1

@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,71 +18,12 @@ import redis
 
 from fictures_ai.errors import ServiceUnavailableError
 from fictures_ai.services.rate_limit import Budget, RedisRateLimiter
+from tests.redis_server import RedisServer
 from tests.support import FakeClock, free_port
 
 pytestmark = pytest.mark.integration
 
 WINDOW_START = 60_000.0
-REDIS_PACKAGE_HINT = (
-    "redis-server is not installed; these tests start a real one. Install the Debian package: "
-    "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
-    "--no-install-recommends redis-server"
-)
-
-
-class RedisServer:
-    """A throwaway redis-server process on localhost, without persistence."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not os.access(binary, os.X_OK):
-            pytest.fail(REDIS_PACKAGE_HINT, pytrace=False)
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = directory / f"redis-{self.port}.log"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(directory),
-                "--logfile", str(self.log),
-            ],
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        self._wait_until_ready()
-
-    def _wait_until_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    pytest.fail(f"redis-server exited at start:\n{self.log_text()}", pytrace=False)
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"redis-server did not answer PING:\n{self.log_text()}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else "(no log)"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="session")

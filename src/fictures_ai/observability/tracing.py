@@ -35,6 +35,7 @@ from opentelemetry.trace import Span, Status, StatusCode, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
 from fictures_ai.observability.context import current_request
+from fictures_ai.redaction import mask_url
 
 if TYPE_CHECKING:
     from fictures_ai.config import Settings
@@ -80,7 +81,8 @@ def build_tracer_provider(settings: Settings) -> TracerProvider | None:
     # (it appends /v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT itself).
     explicit = endpoint if settings.otlp_endpoint else None
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=explicit)))
-    logger.info("Tracing on: spans go to %s over OTLP/HTTP", endpoint)
+    # The endpoint may carry a password or a token (ours or the OTel variables').
+    logger.info("Tracing on: spans go to %s over OTLP/HTTP", mask_url(endpoint))
     return provider
 
 

@@ -19,11 +19,18 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
+from fictures_ai.redaction import mask_url
+
 TABLE_PREFIX = "fictures_ai_"
 """Start of the name of every table the server creates in its own database."""
 
 CONNECT_TIMEOUT_S = 10
 """How long opening a PostgreSQL connection may take before it counts as unreachable."""
+
+SUPPORTED_BACKENDS = ("postgresql", "sqlite")
+"""The databases whose drivers are installed."""
+
+_ENCODING_HINT = "(@ is %40, : is %3A, / is %2F, # is %23, % is %25)"
 
 
 def default_database_url() -> str:
@@ -36,14 +43,35 @@ def default_database_url() -> str:
     return f"sqlite:///{path}"
 
 
+def parse_database_url(database_url: str) -> URL:
+    """The SQLAlchemy URL of ``database_url``, of any database.
+
+    Raises ``sqlalchemy.exc.ArgumentError`` for a string that is not one, with a message that
+    never quotes it: SQLAlchemy's own errors may quote a piece of a password (an unencoded
+    ``@`` makes the rest of the password the host, and a ``:`` in it the port).
+    """
+    try:
+        url = make_url(database_url)
+    except ValueError:  # the port is not a number
+        raise ArgumentError(
+            "its port is not a number, or a special character in its user name or password "
+            f"is not percent-encoded {_ENCODING_HINT}"
+        ) from None
+    if url.host and "@" in url.host:
+        raise ArgumentError(
+            f"an @ in its user name or password is not percent-encoded {_ENCODING_HINT}"
+        )
+    return url
+
+
 def normalise_url(database_url: str) -> URL:
     """The SQLAlchemy URL; a plain ``postgresql://`` URL uses psycopg 3 (psycopg2 is absent).
 
     Raises ``sqlalchemy.exc.ArgumentError`` for a string that is not a database URL, or one of
     a database other than PostgreSQL and SQLite (the only drivers installed).
     """
-    url = make_url(database_url)
-    if url.get_backend_name() not in ("postgresql", "sqlite"):
+    url = parse_database_url(database_url)
+    if url.get_backend_name() not in SUPPORTED_BACKENDS:
         raise ArgumentError(
             f"{url.get_backend_name()} is not supported: use a PostgreSQL URL "
             "(postgresql://user:password@host:5432/db) or an SQLite one (sqlite:///path)"
@@ -54,8 +82,9 @@ def normalise_url(database_url: str) -> URL:
 
 
 def masked(url: URL) -> str:
-    """The URL with its password hidden (safe to log and to print)."""
-    return url.render_as_string(hide_password=True)
+    """The URL with its password hidden (safe to log and to print), and a password given as a
+    query parameter (``?password=...``, which psycopg accepts too)."""
+    return mask_url(url.render_as_string(hide_password=True))
 
 
 def sqlite_file(url: URL) -> Path | None:

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, TypeVar
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from fictures_ai.errors import ServiceUnavailableError
+from fictures_ai.redaction import mask_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -428,9 +429,10 @@ class KeyStore(abc.ABC):
 
 def first_line(exc: BaseException) -> str:
     """The first line of a database error: the driver's message, without SQLAlchemy's
-    statement and background link."""
+    statement and background link, and without any credential it might quote."""
     cause = getattr(exc, "orig", None) or exc
-    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(exc).__name__
+    text = str(cause).strip()
+    return mask_credentials(text.splitlines()[0]) if text else type(exc).__name__
 
 
 def _utcnow() -> datetime:
