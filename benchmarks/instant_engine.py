@@ -46,6 +46,14 @@ class InstantTextEngine(TextEngine):
             finish_reason="length",
         )
 
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        """Every prompt is ``PROMPT_TOKENS`` tokens of id 0."""
+        return [0] * PROMPT_TOKENS
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """Every token reads ``TOKEN``."""
+        return TOKEN * len(token_ids)
+
     async def abort(self, request_id: str) -> None:
         """Nothing runs outside the iterator, so there is nothing to stop."""
 

@@ -229,6 +229,14 @@ class Settings(BaseSettings):
             "model cannot run on in newlines (xgrammar and guidance only)."
         ),
     )
+    text_tool_call_parser: str | None = Field(
+        None,
+        description=(
+            "vLLM's parser for the tool calls a model writes on its own (tool_choice auto): "
+            "hermes (Qwen, Hermes), llama3_json, pythonic, mistral... Unset: tool_choice "
+            "auto with tools is refused; required and a named function work with any model."
+        ),
+    )
 
     # Image generation (diffusers)
     image_model_name: str | None = Field(

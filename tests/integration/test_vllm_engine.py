@@ -19,9 +19,12 @@ from fictures_ai.engines.base import (
     TextChunk,
     TextGenerationParams,
     TextPrompt,
+    ToolCall,
+    ToolDefinition,
 )
 from fictures_ai.engines.vllm_engine import VllmTextEngine
 from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
+from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +266,102 @@ async def test_raw_format_and_chat_messages(text_engine: VllmTextEngine) -> None
     chat_chunks = await collect(text_engine, chat, TextGenerationParams(max_tokens=8))
     assert raw_chunks[0].prompt_tokens == 4
     assert chat_chunks[0].prompt_tokens > raw_chunks[0].prompt_tokens
+
+
+async def test_top_p_zero_is_greedy(text_engine: VllmTextEngine) -> None:
+    greedy = TextGenerationParams(max_tokens=12, temperature=0.0)
+    top_p_zero = TextGenerationParams(max_tokens=12, temperature=1.5, top_p=0.0)
+    expected = "".join(c.delta for c in await collect(text_engine, STORY, greedy))
+    assert "".join(c.delta for c in await collect(text_engine, STORY, top_p_zero)) == expected
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 2**63 - 1])
+async def test_every_signed_64_bit_seed_is_served_and_repeatable(
+    text_engine: VllmTextEngine, seed: int
+) -> None:
+    params = TextGenerationParams(max_tokens=8, temperature=1.0, seed=seed)
+    first = "".join(c.delta for c in await collect(text_engine, STORY, params))
+    again = "".join(c.delta for c in await collect(text_engine, STORY, params))
+    assert first == again
+
+
+async def test_values_vllm_refuses_are_invalid_requests_naming_them(
+    text_engine: VllmTextEngine,
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        await collect(text_engine, STORY, TextGenerationParams(max_tokens=4, temperature=2.5))
+    assert refused.value.param == "temperature"
+    with pytest.raises(InvalidRequestError, match="vocab"):
+        await collect(
+            text_engine, STORY, TextGenerationParams(max_tokens=4, logit_bias=((10**9, 5.0),))
+        )
+    with pytest.raises(InvalidRequestError):
+        await collect(
+            text_engine, TextPrompt(token_ids=(1, 10**9)), TextGenerationParams(max_tokens=4)
+        )
+
+
+async def test_token_id_prompts_and_tokenize_round_trip(text_engine: VllmTextEngine) -> None:
+    prompt = TextPrompt(text="Once upon a time", format=PromptFormat.RAW)
+    ids = await text_engine.tokenize(prompt)
+    assert await text_engine.detokenize(ids) == "Once upon a time"
+    params = TextGenerationParams(max_tokens=6, temperature=0.0)
+    by_text = await collect(text_engine, prompt, params)
+    by_ids = await collect(text_engine, TextPrompt(token_ids=tuple(ids)), params)
+    assert [c.delta for c in by_ids] == [c.delta for c in by_text]
+    assert by_ids[0].prompt_tokens == len(ids)
+    with pytest.raises(InvalidRequestError, match="outside this model's vocabulary"):
+        await text_engine.detokenize([10**9])
+
+
+async def test_forced_tool_calls_follow_the_tool_schemas(text_engine: VllmTextEngine) -> None:
+    weather = ToolDefinition(
+        "get_weather",
+        "The weather in a city.",
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    )
+    clock = ToolDefinition("get_time", "The time now.", {"type": "object", "properties": {}})
+    prompt = TextPrompt(
+        messages=(ChatMessage("user", "What is the weather in Paris?"),), tools=(weather, clock)
+    )
+    params = TextGenerationParams(
+        max_tokens=80,
+        temperature=0.0,
+        structured=required_tool_calls_spec((weather, clock), parallel=False),
+    )
+    chunks = await collect(text_engine, prompt, params)
+    parser = RequiredToolCallParser()
+    pieces = [piece for chunk in chunks for piece in parser.feed(chunk).tool_calls]
+    assert chunks[-1].finish_reason == "stop"
+    (header, *rest) = pieces
+    assert header.name in ("get_weather", "get_time")
+    arguments = json.loads(header.arguments + "".join(piece.arguments for piece in rest))
+    tool = weather if header.name == "get_weather" else clock
+    jsonschema.validate(arguments, tool.parameters or {})
+
+
+async def test_tool_history_goes_through_the_chat_template(text_engine: VllmTextEngine) -> None:
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    prompt = TextPrompt(
+        messages=(
+            ChatMessage("user", "Weather in Paris?"),
+            ChatMessage("assistant", "", tool_calls=(call,)),
+            ChatMessage("tool", "Sunny, 21 C", tool_call_id="call_1"),
+        ),
+        tools=(ToolDefinition("get_weather"),),
+    )
+    ids = await text_engine.tokenize(prompt)
+    assert "Sunny, 21 C" in await text_engine.detokenize(ids)
+    chunks = await collect(text_engine, prompt, TextGenerationParams(max_tokens=4))
+    assert chunks[-1].finish_reason is not None
+
+
+def test_a_tool_call_parser_that_does_not_fit_the_tokenizer_fails_loudly(
+    text_engine: VllmTextEngine,
+) -> None:
+    # llama3_json reads Llama 3's <|python_tag|>, which SmolLM2's vocabulary lacks: the load
+    # check (VllmTextEngine.load) runs this same construction and refuses to start.
+    with pytest.raises(RuntimeError, match="python_tag"):
+        VllmTextEngine(
+            text_engine._llm, name="x", source="x", tool_call_parser="llama3_json"
+        ).tool_call_parser(())

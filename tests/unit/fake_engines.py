@@ -26,7 +26,7 @@ from fictures_ai.engines.base import (
     TokenLogprob,
     fit_output_tokens,
 )
-from fictures_ai.errors import EngineDeadError, GenerationError
+from fictures_ai.errors import EngineDeadError, GenerationError, InvalidRequestError
 
 
 @dataclass
@@ -49,6 +49,7 @@ class FakeTextEngine(TextEngine):
     finished: list[str] = field(default_factory=list)
     shut_down: bool = False
     produced_tokens: int = 0
+    vocabulary: list[str] = field(default_factory=list)
 
     def _script(self, params: TextGenerationParams) -> list[str]:
         spec = params.structured
@@ -63,7 +64,7 @@ class FakeTextEngine(TextEngine):
     ) -> AsyncIterator[TextChunk]:
         self.calls.append((prompt, params))
         text = prompt.text or " ".join(m.content for m in prompt.messages or ())
-        prompt_tokens = len(text.split())
+        prompt_tokens = len(prompt.token_ids or text.split())
         max_tokens, _ = fit_output_tokens(
             params, prompt_tokens=prompt_tokens, max_model_len=self.max_model_len
         )
@@ -111,6 +112,22 @@ class FakeTextEngine(TextEngine):
         finally:
             if not done:
                 self.aborted.append(request_id)
+
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        """One token per word; a word's id is where it entered ``vocabulary``."""
+        text = prompt.text or " ".join(m.content for m in prompt.messages or ())
+        ids = []
+        for word in text.split():
+            if word not in self.vocabulary:
+                self.vocabulary.append(word)
+            ids.append(self.vocabulary.index(word))
+        return ids
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        outside = [token for token in token_ids if not 0 <= token < len(self.vocabulary)]
+        if outside:
+            raise InvalidRequestError(f"Unknown token ids: {outside}", param="tokens")
+        return " ".join(self.vocabulary[token] for token in token_ids)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 
 from fictures_ai import __version__
 from fictures_ai.api.dependencies import Services
-from fictures_ai.api.errors import install_error_handlers
+from fictures_ai.api.errors import InternalErrorMiddleware, install_error_handlers
 from fictures_ai.api.fictures.router import (
     DESCRIPTION,
     image_router,
@@ -35,6 +35,7 @@ from fictures_ai.api.middleware import ObservabilityMiddleware
 from fictures_ai.api.openai.router import image_router as openai_image_router
 from fictures_ai.api.openai.router import models_router as openai_models_router
 from fictures_ai.api.openai.router import text_router as openai_text_router
+from fictures_ai.api.openai.router import tokenizer_router
 from fictures_ai.api.playground.router import router as playground_router
 from fictures_ai.config import Settings
 from fictures_ai.engines.factory import (
@@ -203,6 +204,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    # Innermost first: an unforeseen exception becomes a JSON 500 that CORS still wraps.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         CORSMiddleware,
@@ -222,6 +225,7 @@ def create_app(
     if services.text is not None:
         app.include_router(text_router)
         app.include_router(openai_text_router)
+        app.include_router(tokenizer_router)
     if services.image is not None:
         app.include_router(image_router)
         app.include_router(openai_image_router)

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fictures_ai.errors import (
     AuthenticationError,
@@ -29,6 +30,7 @@ from fictures_ai.errors import (
     ServiceUnavailableError,
     TooManyRequestsError,
 )
+from fictures_ai.observability.context import current_request_id
 
 _STATUS: tuple[tuple[type[FicturesError], int], ...] = (
     (InvalidRequestError, 400),
@@ -126,8 +128,71 @@ def log_error(request: Request, exc: FicturesError, status: int) -> None:
         logger.log(level, "%s %s answered %d: %s", request.method, request.url.path, status, exc)
 
 
+INTERNAL_ERROR_MESSAGE = (
+    "Internal server error: the server failed on this request; its log has the details "
+    "under request id {request_id}."
+)
+
+
+def internal_error_message() -> str:
+    """What a client is told of a failure we did not foresee (its details stay in the log)."""
+    return INTERNAL_ERROR_MESSAGE.format(request_id=current_request_id() or "-")
+
+
+def stream_failure(exc: Exception) -> tuple[str, int]:
+    """Log a failure of a stream that had started; return what the client's error event says
+    and the status the error would have had before the stream started."""
+    if isinstance(exc, FicturesError):
+        logger.error("Stream failed after it started: %s", exc.message, exc_info=exc)
+        return exc.message, status_for(exc)
+    logger.error("Stream failed after it started", exc_info=exc)
+    return internal_error_message(), 500
+
+
+class InternalErrorMiddleware:
+    """A JSON 500 in the surface's shape for an exception no handler maps, answered in place.
+
+    Starlette's outermost error middleware would answer plain text and re-raise, after which
+    Uvicorn closes the connection: the client's next request on it is reset. Here the
+    exception is logged and answered, and the connection stays usable. An exception after the
+    response started is re-raised (the response cannot be finished honestly).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                raise
+            path: str = scope["path"]
+            logger.error("%s %s failed", scope["method"], path, exc_info=exc)
+            message = internal_error_message()
+            if is_openai_path(path):
+                from fictures_ai.api.openai.errors import error_body
+
+                body: dict[str, Any] = error_body(message, 500)
+            else:
+                body = {"detail": message}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn our exceptions and validation errors into responses."""
+    """Register the handlers that turn our exceptions and validation errors into responses
+    (the app adds ``InternalErrorMiddleware`` for every other exception)."""
     from fictures_ai.api.fictures.errors import fictures_error, fictures_validation_error
     from fictures_ai.api.openai.errors import error_body, openai_error, openai_validation_error
 
@@ -165,7 +230,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 _ROUTE_PREFIXES = {
-    "text": ("/api/v1/text/", "/v1/chat/", "/v1/completions"),
+    "text": ("/api/v1/text/", "/v1/chat/", "/v1/completions", "/tokenize", "/detokenize"),
     "image": ("/api/v1/images/", "/v1/images/"),
 }
 
@@ -182,6 +247,10 @@ def unserved_route_message(path: str, generation_mode: str) -> str | None:
     return None
 
 
+OPENAI_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
 def is_openai_path(path: str) -> bool:
-    """Whether ``path`` belongs to the OpenAI-compatible surface."""
-    return path == "/v1" or path.startswith("/v1/")
+    """Whether ``path`` belongs to the OpenAI-compatible surface (vLLM's tokenizer routes
+    included)."""
+    return path in OPENAI_ROOT_PATHS or path == "/v1" or path.startswith("/v1/")

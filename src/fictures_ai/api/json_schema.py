@@ -29,23 +29,27 @@ _SCHEMA_LIST_KEYWORDS = ("allOf", "anyOf", "oneOf", "prefixItems")
 _SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions")
 
 
-def to_json_schema(schema: dict[str, Any], *, param: str) -> dict[str, Any]:
+def to_json_schema(
+    schema: dict[str, Any], *, param: str, subject: str | None = None
+) -> dict[str, Any]:
     """``schema`` (JSON Schema or OpenAPI 3.0's dialect) as JSON Schema 2020-12.
 
     Returns a new dict; the input is not changed. Raises ``InvalidRequestError`` naming
-    ``param`` when the result is not a valid JSON Schema.
+    ``param`` (and ``subject``, what the schema belongs to, such as a tool) when the result is
+    not a valid JSON Schema.
     """
+    named = f"{param} ({subject})" if subject else param
     try:
         converted: dict[str, Any] = _convert(schema)
         jsonschema.Draft202012Validator.check_schema(converted)
     except RecursionError:
         raise InvalidRequestError(
-            f"{param} nests too deeply to be used as a JSON schema.", param=param
+            f"{named} nests too deeply to be used as a JSON schema.", param=param
         ) from None
     except jsonschema.SchemaError as exc:
         where = "/".join(str(part) for part in exc.path)
         raise InvalidRequestError(
-            f"{param} is not a valid JSON schema: {exc.message}"
+            f"{named} is not a valid JSON schema: {exc.message}"
             + (f" (at {where})" if where else ""),
             param=param,
         ) from None

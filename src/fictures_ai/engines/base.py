@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,11 +48,37 @@ class StructuredOutputSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """A function the model may call: its name, what it does, and a JSON schema of its
+    arguments (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is the JSON text of the arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One message of a conversation, rendered with the model's chat template."""
+    """One message of a conversation, rendered with the model's chat template.
+
+    An assistant message may carry the ``tool_calls`` it made; a ``tool`` message answers the
+    call ``tool_call_id``.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +89,10 @@ class TextGenerationParams:
     ``max_tokens`` than the context leaves room for is lowered to what fits (the Fictures
     contract) instead of refused (OpenAI's). ``min_tokens``: no end (EOS or stop sequence)
     before that many tokens. ``logprobs=None`` returns no log-probabilities; ``0`` returns the
-    chosen token's; ``k`` adds the ``k`` most likely.
+    chosen token's; ``k`` adds the ``k`` most likely. ``top_p=0`` keeps only the most likely
+    token: greedy sampling, as ``temperature=0``. ``seed`` is a signed 64-bit integer.
+    ``skip_special_tokens=False`` keeps special tokens in the text (the tool-call markers some
+    tool-call parsers read).
     """
 
     max_tokens: int | None
@@ -78,6 +107,9 @@ class TextGenerationParams:
     structured: StructuredOutputSpec | None = None
     min_tokens: int = 0
     fit_to_context: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs: the bias is added to the token's logit before sampling."""
 
 
 def fit_output_tokens(
@@ -106,11 +138,15 @@ def fit_output_tokens(
 
 @dataclass(frozen=True, slots=True)
 class TextPrompt:
-    """What to generate from: a plain prompt (formatted per ``format``) or chat messages."""
+    """What to generate from: a plain prompt (formatted per ``format``), chat messages, or
+    token ids (sent as they are)."""
 
     text: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
     format: PromptFormat = PromptFormat.CHAT
+    tools: tuple[ToolDefinition, ...] = ()
+    """Functions the chat template shows the model (templates without tool support skip them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +172,48 @@ class TextChunk:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    token_ids: Sequence[int] = ()
+    """The ids of the tokens new in this chunk (what ``delta`` decodes from)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call, in OpenAI's order: the first piece of call ``index``
+    carries its ``id`` and ``name``; the ``arguments`` pieces joined are its arguments."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedDelta:
+    """What one chunk of generated text turned into: plain text and tool-call pieces."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+class ToolCallParser(abc.ABC):
+    """Splits one choice's generated text into content and tool calls, chunk by chunk.
+
+    One parser per choice: it keeps the text seen so far. ``skip_special_tokens`` says
+    whether the generation may drop special tokens (parsers that read marker tokens say no);
+    ``finish_reason`` is OpenAI's finish reason of a generation that ended by itself after
+    calls (``tool_calls``; ``stop`` for a named function, as OpenAI answers it).
+    """
+
+    skip_special_tokens: bool = True
+    finish_reason: Literal["tool_calls", "stop"] = "tool_calls"
+
+    @abc.abstractmethod
+    def feed(self, chunk: TextChunk) -> ParsedDelta:
+        """The content and tool-call pieces the new chunk completes."""
+
+    def finish(self) -> ParsedDelta:
+        """Whatever the parser still holds once the generation ended."""
+        return ParsedDelta()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +251,20 @@ class TextEngine(abc.ABC):
     @abc.abstractmethod
     def model_info(self) -> TextModelInfo:
         """Describe the loaded model."""
+
+    @abc.abstractmethod
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        """The token ids the model sees for ``prompt`` (chat template applied as for
+        ``generate``)."""
+
+    @abc.abstractmethod
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``; ``InvalidRequestError`` for ids outside the vocabulary."""
+
+    def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
+        """A parser for the tool calls the model writes on its own (``tool_choice: auto``),
+        or None when none is configured for the model."""
+        return None
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -9,12 +9,15 @@ starts; this module only renders prompts, builds ``SamplingParams`` and turns vL
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 from fictures_ai.engines.base import (
+    ChatMessage,
     FinishReason,
+    ParsedDelta,
     PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
@@ -24,6 +27,9 @@ from fictures_ai.engines.base import (
     TextModelInfo,
     TextPrompt,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallParser,
+    ToolDefinition,
     fit_output_tokens,
 )
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, prepare_bundled_model
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+_SEED_RANGE = 1 << 64
 
 
 def resolve_text_model(settings: Settings) -> str:
@@ -87,10 +94,14 @@ def build_engine_args(settings: Settings, model: str) -> Any:
 class VllmTextEngine(TextEngine):
     """A ``TextEngine`` over vLLM's ``AsyncLLM``."""
 
-    def __init__(self, llm: AsyncLLM, *, name: str, source: str) -> None:
+    def __init__(
+        self, llm: AsyncLLM, *, name: str, source: str, tool_call_parser: str | None = None
+    ) -> None:
+        """``tool_call_parser`` names one of vLLM's tool-call parsers (``hermes``, ...)."""
         self._llm = llm
         self._name = name
         self._source = source
+        self._tool_call_parser = tool_call_parser
         self._max_model_len: int = llm.model_config.max_model_len
         self._closed = False
 
@@ -105,6 +116,8 @@ class VllmTextEngine(TextEngine):
 
         source = resolve_text_model(settings)
         name = text_model_display_name(settings)
+        parser = settings.text_tool_call_parser
+        _check_tool_call_parser_name(parser, model=name)
         logger.info("Starting vLLM for %s (%s)", name, source)
         try:
             llm = AsyncLLM.from_engine_args(build_engine_args(settings, source))
@@ -112,7 +125,16 @@ class VllmTextEngine(TextEngine):
             raise ModelLoadError(
                 f"vLLM could not load the text model '{name}': {exc}", model=name
             ) from exc
-        return cls(llm, name=name, source=source)
+        engine = cls(llm, name=name, source=source, tool_call_parser=parser)
+        try:
+            engine.tool_call_parser(())  # a parser reads its marker tokens from the tokenizer
+        except Exception as exc:
+            llm.shutdown()
+            raise ModelLoadError(
+                f"TEXT_TOOL_CALL_PARSER={parser} does not fit the text model '{name}': {exc}",
+                model=name,
+            ) from exc
+        return engine
 
     def model_info(self) -> TextModelInfo:
         """Describe the served model."""
@@ -132,12 +154,18 @@ class VllmTextEngine(TextEngine):
 
         if self._closed or self._llm.errored:
             raise EngineDeadError("The text engine has stopped; it is being restarted.")
-        engine_input = await self._render(prompt)
+        try:
+            engine_input = await self._render(prompt)
+        except (ValueError, VLLMClientError) as exc:  # e.g. token ids outside the vocabulary
+            raise _invalid_request(exc) from exc
         prompt_tokens = len(engine_input["prompt_token_ids"])
         max_tokens, min_tokens = fit_output_tokens(
             params, prompt_tokens=prompt_tokens, max_model_len=self._max_model_len
         )
-        sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
+        try:
+            sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
+        except (ValueError, VLLMClientError) as exc:
+            raise _invalid_request(exc) from exc
         completion_tokens = 0
         finished = False
         stream = self._llm.generate(engine_input, sampling, request_id)
@@ -159,13 +187,14 @@ class VllmTextEngine(TextEngine):
                         if params.logprobs is None
                         else _token_logprobs(completion, top=params.logprobs)
                     ),
+                    token_ids=completion.token_ids,
                 )
         except VllmEngineDeadError as exc:
             raise EngineDeadError(
                 "The text engine stopped while generating; it is being restarted."
             ) from exc
         except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
-            raise InvalidRequestError(str(exc)) from exc
+            raise _invalid_request(exc) from exc
         except Exception as exc:
             if self._llm.errored:
                 raise EngineDeadError("The text engine stopped while generating.") from exc
@@ -174,6 +203,31 @@ class VllmTextEngine(TextEngine):
             if not finished:
                 await stream.aclose()
                 await self.abort(request_id)
+
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        """The prompt's token ids, rendered as ``generate`` renders it."""
+        engine_input = await self._render(prompt)
+        return list(engine_input["prompt_token_ids"])
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """Decode ``token_ids`` with the model's tokenizer (special tokens kept)."""
+        tokenizer = self._llm.get_tokenizer()
+        vocab_size = len(tokenizer)
+        outside = [token for token in token_ids if not 0 <= token < vocab_size]
+        if outside:
+            raise InvalidRequestError(
+                f"Token ids outside this model's vocabulary (0..{vocab_size - 1}): {outside[:10]}",
+                param="tokens",
+            )
+        return await asyncio.to_thread(tokenizer.decode, token_ids)
+
+    def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
+        """vLLM's parser named by ``TEXT_TOOL_CALL_PARSER``, or None when none is set."""
+        if self._tool_call_parser is None:
+            return None
+        return _VllmToolCallParser(
+            self._tool_call_parser, self._llm.get_tokenizer(), tools, model=self._name
+        )
 
     async def abort(self, request_id: str) -> None:
         """Abort a request in the engine core; unknown or finished ids are ignored."""
@@ -201,9 +255,17 @@ class VllmTextEngine(TextEngine):
         from vllm.inputs import TextPrompt as VllmTextPrompt
         from vllm.renderers.params import TokenizeParams
 
+        if prompt.token_ids is not None:
+            from vllm.inputs import TokensPrompt
+
+            (engine_input,) = await self._llm.renderer.render_cmpl_async(
+                [TokensPrompt(prompt_token_ids=list(prompt.token_ids))],
+                TokenizeParams(max_total_tokens=None),
+            )
+            return engine_input
         messages: list[Any]  # vLLM types these as OpenAI message params; plain dicts work
         if prompt.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+            messages = [_template_message(message) for message in prompt.messages]
         elif prompt.format is PromptFormat.CHAT:
             messages = [{"role": "user", "content": prompt.text or ""}]
         else:
@@ -214,13 +276,21 @@ class VllmTextEngine(TextEngine):
                 text = cast(  # tokenize=False returns the rendered string
                     str,
                     tokenizer.apply_chat_template(
-                        messages, tokenize=False, add_generation_prompt=True
+                        messages,
+                        tools=[_template_tool(tool) for tool in prompt.tools] or None,
+                        tokenize=False,
+                        add_generation_prompt=True,
                     ),
                 )
             except ValueError as exc:  # the model has no chat template
                 raise InvalidRequestError(
                     f"The model cannot format chat messages: {exc}. "
                     "Set TEXT_PROMPT_FORMAT=raw for base models.",
+                    param="messages",
+                ) from exc
+            except Exception as exc:  # the template refused the conversation (jinja2 raise)
+                raise InvalidRequestError(
+                    f"The model's chat template refused these messages: {exc}",
                     param="messages",
                 ) from exc
             add_special_tokens = False
@@ -240,13 +310,18 @@ class VllmTextEngine(TextEngine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        greedy = params.top_p == 0  # only the most likely token: what temperature 0 does
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=min_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
             stop=list(params.stop) or None,
-            seed=params.seed,
+            # torch seeds a generator with seed mod 2**64, so this is the same seed; vLLM
+            # would read -1 as "no seed".
+            seed=None if params.seed is None else params.seed % _SEED_RANGE,
+            skip_special_tokens=params.skip_special_tokens,
+            logit_bias=dict(params.logit_bias) or None,
             ignore_eos=params.ignore_eos,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
@@ -254,6 +329,131 @@ class VllmTextEngine(TextEngine):
             structured_outputs=_structured_outputs(params.structured),
             output_kind=RequestOutputKind.DELTA,
         )
+
+
+def _check_tool_call_parser_name(name: str | None, *, model: str) -> None:
+    """Refuse to start with a ``TEXT_TOOL_CALL_PARSER`` vLLM does not have."""
+    if name is None:
+        return
+    from vllm.tool_parsers import ToolParserManager
+
+    known = sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
+    if name not in known:
+        raise ModelLoadError(
+            f"TEXT_TOOL_CALL_PARSER={name!r} is not one of vLLM's tool-call parsers: "
+            f"{', '.join(known)}.",
+            model=model,
+        )
+
+
+def _invalid_request(exc: Exception) -> InvalidRequestError:
+    """vLLM refused a request's parameters: a 400 naming the field when vLLM names it."""
+    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return InvalidRequestError(
+        message or type(exc).__name__,
+        param=getattr(exc, "parameter", None),
+        value=getattr(exc, "value", None),
+    )
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (vLLM's and transformers' shape): tool-call
+    arguments as a mapping, which templates write out with ``tojson``."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        rendered["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": _arguments(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _template_tool(tool: ToolDefinition) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = tool.parameters
+    return {"type": "function", "function": function}
+
+
+class _VllmToolCallParser(ToolCallParser):
+    """One of vLLM's tool-call parsers (``vllm.tool_parsers``), fed chunk by chunk.
+
+    vLLM's streaming interface is used for streamed and whole answers alike, so the
+    arguments of an answer equal its streamed pieces joined.
+    """
+
+    def __init__(
+        self, name: str, tokenizer: Any, tools: tuple[ToolDefinition, ...], *, model: str
+    ) -> None:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.tool_parsers import ToolParserManager
+
+        request = ChatCompletionRequest(
+            model=model,
+            messages=[],
+            tools=[_template_tool(tool) for tool in tools] or None,
+            tool_choice="auto" if tools else "none",
+        )
+        parser = ToolParserManager.get_tool_parser(name)(tokenizer, tools=list(request.tools or ()))
+        self._request = cast(ChatCompletionRequest, parser.adjust_request(request))
+        self._parser = parser
+        self.skip_special_tokens = self._request.skip_special_tokens
+        self._text = ""
+        self._token_ids: list[int] = []
+
+    def feed(self, chunk: TextChunk) -> ParsedDelta:
+        """Hand the chunk to vLLM's streaming parser; map its delta to ours."""
+        previous_text, previous_ids = self._text, list(self._token_ids)
+        self._text += chunk.delta
+        self._token_ids.extend(chunk.token_ids)
+        delta = self._parser.extract_tool_calls_streaming(
+            previous_text,
+            self._text,
+            chunk.delta,
+            previous_ids,
+            self._token_ids,
+            chunk.token_ids,
+            self._request,
+        )
+        if delta is None:
+            return ParsedDelta()
+        return ParsedDelta(
+            content=delta.content or "",
+            tool_calls=tuple(
+                ToolCallDelta(
+                    call.index,
+                    id=call.id,
+                    name=call.function.name if call.function else None,
+                    arguments=(call.function.arguments or "") if call.function else "",
+                )
+                for call in delta.tool_calls
+            ),
+        )
+
+    def finish(self) -> ParsedDelta:
+        """Arguments the parser read but had not handed out yet (as vLLM's server sends)."""
+        remaining = self._parser.get_remaining_unstreamed_args()
+        if not remaining:
+            return ParsedDelta()
+        index = len(self._parser.prev_tool_call_arr) - 1
+        return ParsedDelta(tool_calls=(ToolCallDelta(index, arguments=remaining),))
 
 
 def _token_logprobs(completion: Any, *, top: int) -> tuple[TokenLogprob, ...]:

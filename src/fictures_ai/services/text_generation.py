@@ -33,6 +33,8 @@ from fictures_ai.engines.base import (
     TextEngine,
     TextGenerationParams,
     TextPrompt,
+    ToolCallParser,
+    ToolDefinition,
 )
 from fictures_ai.errors import (
     EngineDeadError,
@@ -329,6 +331,33 @@ class TextGenerationService:
         if not is_valid:
             logger.info("Structured output did not validate (finish=%s)", result.finish_reason)
         return StructuredResult(result=result, parsed=parsed, is_valid=is_valid)
+
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        """The token ids the model sees for ``prompt`` (loads the model if needed)."""
+        engine = await self._model.get()
+        return await engine.tokenize(prompt)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``; ``InvalidRequestError`` for ids outside the vocabulary."""
+        engine = await self._model.get()
+        return await engine.detokenize(token_ids)
+
+    async def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser:
+        """The model's parser for tool calls it writes on its own (``tool_choice: auto``).
+
+        Raises ``InvalidRequestError`` when the server has none (``TEXT_TOOL_CALL_PARSER``).
+        """
+        engine = await self._model.get()
+        parser = engine.tool_call_parser(tools)
+        if parser is None:
+            raise InvalidRequestError(
+                'tool_choice "auto" with tools needs a tool-call parser for the model, and '
+                "this server has none: set TEXT_TOOL_CALL_PARSER (hermes, llama3_json, "
+                'pythonic, ...), or send tool_choice "required" or a named function, which '
+                "work with any model.",
+                param="tool_choice",
+            )
+        return parser
 
     async def shutdown(self) -> None:
         """Stop the engine (called from the app lifespan)."""

@@ -73,7 +73,9 @@ class _TextSampling(_Request):
         ),
     )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
-    top_p: float = Field(0.9, ge=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_p: float = Field(
+        0.9, ge=0.0, le=1.0, description="Nucleus sampling mass; 0 keeps only the likeliest token."
+    )
     min_tokens: int | None = Field(
         None,
         ge=0,

@@ -21,7 +21,7 @@ from fictures_ai.api.dependencies import (
     get_text_service,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
-from fictures_ai.api.errors import error_responses
+from fictures_ai.api.errors import error_responses, stream_failure
 from fictures_ai.api.fictures.protocol import (
     ErrorResponse,
     HealthGpu,
@@ -53,7 +53,6 @@ from fictures_ai.api.sse import (
     sse_response_doc,
 )
 from fictures_ai.engines.base import TextChunk
-from fictures_ai.errors import FicturesError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.tracing import child_span
@@ -272,9 +271,8 @@ async def _text_events(
         yield encoder.event(first)
         async for chunk in rest:
             yield encoder.event(chunk)
-    except FicturesError as exc:
-        logger.error("Text stream failed after it started: %s", exc.message, exc_info=exc)
-        yield encoder.error_event(exc.message)
+    except Exception as exc:
+        yield encoder.error_event(stream_failure(exc)[0])
     finally:
         # Closing the service stream aborts the engine request when the client went away.
         await rest.aclose()
@@ -380,9 +378,8 @@ async def _image_events(
                 "done": True,
             }
         )
-    except FicturesError as exc:
-        logger.error("Image stream failed: %s", exc.message, exc_info=exc)
-        yield sse_event({"error": exc.message, "done": True})
+    except Exception as exc:
+        yield sse_event({"error": stream_failure(exc)[0], "done": True})
     finally:
         render.cancel()  # the client went away: leave the queue or stop the render
     yield DONE_EVENT

@@ -7,25 +7,23 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers, validation_message
+from fictures_ai.api.errors import retry_headers, validation_message
 from fictures_ai.errors import FicturesError, InvalidRequestError, ModelNotFoundError
 
 _TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
     429: "rate_limit_error",
+    503: "service_unavailable_error",
 }
 
 
 def error_body(
     message: str, status: int, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    """OpenAI's error object for ``status``."""
-    kind = _TYPES.get(status, "server_error" if status != 503 else "service_unavailable_error")
+    """OpenAI's error object for ``status``: its own type for 401, 403, 429 and 503,
+    ``invalid_request_error`` for any other 4xx, ``server_error`` for any other 5xx."""
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -43,10 +41,19 @@ def openai_error(exc: FicturesError, status: int) -> JSONResponse:
 
 
 def openai_validation_error(exc: RequestValidationError) -> JSONResponse:
-    """400 for values out of range, 422 for malformed bodies (as on the Fictures surface)."""
+    """400 ``invalid_request_error`` for every body OpenAI's API would refuse: values out of
+    range, wrong types, missing fields and malformed JSON alike (OpenAI never answers 422)."""
     errors = list(exc.errors())
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        # Pydantic's location of a JSON error is a character offset, not a parameter.
+        offset = next((part for part in first.get("loc", ()) if isinstance(part, int)), None)
+        message = (
+            f"The body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')}"
+            + (f", at character {offset}" if offset is not None else "")
+            + ")."
+        )
+        return JSONResponse(error_body(message, 400), status_code=400)
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
     message = "; ".join(validation_message(error) for error in errors)
-    status = 400 if errors and all(e.get("type") in RANGE_ERROR_TYPES for e in errors) else 422
-    return JSONResponse(error_body(message, status, param=param), status_code=status)
+    return JSONResponse(error_body(message, 400, param=param), status_code=400)

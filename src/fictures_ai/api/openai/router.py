@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -29,10 +29,11 @@ from fictures_ai.api.dependencies import (
     get_text_service,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
-from fictures_ai.api.errors import error_responses
+from fictures_ai.api.errors import error_responses, stream_failure
 from fictures_ai.api.openai.errors import error_body
 from fictures_ai.api.openai.protocol import (
     AssistantMessage,
+    AssistantToolCall,
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -42,38 +43,52 @@ from fictures_ai.api.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
     Model,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    ToolCallFunction,
+    ToolPlan,
     TopLogprob,
     Usage,
 )
 from fictures_ai.api.sse import DONE_EVENT, EventStreamResponse, encode_json_string
 from fictures_ai.engines.base import (
     GeneratedImage,
-    PromptFormat,
+    ParsedDelta,
     TextChunk,
     TextGenerationParams,
     TextPrompt,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallParser,
 )
-from fictures_ai.errors import FicturesError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
+from fictures_ai.services.tool_calls import (
+    NamedToolCallParser,
+    RequiredToolCallParser,
+    new_tool_call_id,
+)
 
 logger = logging.getLogger(__name__)
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 _ERRORS = error_responses(ErrorResponse, include_422=True)
 models_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 text_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 image_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
+tokenizer_router = APIRouter(tags=["openai"], responses=_ERRORS)
+"""vLLM's ``/tokenize`` and ``/detokenize``, at vLLM's paths (outside ``/v1``)."""
 
 TextService = Annotated[TextGenerationService, Depends(get_text_service)]
 ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
@@ -98,28 +113,67 @@ async def list_models(services: ServicesDep) -> ModelList:
 
 @dataclass
 class _Choice:
-    """What one choice has produced so far."""
+    """What one choice has produced so far; with a tool-call parser, its text is split into
+    content and calls as it comes."""
 
+    parser: ToolCallParser | None = None
     text: list[str] = field(default_factory=list)
+    calls: list[AssistantToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: OpenAIFinishReason | None = None
 
     def add(self, chunk: TextChunk) -> None:
-        self.text.append(chunk.delta)
+        if self.parser is None:
+            self.text.append(chunk.delta)
+        else:
+            parsed = _parse(self.parser, chunk)
+            self.text.append(parsed.content)
+            for piece in parsed.tool_calls:
+                if piece.name is not None:
+                    self.calls.append(
+                        AssistantToolCall(
+                            id=piece.id or new_tool_call_id(),
+                            function=ToolCallFunction(name=piece.name, arguments=""),
+                        )
+                    )
+                if piece.arguments and piece.index < len(self.calls):
+                    self.calls[piece.index].function.arguments += piece.arguments
         if chunk.logprobs:
             self.logprobs.extend(chunk.logprobs)
         self.prompt_tokens = chunk.prompt_tokens
         self.completion_tokens = chunk.completion_tokens
-        self.finish_reason = _finish_reason(chunk)
+        self.finish_reason = _finish_reason(chunk, self.parser if self.calls else None)
+
+    def message(self) -> AssistantMessage:
+        """The choice's message: no content but calls when it only called tools."""
+        content = "".join(self.text)
+        return AssistantMessage(
+            content=content if content or not self.calls else None,
+            tool_calls=self.calls or None,
+        )
 
 
-def _finish_reason(chunk: TextChunk) -> OpenAIFinishReason | None:
+def _parse(parser: ToolCallParser, chunk: TextChunk) -> ParsedDelta:
+    """The parser's reading of ``chunk``, with what it still held if the chunk is the last."""
+    parsed = parser.feed(chunk)
+    if chunk.finish_reason is None:
+        return parsed
+    rest = parser.finish()
+    return ParsedDelta(parsed.content + rest.content, parsed.tool_calls + rest.tool_calls)
+
+
+def _finish_reason(
+    chunk: TextChunk, caller: ToolCallParser | None = None
+) -> OpenAIFinishReason | None:
     # OpenAI knows stop and length; an aborted request is cut short like one at its limit.
+    # ``caller``: the parser that read calls in this choice; it says how such a choice ends.
     if chunk.finish_reason is None:
         return None
-    return "stop" if chunk.finish_reason == "stop" else "length"
+    if chunk.finish_reason != "stop":
+        return "length"
+    return "stop" if caller is None else caller.finish_reason
 
 
 def _usage(choices: list[_Choice], prompts: int) -> Usage:
@@ -151,12 +205,27 @@ def _open_streams(
 
 
 async def _collect(
-    streams: AsyncGenerator[tuple[int, TextChunk], None], count: int
+    streams: AsyncGenerator[tuple[int, TextChunk], None],
+    count: int,
+    parsers: list[ToolCallParser] | None = None,
 ) -> list[_Choice]:
-    choices = [_Choice() for _ in range(count)]
+    choices = [_Choice(parser=parsers[index] if parsers else None) for index in range(count)]
     async for index, chunk in streams:
         choices[index].add(chunk)
     return choices
+
+
+async def _tool_call_parsers(
+    service: TextGenerationService, plan: ToolPlan, count: int
+) -> list[ToolCallParser] | None:
+    """One parser per choice for a request that may call tools, else None."""
+    if plan.choice == "required":
+        return [RequiredToolCallParser() for _ in range(count)]
+    if plan.choice == "named" and plan.name is not None:
+        return [NamedToolCallParser(plan.name) for _ in range(count)]
+    if plan.choice == "auto":
+        return [await service.tool_call_parser(plan.tools) for _ in range(count)]
+    return None
 
 
 def _chat_logprobs(entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
@@ -195,18 +264,32 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: TextService
 ) -> Any:
-    """Chat with the text model; ``stream: true`` answers with server-sent events."""
+    """Chat with the text model; ``stream: true`` answers with server-sent events.
+
+    With ``tools``, calls come back as OpenAI's ``tool_calls``: forced by structured output
+    for ``tool_choice`` required or a named function, read by ``TEXT_TOOL_CALL_PARSER``'s
+    parser for auto.
+    """
     model = service.check_model(body.model)
-    params = body.to_generation_params()
-    prompts = [TextPrompt(messages=body.to_messages())]
+    plan = body.tool_plan()
+    params = body.to_generation_params(plan)
+    parsers = await _tool_call_parsers(service, plan, len(params))
+    if parsers and not parsers[0].skip_special_tokens:
+        params = [replace(choice, skip_special_tokens=False) for choice in params]
+    prompts = [TextPrompt(messages=body.to_messages(), tools=plan.tools)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
-    if body.stream:
+    if body.streams:
         encoder = _ChunkEncoder(
-            request_id, model, chat=True, usage=body.include_usage, count=len(params)
+            request_id,
+            model,
+            chat=True,
+            usage=body.include_usage,
+            count=len(params),
+            parsers=parsers,
         )
         return await _stream_response(streams, encoder)
-    choices = await cancel_on_disconnect(request, _collect(streams, len(params)))
+    choices = await cancel_on_disconnect(request, _collect(streams, len(params), parsers))
     return ChatCompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -214,7 +297,7 @@ async def create_chat_completion(
         choices=[
             ChatCompletionChoice(
                 index=index,
-                message=AssistantMessage(content="".join(choice.text)),
+                message=choice.message(),
                 logprobs=_chat_logprobs(choice.logprobs) if body.logprobs else None,
                 finish_reason=choice.finish_reason,
             )
@@ -229,11 +312,11 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
     model = service.check_model(body.model)
     params = body.to_generation_params()
-    prompts = [TextPrompt(text=text, format=PromptFormat.RAW) for text in body.prompts()]
+    prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     count = len(prompts) * len(params)
-    if body.stream:
+    if body.streams:
         encoder = _ChunkEncoder(
             request_id, model, chat=False, usage=body.include_usage, count=count
         )
@@ -264,7 +347,16 @@ class _ChunkEncoder:
     It also keeps each choice's token counts (not its text), for the usage chunk at the end.
     """
 
-    def __init__(self, request_id: str, model: str, *, chat: bool, usage: bool, count: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        chat: bool,
+        usage: bool,
+        count: int,
+        parsers: list[ToolCallParser] | None = None,
+    ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         self._head = (
             f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
@@ -275,20 +367,25 @@ class _ChunkEncoder:
         self.usage = usage
         self._started = [False] * count
         self._choices = [_Choice() for _ in range(count)]
+        self._parsers = parsers
+        self._called = [False] * count
 
     def chunk(self, index: int, chunk: TextChunk) -> bytes:
-        """One event for one engine chunk of choice ``index`` (log-probs when it has them)."""
+        """One event for one engine chunk of choice ``index`` (log-probs when it has them);
+        empty when a tool-call parser holds the chunk's text back."""
         counts = self._choices[index]
         counts.prompt_tokens = chunk.prompt_tokens
         counts.completion_tokens = chunk.completion_tokens
-        text = encode_json_string(chunk.delta)
-        finish = _finish_reason(chunk)
-        finish_json = "null" if finish is None else f'"{finish}"'
         logprobs_json = "null"
         if chunk.logprobs:
             entries = list(chunk.logprobs)
             model = _chat_logprobs(entries) if self.chat else _completion_logprobs(entries)
             logprobs_json = model.model_dump_json()
+        if self._parsers is not None:
+            return self._tool_chunk(index, chunk, logprobs_json)
+        text = encode_json_string(chunk.delta)
+        finish = _finish_reason(chunk)
+        finish_json = "null" if finish is None else f'"{finish}"'
         if self.chat:
             if self._started[index]:
                 role = ""
@@ -306,10 +403,45 @@ class _ChunkEncoder:
             )
         return self._head + choice.encode() + self._tail
 
+    def _tool_chunk(self, index: int, chunk: TextChunk, logprobs_json: str) -> bytes:
+        """A chat chunk of a request that may call tools: content and OpenAI's tool-call
+        deltas (index, id, type and name first; then argument pieces)."""
+        assert self._parsers is not None
+        parser = self._parsers[index]
+        parsed = _parse(parser, chunk)
+        self._called[index] = self._called[index] or any(p.name for p in parsed.tool_calls)
+        finish = _finish_reason(chunk, parser if self._called[index] else None)
+        delta: dict[str, Any] = {}
+        if not self._started[index]:
+            delta["role"] = "assistant"
+            self._started[index] = True
+        if parsed.content:
+            delta["content"] = parsed.content
+        if parsed.tool_calls:
+            delta["tool_calls"] = [_tool_call_delta(piece) for piece in parsed.tool_calls]
+        if not delta and finish is None and logprobs_json == "null":
+            return b""
+        choice = (
+            f'{{"index":{index},"delta":{json.dumps(delta)},"logprobs":{logprobs_json},'
+            f'"finish_reason":{json.dumps(finish)}}}'
+        )
+        return self._head + choice.encode() + self._tail
+
     def usage_chunk(self, prompts: int) -> bytes:
         """The last chunk when usage was asked for: no choices, the request's token counts."""
         usage = _usage(self._choices, prompts)
         return self._head + b'],"usage":' + usage.model_dump_json().encode() + b"}\n\n"
+
+
+def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    if piece.name is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {
+        "index": piece.index,
+        "id": piece.id or new_tool_call_id(),
+        "type": "function",
+        "function": {"name": piece.name, "arguments": piece.arguments},
+    }
 
 
 async def _stream_response(
@@ -336,12 +468,14 @@ async def _events(
     try:
         yield encoder.chunk(*first)
         async for index, chunk in rest:
-            yield encoder.chunk(index, chunk)
+            event = encoder.chunk(index, chunk)
+            if event:
+                yield event
         if encoder.usage:
             yield encoder.usage_chunk(prompts)
-    except FicturesError as exc:
-        logger.error("Stream failed after it started: %s", exc.message, exc_info=exc)
-        yield b"data: " + json.dumps(error_body(exc.message, 500)).encode() + b"\n\n"
+    except Exception as exc:
+        message, status = stream_failure(exc)
+        yield b"data: " + json.dumps(error_body(message, status)).encode() + b"\n\n"
     finally:
         await rest.aclose()  # aborts the engine requests when the client went away
     yield DONE_EVENT
@@ -385,3 +519,23 @@ async def get_generated_image(token: str, services: ServicesDep) -> Response:
     return Response(
         png, media_type="image/png", headers={"Cache-Control": f"private, max-age={ttl}"}
     )
+
+
+@tokenizer_router.post("/tokenize", response_model=TokenizeResponse, dependencies=listing_access)
+async def tokenize(body: TokenizeRequest, service: TextService) -> TokenizeResponse:
+    """The token ids of a prompt or a conversation, as the generation routes count them (so a
+    client can check a long story against the context window before sending it)."""
+    service.check_model(body.model)
+    tokens = await service.tokenize(body.to_prompt())
+    return TokenizeResponse(
+        count=len(tokens), max_model_len=service.info().max_model_len, tokens=tokens
+    )
+
+
+@tokenizer_router.post(
+    "/detokenize", response_model=DetokenizeResponse, dependencies=listing_access
+)
+async def detokenize(body: DetokenizeRequest, service: TextService) -> DetokenizeResponse:
+    """The text of token ids."""
+    service.check_model(body.model)
+    return DetokenizeResponse(prompt=await service.detokenize(body.tokens))

@@ -1,0 +1,319 @@
+"""Values at and past the edges of every surface: what the engine refuses is refused at the
+edge with a 400 naming the field, null means the default on ``/v1``, and an error no one
+foresaw is a JSON 500 that leaves the connection usable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from fictures_ai.api.app import create_app
+from fictures_ai.engines.base import TextChunk, TextGenerationParams, TextPrompt
+from fictures_ai.engines.vllm_engine import VllmTextEngine
+from tests.support import free_port
+from tests.unit.conftest import make_services, wait_until
+from tests.unit.fake_engines import FakeTextEngine
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
+
+
+@pytest.fixture
+async def http(engine: FakeTextEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(services=make_services(engine))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["generate", "stream", "structured"])
+async def test_top_p_zero_is_served_on_the_fictures_surface(
+    http: httpx.AsyncClient, engine: FakeTextEngine, path: str
+) -> None:
+    body: dict[str, Any] = {"prompt": "Say hi.", "max_tokens": 4, "top_p": 0.0}
+    if path == "structured":
+        body["guided_decoding"] = {"type": "choice", "choices": ["hi", "bye"]}
+    response = await http.post(f"/api/v1/text/{path}", json=body)
+    assert response.status_code == 200, response.text
+    assert engine.calls[-1][1].top_p == 0.0
+
+
+async def test_top_p_zero_is_served_on_the_openai_surface(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await http.post("/v1/chat/completions", json={**CHAT, "top_p": 0})
+    assert response.status_code == 200, response.text
+    assert engine.calls[-1][1].top_p == 0.0
+
+
+def test_top_p_zero_samples_greedily_in_vllm() -> None:
+    sampling = VllmTextEngine._sampling_params(
+        TextGenerationParams(max_tokens=4, temperature=0.9, top_p=0.0), max_tokens=4, min_tokens=0
+    )
+    assert sampling.temperature == 0.0
+    assert sampling.top_p == 1.0
+
+
+@pytest.mark.parametrize(
+    ("seed", "engine_seed"), [(None, None), (7, 7), (-1, 2**64 - 1), (-(2**63), 2**63)]
+)
+def test_signed_seeds_reach_vllm_as_the_same_torch_seed(
+    seed: int | None, engine_seed: int | None
+) -> None:
+    # torch seeds with seed mod 2**64; vLLM alone would read -1 as "no seed".
+    sampling = VllmTextEngine._sampling_params(
+        TextGenerationParams(max_tokens=4, seed=seed), max_tokens=4, min_tokens=0
+    )
+    assert sampling.seed == engine_seed
+
+
+@pytest.mark.parametrize(
+    ("seed", "n"), [(2**64, 1), (2**64 - 1, 2), (-(2**63) - 1, 1), (2**63 - 1, 2)]
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_seeds_past_64_bits_are_400s(
+    http: httpx.AsyncClient, path: str, seed: int, n: int
+) -> None:
+    body = {**CHAT, "prompt": "Say hi.", "seed": seed, "n": n, "max_tokens": 2}
+    response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "seed" or "seed" in error["message"]
+
+
+async def test_the_largest_seeds_are_served(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await http.post("/v1/chat/completions", json={**CHAT, "seed": 2**63 - 2, "n": 2})
+    assert response.status_code == 200, response.text
+    assert [params.seed for _, params in engine.calls[-2:]] == [2**63 - 2, 2**63 - 1]
+
+
+NULLABLE_CHAT = [
+    "temperature",
+    "top_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "stream",
+    "logprobs",
+    "top_logprobs",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "stop",
+    "stream_options",
+    "logit_bias",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "metadata",
+    "store",
+]
+NULLABLE_COMPLETION = ["echo", "logprobs", "suffix", "best_of", "stream", "temperature", "n"]
+
+
+async def test_null_means_the_default_on_chat(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    body = {**CHAT, **dict.fromkeys(NULLABLE_CHAT)}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    params = engine.calls[-1][1]
+    assert (params.temperature, params.top_p, params.presence_penalty) == (1.0, 1.0, 0.0)
+    assert len(response.json()["choices"]) == 1
+
+
+async def test_null_means_the_default_on_completions(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    body = {"model": "fake-model", "prompt": "Once", **dict.fromkeys(NULLABLE_COMPLETION)}
+    response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["logprobs"] is None
+
+
+async def test_the_openai_sdk_sends_none_as_null(engine: FakeTextEngine) -> None:
+    import openai
+
+    app = create_app(services=make_services(engine))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test/v1")
+    async with openai.AsyncOpenAI(
+        api_key="unused", base_url="http://test/v1", http_client=http, max_retries=0
+    ) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "Hi"}],
+            temperature=None,
+            top_p=None,
+            n=None,
+            presence_penalty=None,
+            frequency_penalty=None,
+            stream=None,
+            logprobs=None,
+        )
+    assert completion.choices[0].message.content == engine.reply
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "-100..100"),
+        ({"modalities": ["text", "audio"]}, None, "text only"),
+        ({"reasoning_effort": "high"}, None, "do not reason"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            None,
+            "'image_url' are not supported",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
+        ({"temperature": "hot"}, "temperature", "number"),
+        ({"messages": []}, "messages", "at least 1"),
+    ],
+)
+async def test_openai_refusals_are_400_invalid_request_errors(
+    http: httpx.AsyncClient, body: dict[str, Any], param: str | None, words: str
+) -> None:
+    response = await http.post("/v1/chat/completions", json={**CHAT, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert words in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+async def test_completions_refuse_what_they_cannot_do(http: httpx.AsyncClient) -> None:
+    for extra, words in [
+        ({"echo": True}, "echo"),
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+    ]:
+        body = {"model": "fake-model", "prompt": "Once", **extra}
+        response = await http.post("/v1/completions", json=body)
+        assert response.status_code == 400, (extra, response.text)
+        assert words in response.json()["error"]["message"]
+
+
+async def test_completions_take_token_id_prompts(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await http.post(
+        "/v1/completions", json={"model": "fake-model", "prompt": [[1, 2, 3], [4]]}
+    )
+    assert response.status_code == 200, response.text
+    assert [prompt.token_ids for prompt, _ in engine.calls[-2:]] == [(1, 2, 3), (4,)]
+    assert response.json()["usage"]["prompt_tokens"] == 4
+
+
+async def test_malformed_json_and_wrong_methods_speak_openai(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is None
+    assert "not valid JSON" in error["message"]
+
+    response = await http.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_tokenize_and_detokenize(http: httpx.AsyncClient) -> None:
+    response = await http.post("/tokenize", json={"prompt": "a story of dragons"})
+    assert response.status_code == 200, response.text
+    tokens = response.json()
+    assert tokens["count"] == 4
+    assert tokens["max_model_len"] == 8192
+    response = await http.post("/detokenize", json={"tokens": tokens["tokens"]})
+    assert response.json() == {"prompt": "a story of dragons"}
+
+    chat = await http.post("/tokenize", json={"messages": CHAT["messages"]})
+    assert chat.json()["count"] == 2
+    unknown = await http.post("/detokenize", json={"tokens": [99999]})
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["param"] == "tokens"
+    both = await http.post("/tokenize", json={"prompt": "x", "messages": CHAT["messages"]})
+    assert both.status_code == 400
+    wrong_model = await http.post("/tokenize", json={"prompt": "x", "model": "gpt-4"})
+    assert wrong_model.status_code == 404
+    assert wrong_model.json()["error"]["code"] == "model_not_found"
+
+
+class BrokenEngine(FakeTextEngine):
+    """An engine with a bug: it raises an exception nobody mapped."""
+
+    async def generate(  # type: ignore[override]
+        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
+    ) -> AsyncIterator[TextChunk]:
+        raise RuntimeError("an unforeseen bug")
+        yield  # pragma: no cover - makes this an async generator
+
+
+@pytest.fixture
+async def broken_server() -> AsyncIterator[int]:
+    app = create_app(services=make_services(BrokenEngine()))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, timeout=10)
+    yield port
+    server.should_exit = True
+    await task
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """One HTTP/1.1 request on an open connection; the status and JSON body of the answer."""
+    payload = json.dumps(body).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    status = int(head.split()[1])
+    length = next(
+        int(line.split(":")[1])
+        for line in head.split("\r\n")
+        if line.lower().startswith("content-length")
+    )
+    return status, json.loads(await reader.readexactly(length))
+
+
+async def test_an_unforeseen_error_is_a_json_500_and_the_connection_lives_on(
+    broken_server: int,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broken_server)
+    try:
+        status, body = await _exchange(reader, writer, "/v1/chat/completions", CHAT)
+        assert status == 500
+        assert body["error"]["type"] == "server_error"
+        assert "request id" in body["error"]["message"]
+        assert "unforeseen" not in body["error"]["message"]  # details stay in the log
+        # The same connection serves the next requests.
+        status, body = await _exchange(
+            reader, writer, "/api/v1/text/generate", {"prompt": "x", "max_tokens": 2}
+        )
+        assert status == 500
+        assert body["detail"].startswith("Internal server error")
+        status, body = await _exchange(reader, writer, "/tokenize", {"prompt": "a b"})
+        assert (status, body["count"]) == (200, 2)
+    finally:
+        writer.close()
