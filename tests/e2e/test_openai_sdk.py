@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+from typing import Any
 
 import httpx
 import jsonschema
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import RunningServer
+from tests.support import WEATHER_TOOL
 
 pytestmark = pytest.mark.e2e
 
@@ -128,3 +130,147 @@ def test_bad_request_raises_bad_request_error(client: openai.OpenAI) -> None:
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+CLOCK: Any = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_required_tool_calls_streamed_and_whole_agree(client: openai.OpenAI) -> None:
+    request: Any = {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": [WEATHER_TOOL, CLOCK],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    whole = client.chat.completions.create(**request)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert calls
+    for call in calls:
+        assert call.function.name in ("get_weather", "get_time")  # type: ignore[union-attr]
+        arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+        schema = (WEATHER_TOOL if call.function.name == "get_weather" else CLOCK)["function"]  # type: ignore[union-attr]
+        jsonschema.validate(arguments, schema["parameters"])
+
+    streamed: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            assert delta.function is not None
+            if delta.id is not None:
+                streamed[delta.index] = [delta.function.name or "", ""]
+            streamed[delta.index][1] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    # Greedy sampling: the same calls, and the pieces join to the same arguments.
+    assert [tuple(parts) for parts in streamed.values()] == [
+        (c.function.name, c.function.arguments)  # type: ignore[union-attr]
+        for c in calls
+    ]
+
+
+def test_named_tool_call_and_the_answer_round_trip(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert isinstance(json.loads(call.function.arguments)["city"], str)  # type: ignore[union-attr]
+
+    # The app runs the tool and sends the result back: the model answers in text.
+    follow_up = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            *ASK,
+            choice.message.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+        ],
+        tools=[WEATHER_TOOL, CLOCK],
+        tool_choice="none",
+        max_tokens=30,
+    )
+    assert follow_up.choices[0].message.content
+    assert follow_up.choices[0].message.tool_calls is None
+
+
+def test_what_the_engine_would_refuse_is_a_400_and_nulls_are_defaults(
+    client: openai.OpenAI, server: RunningServer
+) -> None:
+    for seed, n in [(2**64, 1), (2**64 - 1, 2), (-(2**63) - 1, 1)]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=ASK,
+                max_tokens=2,
+                seed=seed,
+                n=n,  # type: ignore[arg-type]
+            )
+        assert refused.value.param == "seed" or "seed" in str(refused.value)
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=4,
+        temperature=None,
+        top_p=None,
+        n=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+        stream=None,
+        logprobs=None,
+        seed=-1,
+    )
+    assert completion.choices[0].message.content
+    for path in ("generate", "stream"):
+        answer = server.http.post(
+            f"{server.url}/api/v1/text/{path}",
+            json={"prompt": "Say hi.", "max_tokens": 4, "top_p": 0.0},
+        )
+        assert answer.status_code == 200, answer.text
+    tokens = server.http.post(f"{server.url}/tokenize", json={"messages": ASK}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 5
+    assert (
+        "Paris"
+        in server.http.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json()[
+            "prompt"
+        ]
+    )
+
+
+def test_a_tool_schema_the_grammar_compiler_refuses_is_a_400_naming_the_tool(
+    client: openai.OpenAI,
+) -> None:
+    # xgrammar cannot enforce multipleOf: vLLM refuses the schema built from the tools.
+    odd = {
+        "type": "function",
+        "function": {
+            "name": "pick_chapter",
+            "parameters": {
+                "type": "object",
+                "properties": {"number": {"type": "integer", "multipleOf": 5}},
+            },
+        },
+    }
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            tools=[WEATHER_TOOL, odd],  # type: ignore[list-item]
+            tool_choice="required",
+            max_tokens=10,
+        )
+    assert refused.value.param == "tools[1].function.parameters"
+    assert "pick_chapter" in str(refused.value)

@@ -4,7 +4,8 @@
 fixture installs them with ``npm ci`` from the npm registry and the test runs
 ``vercel_ai_sdk.mjs`` with Node. The SDK's ``generateObject`` sends a ``json_schema`` response
 format: before JSON was compact, one reply in three from the small model ran on in newlines
-until ``maxOutputTokens``.
+until ``maxOutputTokens``. Tool calls go through ``streamText`` with ``toolChoice: "required"``
+and ``generateText`` with a named tool.
 """
 
 from __future__ import annotations
@@ -57,3 +58,14 @@ def test_the_vercel_ai_sdk_works_unchanged(server: RunningServer, node: str) -> 
         assert isinstance(entry["object"]["age"], int)
     assert result["text"]
     assert result["streamed"]
+    # Tool calls, forced by the tools' schemas: the bundled model calls them too.
+    assert result["streamedToolFinish"] == "tool-calls"
+    assert result["streamedToolCalls"]
+    for call in result["streamedToolCalls"]:
+        assert call["toolName"] in ("get_weather", "get_time")
+        if call["toolName"] == "get_weather":
+            assert isinstance(call["input"]["city"], str)
+    (named,) = result["namedToolCalls"]
+    assert named["toolName"] == "get_weather"
+    assert isinstance(named["input"]["city"], str)
+    assert result["namedFinish"] == "stop"

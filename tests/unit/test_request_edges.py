@@ -18,14 +18,16 @@ from fictures_ai.engines.base import TextChunk, TextGenerationParams, TextPrompt
 from fictures_ai.engines.vllm_engine import VllmTextEngine
 from tests.support import free_port
 from tests.unit.conftest import make_services, wait_until
-from tests.unit.fake_engines import FakeTextEngine
+from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 
 
 @pytest.fixture
-async def http(engine: FakeTextEngine) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(services=make_services(engine))
+async def http(
+    engine: FakeTextEngine, image_engine: FakeImageEngine
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(services=make_services(engine, image_engine=image_engine))
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as client:
@@ -317,3 +319,34 @@ async def test_an_unforeseen_error_is_a_json_500_and_the_connection_lives_on(
         assert (status, body["count"]) == (200, 2)
     finally:
         writer.close()
+
+
+async def test_openai_image_parameters_are_served_or_refused(
+    http: httpx.AsyncClient, image_engine: FakeImageEngine
+) -> None:
+    served = await http.post(
+        "/v1/images/generations",
+        json={
+            "prompt": "a cat",
+            "size": "auto",
+            "quality": "standard",
+            "output_format": "png",
+            "background": "opaque",
+            "response_format": None,
+            "n": None,
+            "steps": None,
+            "moderation": "auto",
+        },
+    )
+    assert served.status_code == 200, served.text
+    assert (image_engine.calls[-1].width, image_engine.calls[-1].height) == (1024, 1024)
+    for extra, words in [
+        ({"style": "vivid"}, "describe the style in the prompt"),
+        ({"quality": "hd"}, "quality"),
+        ({"output_format": "jpeg"}, "output_format"),
+        ({"background": "transparent"}, "background"),
+        ({"stream": True}, "/api/v1/images/stream"),
+    ]:
+        refused = await http.post("/v1/images/generations", json={"prompt": "a cat", **extra})
+        assert refused.status_code == 400, (extra, refused.text)
+        assert words in refused.json()["error"]["message"]

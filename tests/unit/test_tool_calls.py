@@ -18,21 +18,10 @@ from fictures_ai.services.tool_calls import (
     RequiredToolCallParser,
     required_tool_calls_spec,
 )
+from tests.support import WEATHER_TOOL
 from tests.unit.conftest import make_services
 from tests.unit.fake_engines import FakeTextEngine
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
@@ -128,7 +117,7 @@ async def test_required_tool_choice_answers_tool_calls(
     completion = await sdk.chat.completions.create(
         model="fake-model",
         messages=[{"role": "user", "content": "Weather and time in Paris?"}],
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL, TIME],  # type: ignore[list-item]
         tool_choice="required",
     )
 
@@ -154,7 +143,7 @@ async def test_streamed_tool_calls_join_to_the_unstreamed_ones(
     request: dict[str, Any] = {
         "model": "fake-model",
         "messages": [{"role": "user", "content": "Weather?"}],
-        "tools": [WEATHER, TIME],
+        "tools": [WEATHER_TOOL, TIME],
         "tool_choice": "required",
     }
     whole = await sdk.chat.completions.create(**request)
@@ -187,7 +176,7 @@ async def test_named_tool_choice_calls_that_function_and_stops(
     completion = await sdk.chat.completions.create(
         model="fake-model",
         messages=[{"role": "user", "content": "Weather in Lima?"}],
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL, TIME],  # type: ignore[list-item]
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
 
@@ -197,7 +186,7 @@ async def test_named_tool_choice_calls_that_function_and_stops(
     assert call.function.name == "get_weather"  # type: ignore[union-attr]
     assert call.function.arguments == '{"city": "Lima"}'  # type: ignore[union-attr]
     schema = engine.calls[-1][1].structured.json_schema  # type: ignore[union-attr]
-    assert schema == WEATHER["function"]["parameters"]  # type: ignore[index]
+    assert schema == WEATHER_TOOL["function"]["parameters"]  # type: ignore[index]
 
 
 async def test_auto_without_a_parser_is_a_400_naming_the_setting(
@@ -208,7 +197,7 @@ async def test_auto_without_a_parser_is_a_400_naming_the_setting(
         json={
             "model": "fake-model",
             "messages": [{"role": "user", "content": "x"}],
-            "tools": [WEATHER],
+            "tools": [WEATHER_TOOL],
         },
     )
     assert response.status_code == 400
@@ -248,7 +237,7 @@ async def test_tool_history_reaches_the_chat_template(
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
         ],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
         tool_choice="none",
     )
     prompt, params = engine.calls[-1]
@@ -267,11 +256,14 @@ async def test_tool_history_reaches_the_chat_template(
     [
         ({"tool_choice": "required"}, None, "needs tools"),
         (
-            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            {
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
             None,
             "'nope', which is not in tools",
         ),
-        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, None, "twice"),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL], "tool_choice": "required"}, None, "twice"),
         (
             {
                 "tools": [
@@ -287,7 +279,7 @@ async def test_tool_history_reaches_the_chat_template(
         ),
         (
             {
-                "tools": [WEATHER],
+                "tools": [WEATHER_TOOL],
                 "tool_choice": "required",
                 "response_format": {"type": "json_object"},
             },

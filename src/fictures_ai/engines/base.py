@@ -261,6 +261,11 @@ class TextEngine(abc.ABC):
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of ``token_ids``; ``InvalidRequestError`` for ids outside the vocabulary."""
 
+    def check_structured(self, spec: StructuredOutputSpec) -> None:
+        """Raise ``InvalidRequestError`` when the engine cannot enforce ``spec`` (a schema its
+        grammar compiler does not take); engines without such limits accept every spec."""
+        return
+
     def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
         """A parser for the tool calls the model writes on its own (``tool_choice: auto``),
         or None when none is configured for the model."""

@@ -221,6 +221,22 @@ class VllmTextEngine(TextEngine):
             )
         return await asyncio.to_thread(tokenizer.decode, token_ids)
 
+    def check_structured(self, spec: StructuredOutputSpec) -> None:
+        """Compile ``spec`` as vLLM would for a request (``SamplingParams.verify``)."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+
+        sampling = SamplingParams(max_tokens=1, structured_outputs=_structured_outputs(spec))
+        try:
+            sampling.verify(
+                self._llm.model_config,
+                None,
+                self._llm.vllm_config.structured_outputs_config,
+                self._llm.get_tokenizer(),
+            )
+        except (ValueError, VLLMClientError) as exc:
+            raise _invalid_request(exc) from exc
+
     def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
         """vLLM's parser named by ``TEXT_TOOL_CALL_PARSER``, or None when none is set."""
         if self._tool_call_parser is None:

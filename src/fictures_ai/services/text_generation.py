@@ -342,6 +342,11 @@ class TextGenerationService:
         engine = await self._model.get()
         return await engine.detokenize(token_ids)
 
+    async def check_structured(self, spec: StructuredOutputSpec) -> None:
+        """``InvalidRequestError`` when the engine cannot enforce ``spec``."""
+        engine = await self._model.get()
+        engine.check_structured(spec)
+
     async def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser:
         """The model's parser for tool calls it writes on its own (``tool_choice: auto``).
 

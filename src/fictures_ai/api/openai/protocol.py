@@ -638,34 +638,70 @@ class ModelList(_Response):
 
 
 class ImageGenerationRequest(_Request):
-    """Body of ``POST /v1/images/generations``."""
+    """Body of ``POST /v1/images/generations``. OpenAI's optional parameters are nullable
+    (null: the default); those this server cannot honour are refused, not ignored."""
 
     prompt: str = Field(..., min_length=1)
     model: str | None = Field(None, description="The image model's id; default: the served one.")
-    n: int = Field(1, ge=1, le=10)
-    size: str = Field(
-        "1024x1024", description="WIDTHxHEIGHT, each in 256..2048; the PNG has exactly this size."
+    n: int | None = Field(None, ge=1, le=10, description="How many images (default 1).")
+    size: str | None = Field(
+        None,
+        description=(
+            "WIDTHxHEIGHT, each in 256..2048; the PNG has exactly this size (default and "
+            "'auto': 1024x1024)."
+        ),
     )
-    response_format: Literal["url", "b64_json"] = "url"
+    response_format: Literal["url", "b64_json"] | None = Field(None, description="Default url.")
+    quality: Literal["auto", "standard"] | None = Field(
+        None, description="One quality here; set steps for more or fewer denoising steps."
+    )
+    output_format: Literal["png"] | None = Field(None, description="PNG only.")
+    background: Literal["auto", "opaque"] | None = Field(
+        None, description="Opaque only: the models here draw no transparency."
+    )
+    user: str | None = Field(None, description="Accepted; not used by this server.")
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="Accepted; this server runs no moderation model."
+    )
     negative_prompt: str | None = Field(None, description="Extension: what to keep out.")
-    steps: int = Field(30, ge=1, le=100, description="Extension: denoising steps.")
-    guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Extension.")
+    steps: int | None = Field(None, ge=1, le=100, description="Extension: denoising steps (30).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Extension (7.5).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Extension: image i: seed + i.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for field, why in _UNSUPPORTED_IMAGE_FIELDS.items():
+                if data.get(field) not in (None, False, 0):
+                    raise ValueError(f"{field}: {why}")
+            unknown = sorted(set(data) - _field_names(cls) - set(_UNSUPPORTED_IMAGE_FIELDS))
+            if unknown:
+                logger.info("Ignored unknown request fields: %s", ", ".join(unknown))
+        return data
 
     @field_validator("size")
     @classmethod
-    def _check_size(cls, value: str) -> str:
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
         match = _SIZE.match(value)
         if match is None:
-            raise ValueError(f"size must look like 1024x1024, not '{value}'")
+            raise ValueError(f"size must look like 1024x1024 (or be 'auto'), not '{value}'")
         for side in (int(match.group(1)), int(match.group(2))):
             if not 256 <= side <= 2048:
                 raise ValueError(f"size '{value}': width and height must be in 256..2048")
         return value
 
+    @property
+    def wants_base64(self) -> bool:
+        """Whether the answer carries base64 PNGs rather than URLs."""
+        return self.response_format == "b64_json"
+
     def to_generation_params(self) -> list[ImageGenerationParams]:
         """One engine parameter set per image; without a seed, a random one."""
-        width, height = (int(side) for side in self.size.split("x"))
+        size = self.size if self.size not in (None, "auto") else "1024x1024"
+        width, height = (int(side) for side in str(size).split("x"))
         seed = self.seed if self.seed is not None else random_seed()
         return [
             ImageGenerationParams(
@@ -673,12 +709,21 @@ class ImageGenerationRequest(_Request):
                 negative_prompt=self.negative_prompt or None,
                 width=width,
                 height=height,
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance_scale,
+                num_inference_steps=30 if self.steps is None else self.steps,
+                guidance_scale=7.5 if self.guidance_scale is None else self.guidance_scale,
                 seed=(seed + index) % (MAX_SEED + 1) or 1,
             )
-            for index in range(self.n)
+            for index in range(1 if self.n is None else self.n)
         ]
+
+
+_UNSUPPORTED_IMAGE_FIELDS = {
+    "stream": "streamed partial images are not served here; POST /api/v1/images/stream "
+    "streams progress",
+    "partial_images": "streamed partial images are not served here",
+    "output_compression": "images are PNG, which this server does not compress lossily",
+    "style": "not supported by the models here; describe the style in the prompt",
+}
 
 
 class ImageData(_Response):

@@ -69,6 +69,7 @@ from fictures_ai.engines.base import (
     ToolCallDelta,
     ToolCallParser,
 )
+from fictures_ai.errors import InvalidRequestError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
@@ -76,6 +77,7 @@ from fictures_ai.services.text_generation import TextGenerationService
 from fictures_ai.services.tool_calls import (
     NamedToolCallParser,
     RequiredToolCallParser,
+    named_tool_call_spec,
     new_tool_call_id,
 )
 
@@ -215,6 +217,22 @@ async def _collect(
     return choices
 
 
+async def _name_the_tool(
+    service: TextGenerationService, plan: ToolPlan, refusal: InvalidRequestError
+) -> None:
+    """The engine refused the schema built from the tools: find the tool whose parameters it
+    cannot enforce and say so (the refusal stands as it is if each tool passes alone)."""
+    for index, tool in enumerate(plan.tools):
+        try:
+            await service.check_structured(named_tool_call_spec(tool))
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                f"tools[{index}] ('{tool.name}'): its parameters schema cannot be enforced "
+                f"while sampling: {exc.message}",
+                param=f"tools[{index}].function.parameters",
+            ) from refusal
+
+
 async def _tool_call_parsers(
     service: TextGenerationService, plan: ToolPlan, count: int
 ) -> list[ToolCallParser] | None:
@@ -279,17 +297,22 @@ async def create_chat_completion(
     prompts = [TextPrompt(messages=body.to_messages(), tools=plan.tools)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
-    if body.streams:
-        encoder = _ChunkEncoder(
-            request_id,
-            model,
-            chat=True,
-            usage=body.include_usage,
-            count=len(params),
-            parsers=parsers,
-        )
-        return await _stream_response(streams, encoder)
-    choices = await cancel_on_disconnect(request, _collect(streams, len(params), parsers))
+    try:
+        if body.streams:
+            encoder = _ChunkEncoder(
+                request_id,
+                model,
+                chat=True,
+                usage=body.include_usage,
+                count=len(params),
+                parsers=parsers,
+            )
+            return await _stream_response(streams, encoder)
+        choices = await cancel_on_disconnect(request, _collect(streams, len(params), parsers))
+    except InvalidRequestError as exc:
+        if plan.structured() is not None and exc.param is None:
+            await _name_the_tool(service, plan, exc)
+        raise
     return ChatCompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -496,7 +519,7 @@ async def create_image(
     images = await cancel_on_disconnect(request, render_all())
     data = []
     for image in images:
-        if body.response_format == "b64_json":
+        if body.wants_base64:
             data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed))
         else:
             token = services.image_store.put(image.png)
