@@ -24,9 +24,12 @@ from fictures_ai.engines.base import (
     TextModelInfo,
     TextPrompt,
     TokenLogprob,
+    ToolCallParser,
+    ToolDefinition,
     fit_output_tokens,
 )
 from fictures_ai.errors import EngineDeadError, GenerationError, InvalidRequestError
+from fictures_ai.services.tool_calls import RequiredToolCallParser
 
 
 @dataclass
@@ -50,6 +53,7 @@ class FakeTextEngine(TextEngine):
     shut_down: bool = False
     produced_tokens: int = 0
     vocabulary: list[str] = field(default_factory=list)
+    writes_tool_calls: bool = False
 
     def _script(self, params: TextGenerationParams) -> list[str]:
         spec = params.structured
@@ -128,6 +132,11 @@ class FakeTextEngine(TextEngine):
         if outside:
             raise InvalidRequestError(f"Unknown token ids: {outside}", param="tokens")
         return " ".join(self.vocabulary[token] for token in token_ids)
+
+    def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
+        """With ``writes_tool_calls``, the reply is read as JSON calls, as a model whose
+        parser is configured writes them (``tool_choice: auto``)."""
+        return RequiredToolCallParser() if self.writes_tool_calls else None
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -301,3 +301,21 @@ async def test_inconsistent_tool_requests_are_400s(
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(("parallel", "calls"), [(True, 2), (False, 1)])
+async def test_auto_reads_the_calls_the_model_writes(
+    sdk: openai.AsyncOpenAI, engine: FakeTextEngine, parallel: bool, calls: int
+) -> None:
+    engine.writes_tool_calls = True
+    engine.reply = CALLS
+    completion = await sdk.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "Weather and time?"}],
+        tools=[WEATHER_TOOL, TIME],  # type: ignore[list-item]
+        parallel_tool_calls=parallel,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls or []) == calls
+    assert engine.calls[-1][1].structured is None  # auto: the model is not constrained

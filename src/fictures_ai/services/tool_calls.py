@@ -198,3 +198,27 @@ class RequiredToolCallParser(ToolCallParser):
     def _end_value(self, arguments: list[str], pieces: list[ToolCallDelta]) -> None:
         self._flush(arguments, pieces)
         self._value = None
+
+
+class FirstCallParser(ToolCallParser):
+    """Another parser's reading with every call after the first left out
+    (``parallel_tool_calls: false`` when the model writes calls on its own)."""
+
+    def __init__(self, parser: ToolCallParser) -> None:
+        self._parser = parser
+        self.skip_special_tokens = parser.skip_special_tokens
+        self.finish_reason = parser.finish_reason
+
+    def feed(self, chunk: TextChunk) -> ParsedDelta:
+        """The inner parser's pieces of the first call, and its content."""
+        return self._first(self._parser.feed(chunk))
+
+    def finish(self) -> ParsedDelta:
+        """The inner parser's rest, first call only."""
+        return self._first(self._parser.finish())
+
+    @staticmethod
+    def _first(parsed: ParsedDelta) -> ParsedDelta:
+        return ParsedDelta(
+            parsed.content, tuple(piece for piece in parsed.tool_calls if piece.index == 0)
+        )

@@ -75,6 +75,7 @@ from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 from fictures_ai.services.tool_calls import (
+    FirstCallParser,
     NamedToolCallParser,
     RequiredToolCallParser,
     named_tool_call_spec,
@@ -242,7 +243,8 @@ async def _tool_call_parsers(
     if plan.choice == "named" and plan.name is not None:
         return [NamedToolCallParser(plan.name) for _ in range(count)]
     if plan.choice == "auto":
-        return [await service.tool_call_parser(plan.tools) for _ in range(count)]
+        parsers = [await service.tool_call_parser(plan.tools) for _ in range(count)]
+        return parsers if plan.parallel else [FirstCallParser(parser) for parser in parsers]
     return None
 
 
