@@ -4,9 +4,14 @@ Starts ``fictures-ai serve`` on a free port (or uses ``--url``), warms the model
 ``--clients`` streaming clients busy for ``--duration`` seconds, each sending one request after
 another: Fictures streams and OpenAI chat streams alternately, and some clients hang up early
 on purpose (``--drop-every``), the way browsers do. Reports errors (which must be 0), latency
-percentiles, throughput, and the server's memory (all its processes) at the start and the end.
-Prints the figures and writes them to ``benchmarks/results/load_test.json``.
-"""
+percentiles, throughput, and the memory of each of the server's processes (the API server,
+vLLM's engine core and its worker, any other child), found as the server's descendants and
+named by role. Memory is sampled every ``--sample-every`` seconds as RSS, PSS and USS (from
+``/proc/PID/smaps``: PSS adds up across processes, as shared libraries are split between them;
+USS is what a process holds alone, so it shows a process's own growth); growth is counted from
+the minute after ``--warm-up`` seconds of load to the last minute (medians of the samples).
+Prints the figures and writes them, with every sample, to ``benchmarks/results/load_test.json``
+(or ``--results``)."""
 
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -35,16 +42,123 @@ PROMPTS = [
 ]
 
 
-def memory_mib(pid: int) -> float:
-    """Resident memory of a process and all its children, in MiB."""
-    process = psutil.Process(pid)
-    total = process.memory_info().rss
-    for child in process.children(recursive=True):
+MIB = 1 << 20
+
+
+def process_role(process: psutil.Process, server_pid: int) -> str:
+    """Name a server process by what it does, from its name and command line."""
+    if process.pid == server_pid:
+        return "api_server"
+    try:
+        name = process.name()
+        cmdline = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return f"pid {process.pid}"
+    if "EngineCor" in name or "EngineCore" in cmdline:
+        return "vllm_engine_core"
+    if "Worker" in name or "worker" in name.lower():
+        return "vllm_worker"
+    if "resource_tracker" in cmdline:
+        return "multiprocessing_resource_tracker"
+    return name or f"pid {process.pid}"
+
+
+def process_memory(process: psutil.Process) -> dict[str, float]:
+    """RSS, PSS and USS of one process in MiB (PSS and USS where the platform has them)."""
+    try:
+        info = process.memory_full_info()
+    except psutil.AccessDenied:
+        info = process.memory_info()
+    figures = {"rss": info.rss}
+    for field in ("pss", "uss"):
+        if hasattr(info, field):
+            figures[field] = getattr(info, field)
+    return {field: round(value / MIB, 1) for field, value in figures.items()}
+
+
+def memory_sample(pid: int) -> dict[str, dict[str, float]]:
+    """Memory of the server process and each of its descendants, keyed by role."""
+    server = psutil.Process(pid)
+    sample: dict[str, dict[str, float]] = {}
+    for process in [server, *server.children(recursive=True)]:
         try:
-            total += child.memory_info().rss
+            role = process_role(process, pid)
+            figures = {"pid": process.pid, **process_memory(process)}
         except psutil.NoSuchProcess:
             continue
-    return round(total / (1 << 20), 1)
+        key = role if role not in sample else f"{role} ({process.pid})"
+        sample[key] = figures
+    sample["total"] = {
+        field: round(sum(figures.get(field, 0.0) for figures in sample.values()), 1)
+        for field in ("rss", "pss", "uss")
+    }
+    return sample
+
+
+async def sample_memory(
+    pid: int, started: float, every: float, samples: list[dict[str, Any]]
+) -> None:
+    """Append a memory sample every ``every`` seconds (taken in a thread: smaps is slow)."""
+    while True:
+        try:
+            processes = await asyncio.to_thread(memory_sample, pid)
+        except psutil.NoSuchProcess:
+            return
+        t_s = round(time.monotonic() - started, 1)
+        samples.append({"t_s": t_s, "processes": processes})
+        shown = ", ".join(
+            f"{role} {figures.get('uss', figures['rss']):.0f}"
+            for role, figures in processes.items()
+        )
+        print(f"  memory at {t_s:.0f} s (USS, MiB): {shown}", flush=True)
+        await asyncio.sleep(every)
+
+
+def memory_summary(
+    samples: list[dict[str, Any]], warm_up: float, window: float = 60.0
+) -> dict[str, Any]:
+    """Per process: memory at the start, after warm-up and at the end, and the growth from
+    warm-up to the end.
+
+    "After warm-up" is the median of the samples in the ``window`` seconds from ``warm_up``
+    on, "end" the median of the samples in the last ``window`` seconds: a worker's memory
+    swings by tens of MiB from one engine step to the next, and one sample may catch a swing.
+    """
+    if not samples:
+        return {}
+    last_t = samples[-1]["t_s"]
+    after = [s for s in samples if warm_up <= s["t_s"] < warm_up + window] or samples[-1:]
+    final = [s for s in samples if s["t_s"] > last_t - window]
+    summary: dict[str, Any] = {
+        "warm_up_window_s": [after[0]["t_s"], after[-1]["t_s"]],
+        "end_window_s": [final[0]["t_s"], final[-1]["t_s"]],
+    }
+    for role in samples[-1]["processes"]:
+        start = samples[0]["processes"].get(role)
+        warm = _median_figures(after, role)
+        end = _median_figures(final, role)
+        entry: dict[str, Any] = {"start": start, "after_warm_up": warm, "end": end}
+        if warm:
+            entry["growth_after_warm_up"] = {
+                field: {
+                    "mib": round(end[field] - warm[field], 1),
+                    "percent": round(100 * (end[field] - warm[field]) / warm[field], 2),
+                }
+                for field in ("rss", "pss", "uss")
+                if field in end and warm.get(field)
+            }
+        summary[role] = entry
+    return summary
+
+
+def _median_figures(samples: list[dict[str, Any]], role: str) -> dict[str, float]:
+    """Median RSS, PSS and USS of one process over some samples (those that have it)."""
+    present = [s["processes"][role] for s in samples if role in s["processes"]]
+    return {
+        field: round(statistics.median(figures[field] for figures in present), 1)
+        for field in ("rss", "pss", "uss")
+        if present and all(field in figures for figures in present)
+    }
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -78,7 +192,9 @@ async def one_request(
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            if '"error"' in line:
+            # A final error event has an "error" key on both surfaces; the text a model
+            # writes may contain the word itself (it did: a delta of "error").
+            if line != "data: [DONE]" and "error" in json.loads(line[6:]):
                 raise RuntimeError(f"{path}: error event {line[:200]}")
             events += 1
             if events == 1:
@@ -114,7 +230,6 @@ async def run(url: str, pid: int | None, args: argparse.Namespace) -> dict[str, 
     ) as client:
         print("warming up...", flush=True)
         await one_request(client, 0, 8, False)
-        memory_start = memory_mib(pid) if pid else None
         stats: dict = {
             "ttft": [],
             "latency": [],
@@ -125,13 +240,22 @@ async def run(url: str, pid: int | None, args: argparse.Namespace) -> dict[str, 
         }
         deadline = time.monotonic() + args.duration
         started = time.monotonic()
+        samples: list[dict[str, Any]] = []
+        sampler = (
+            asyncio.create_task(sample_memory(pid, started, args.sample_every, samples))
+            if pid
+            else None
+        )
         loops = [client_loop(client, i, deadline, args, stats) for i in range(args.clients)]
         reporter = asyncio.create_task(report_progress(stats, deadline))
         await asyncio.gather(*loops)
         reporter.cancel()
         elapsed = time.monotonic() - started
         ready = (await client.get("/health/ready")).status_code
-        memory_end = memory_mib(pid) if pid else None
+        if sampler is not None:
+            sampler.cancel()
+            processes = await asyncio.to_thread(memory_sample, pid)
+            samples.append({"t_s": round(time.monotonic() - started, 1), "processes": processes})
     return {
         "clients": args.clients,
         "duration_s": round(elapsed, 1),
@@ -150,8 +274,20 @@ async def run(url: str, pid: int | None, args: argparse.Namespace) -> dict[str, 
             "p95": percentile(stats["latency"], 0.95),
             "p99": percentile(stats["latency"], 0.99),
         },
-        "server_memory_mib": {"start": memory_start, "end": memory_end},
         "ready_after": ready,
+        "server_memory_mib": {
+            "note": (
+                "per process, in MiB: rss (resident, counts shared pages in every process), "
+                "pss (shared pages split between the processes sharing them, so the figures "
+                "add up: the footprint), uss (pages only this process holds: what it grew "
+                "itself; pss also moves when other programs map the same libraries). Growth "
+                "is from the median of the minute after the warm-up to that of the last minute."
+            ),
+            "warm_up_s": args.warm_up,
+            "sample_every_s": args.sample_every,
+            "summary": memory_summary(samples, args.warm_up),
+            "samples": samples,
+        },
     }
 
 
@@ -175,6 +311,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=180.0)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--drop-every", type=int, default=7)
+    parser.add_argument(
+        "--sample-every", type=float, default=15.0, help="Seconds between memory samples."
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=float,
+        default=120.0,
+        help="Seconds of load after which memory growth is counted.",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Where to write the JSON.")
     args = parser.parse_args()
     process: subprocess.Popen[bytes] | None = None
     url, pid = args.url, args.pid
@@ -187,10 +333,11 @@ def main() -> None:
         if process is not None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS}")
+    print(json.dumps({k: v for k, v in result.items() if k != "server_memory_mib"}, indent=2))
+    print(json.dumps(result["server_memory_mib"]["summary"], indent=2))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.results}")
     if result["errors"]:
         raise SystemExit(1)
 
