@@ -10,6 +10,7 @@ steps, 256x256, 2 images) before they are sent; invalid values are sent as gener
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -27,8 +28,10 @@ from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 3
-CHEAP_IMAGE = {"steps": 2, "num_inference_steps": 2, "n": 2}
+MAX_EXAMPLES = 2
+# field: (lowest valid, highest valid, what a valid value is lowered to)
+CHEAP_IMAGE = {"steps": (1, 100, 2), "num_inference_steps": (1, 100, 2), "n": (1, 10, 2)}
+_SIZE = re.compile(r"^\d+x\d+$")
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +67,18 @@ def _cheapen(case: Case) -> None:
     body = case.body
     if not isinstance(body, dict) or "images" not in case.operation.path:
         return
-    for key, most in CHEAP_IMAGE.items():
-        if isinstance(body.get(key), int) and body[key] > most:
-            body[key] = most
+    for key, (low, high, cheap) in CHEAP_IMAGE.items():
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            body[key] = min(value, cheap)
     for key in ("width", "height"):
-        if isinstance(body.get(key), int) and 256 < body[key] <= 2048:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 256 <= value <= 2048:
             body[key] = 256
-    if isinstance(body.get("size"), str) and body["size"] != "256x256":
-        width, _, height = body["size"].partition("x")
-        if width.isdigit() and height.isdigit():
+    size = body.get("size")
+    if isinstance(size, str) and _SIZE.match(size):
+        sides = [int(side) for side in size.split("x")]
+        if all(256 <= side <= 2048 for side in sides):
             body["size"] = "256x256"
 
 

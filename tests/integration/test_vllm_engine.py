@@ -22,7 +22,7 @@ from fictures_ai.engines.base import (
     ToolCall,
     ToolDefinition,
 )
-from fictures_ai.engines.vllm_engine import VllmTextEngine
+from fictures_ai.engines.vllm_engine import VllmTextEngine, _VllmToolCallParser
 from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
 from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
 
@@ -360,8 +360,8 @@ def test_a_tool_call_parser_that_does_not_fit_the_tokenizer_fails_loudly(
     text_engine: VllmTextEngine,
 ) -> None:
     # llama3_json reads Llama 3's <|python_tag|>, which SmolLM2's vocabulary lacks: the load
-    # check (VllmTextEngine.load) runs this same construction and refuses to start.
+    # check (VllmTextEngine.load) builds the parser the same way and refuses to start.
+    tokenizer = text_engine._llm.get_tokenizer()  # the engine's tokenizer is not public API
     with pytest.raises(RuntimeError, match="python_tag"):
-        VllmTextEngine(
-            text_engine._llm, name="x", source="x", tool_call_parser="llama3_json"
-        ).tool_call_parser(())
+        _VllmToolCallParser("llama3_json", tokenizer, (), model="x")
+    assert _VllmToolCallParser("pythonic", tokenizer, (), model="x").skip_special_tokens

@@ -350,3 +350,59 @@ async def test_openai_image_parameters_are_served_or_refused(
         refused = await http.post("/v1/images/generations", json={"prompt": "a cat", **extra})
         assert refused.status_code == 400, (extra, refused.text)
         assert words in refused.json()["error"]["message"]
+
+
+async def test_nan_and_infinity_are_400s_on_both_surfaces(http: httpx.AsyncClient) -> None:
+    for path, body in [
+        (
+            "/v1/chat/completions",
+            '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], '
+            '"temperature": NaN}',
+        ),
+        ("/api/v1/text/generate", '{"prompt": "x", "top_p": Infinity}'),
+        ("/api/v1/images/generate", '{"prompt": "x", "guidance_scale": NaN}'),
+    ]:
+        response = await http.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        assert "finite number" in response.text
+
+
+async def test_union_errors_name_the_parameter_as_clients_write_it(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.post("/v1/completions", json={"model": "fake-model", "prompt": [1.5]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt[0]" or error["param"] == "prompt"
+    assert "list[" not in error["message"]
+    response = await http.post("/v1/chat/completions", json={**CHAT, "tool_choice": "maybe"})
+    assert response.json()["error"]["param"] == "tool_choice"
+    response = await http.post("/v1/chat/completions", json={**CHAT, "seed": 2**63 - 1, "n": 2})
+    assert response.json()["error"]["param"] == "seed"
+
+
+async def test_a_body_that_is_not_json_says_so(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 400
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+async def test_empty_completion_prompts_are_400s(http: httpx.AsyncClient) -> None:
+    for prompt in ("", [], [""], [[]]):
+        response = await http.post(
+            "/v1/completions", json={"model": "fake-model", "prompt": prompt}
+        )
+        assert response.status_code == 400, (prompt, response.text)
+        assert response.json()["error"]["param"] == "prompt"
+
+
+async def test_the_fictures_surface_takes_a_seed(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    response = await http.post("/api/v1/text/generate", json={"prompt": "x", "seed": -5})
+    assert response.status_code == 200, response.text
+    assert engine.calls[-1][1].seed == -5
+    response = await http.post("/api/v1/text/generate", json={"prompt": "x", "seed": 2**63})
+    assert response.status_code == 400

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -269,7 +270,10 @@ async def test_tool_history_reaches_the_chat_template(
                 "tools": [
                     {
                         "type": "function",
-                        "function": {"name": "bad", "parameters": {"type": "strnig"}},
+                        "function": {
+                            "name": "bad",
+                            "parameters": {"type": "object", "required": "city"},
+                        },
                     }
                 ],
                 "tool_choice": "required",
@@ -319,3 +323,47 @@ async def test_auto_reads_the_calls_the_model_writes(
     assert choice.finish_reason == "tool_calls"
     assert len(choice.message.tool_calls or []) == calls
     assert engine.calls[-1][1].structured is None  # auto: the model is not constrained
+
+
+def test_references_in_a_tool_schema_keep_meaning_the_tool_schema() -> None:
+    # "#" and "#/$defs/..." in a tool's parameters must not point at the wrapper around them.
+    tree = {
+        "type": "object",
+        "properties": {"label": {"$ref": "#/$defs/label"}, "child": {"$ref": "#"}},
+        "$defs": {"label": {"type": "string", "maxLength": 5}},
+    }
+    schema = required_tool_calls_spec((ToolDefinition("tree", parameters=tree),), parallel=True)
+    validator = jsonschema.Draft202012Validator(schema.json_schema or {})
+    good = [{"name": "tree", "parameters": {"label": "a", "child": {"child": {"label": "b"}}}}]
+    assert validator.is_valid(good)
+    assert not validator.is_valid([{"name": "tree", "parameters": {"child": [{"name": "x"}]}}])
+    assert not validator.is_valid([{"name": "tree", "parameters": {"label": "far too long"}}])
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required", "stop": ["city"]}, "stop"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "a", "parameters": {"type": "array"}}}
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+    ],
+)
+async def test_tool_refusals_name_the_parameter(
+    http: httpx.AsyncClient, extra: dict[str, Any], param: str
+) -> None:
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [WEATHER_TOOL],
+        **extra,
+    }
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

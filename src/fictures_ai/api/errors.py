@@ -8,7 +8,8 @@ everything else speaks the Fictures ``{"detail": ...}`` shape.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -59,6 +60,7 @@ RANGE_ERROR_TYPES = frozenset(
         "too_short",
         "too_long",
         "multiple_of",
+        "finite_number",
         "value_error",
     }
 )
@@ -86,12 +88,38 @@ def error_responses(model: type[BaseModel], *, include_422: bool) -> dict[int | 
     }
 
 
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAMED_MESSAGE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
+
+
+def error_location(loc: Sequence[int | str]) -> str | None:
+    """The parameter a Pydantic error location names, as clients write it
+    (``tools[0].function.name``): ``body`` and Pydantic's union tags (``str``,
+    ``literal['a','b']``, ``function-after[...]``) left out."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part != "body" and _FIELD_NAME.match(part) and part not in _TYPE_TAGS:
+            where += f".{part}" if where else part
+    return where or None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def validation_message(error: Mapping[str, Any]) -> str:
     """One Pydantic validation error for people: ``field.path: message``, or the message alone
     for a check of the whole body (Pydantic's ``Value error,`` prefix left out)."""
-    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    where = error_location(error.get("loc", ()))
     message = str(error.get("msg", "")).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
+
+
+def named_parameter(message: str) -> str | None:
+    """The parameter a whole-body check names at the start of its message (``seed: ...``)."""
+    match = _NAMED_MESSAGE.match(message)
+    return match.group(1) if match else None
 
 
 def status_for(exc: FicturesError) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -157,7 +158,7 @@ class VllmTextEngine(TextEngine):
         try:
             engine_input = await self._render(prompt)
         except (ValueError, VLLMClientError) as exc:  # e.g. token ids outside the vocabulary
-            raise _invalid_request(exc) from exc
+            raise _invalid_request(exc, param="prompt") from exc
         prompt_tokens = len(engine_input["prompt_token_ids"])
         max_tokens, min_tokens = fit_output_tokens(
             params, prompt_tokens=prompt_tokens, max_model_len=self._max_model_len
@@ -362,14 +363,19 @@ def _check_tool_call_parser_name(name: str | None, *, model: str) -> None:
         )
 
 
-def _invalid_request(exc: Exception) -> InvalidRequestError:
-    """vLLM refused a request's parameters: a 400 naming the field when vLLM names it."""
+def _invalid_request(exc: Exception, *, param: str | None = None) -> InvalidRequestError:
+    """vLLM refused a request's parameters: a 400 naming the field when vLLM names it (else
+    ``param``), without the source locations xgrammar's C++ puts in its messages."""
     message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    message = _NATIVE_LOCATION.sub("", message).strip()
     return InvalidRequestError(
         message or type(exc).__name__,
-        param=getattr(exc, "parameter", None),
+        param=getattr(exc, "parameter", None) or param,
         value=getattr(exc, "value", None),
     )
+
+
+_NATIVE_LOCATION = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+\.(?:cc|cpp|h):\d+: ")
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:

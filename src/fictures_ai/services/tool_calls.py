@@ -44,27 +44,83 @@ def required_tool_calls_spec(
     tools: tuple[ToolDefinition, ...], *, parallel: bool
 ) -> StructuredOutputSpec:
     """The constraint for ``tool_choice: "required"``: one call or more (just one when
-    ``parallel`` is false), each to one of ``tools`` with arguments that follow its schema."""
+    ``parallel`` is false), each to one of ``tools`` with arguments that follow its schema.
+
+    A tool schema with ``$ref``s is moved under the wrapper's ``$defs`` with its own
+    definitions, and its references rewritten, so that ``#`` and ``#/$defs/...`` still mean
+    the tool's schema and not the wrapper around it.
+    """
+    definitions: dict[str, Any] = {}
+    branches = []
+    for index, tool in enumerate(tools):
+        parameters = parameters_schema(tool)
+        if _has_ref(parameters):
+            parameters = _hoist(parameters, f"tool{index}", definitions)
+        branches.append(
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.name]},
+                    "parameters": parameters,
+                },
+                "required": ["name", "parameters"],
+            }
+        )
     calls: dict[str, Any] = {
         "type": "array",
         "minItems": 1,
-        "items": {
-            "type": "object",
-            "anyOf": [
-                {
-                    "properties": {
-                        "name": {"type": "string", "enum": [tool.name]},
-                        "parameters": parameters_schema(tool),
-                    },
-                    "required": ["name", "parameters"],
-                }
-                for tool in tools
-            ],
-        },
+        "items": {"type": "object", "anyOf": branches},
     }
     if not parallel:
         calls["maxItems"] = 1
+    if definitions:
+        calls["$defs"] = definitions
     return StructuredOutputSpec(StructuredOutputKind.JSON, json_schema=calls)
+
+
+_DEFINITION_KEYS = ("$defs", "definitions")
+
+
+def _has_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return "$ref" in schema or any(_has_ref(value) for value in schema.values())
+    if isinstance(schema, list):
+        return any(_has_ref(item) for item in schema)
+    return False
+
+
+def _hoist(schema: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """Put ``schema`` and its definitions into ``definitions`` under ``prefix``; return a
+    reference to it."""
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, list):
+            return [rewrite(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        result = {key: rewrite(item) for key, item in value.items()}
+        ref = result.get("$ref")
+        if isinstance(ref, str):
+            result["$ref"] = _moved_ref(ref, prefix)
+        return result
+
+    for key in _DEFINITION_KEYS:
+        for name, definition in (schema.get(key) or {}).items():
+            definitions[f"{prefix}__{name}"] = rewrite(definition)
+    body = {key: value for key, value in schema.items() if key not in _DEFINITION_KEYS}
+    definitions[prefix] = rewrite(body)
+    return {"$ref": f"#/$defs/{prefix}"}
+
+
+def _moved_ref(ref: str, prefix: str) -> str:
+    if ref == "#":
+        return f"#/$defs/{prefix}"
+    for key in _DEFINITION_KEYS:
+        start = f"#/{key}/"
+        if ref.startswith(start):
+            return f"#/$defs/{prefix}__{ref[len(start) :]}"
+    if ref.startswith("#/"):
+        return f"#/$defs/{prefix}/{ref[2:]}"
+    return ref  # a remote reference: left for the schema check to refuse
 
 
 def named_tool_call_spec(tool: ToolDefinition) -> StructuredOutputSpec:

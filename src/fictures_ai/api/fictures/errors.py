@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fictures_ai.api.errors import RANGE_ERROR_TYPES, retry_headers, validation_message
+from fictures_ai.api.errors import (
+    RANGE_ERROR_TYPES,
+    error_location,
+    retry_headers,
+    validation_message,
+)
 from fictures_ai.api.fictures.protocol import PROMPT_TOO_LONG
 from fictures_ai.errors import FicturesError
 
@@ -18,16 +21,12 @@ def fictures_error(exc: FicturesError, status: int) -> JSONResponse:
     return JSONResponse({"detail": exc.message}, status_code=status, headers=retry_headers(exc))
 
 
-def _location(error: dict[str, Any]) -> str:
-    return ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-
-
 def fictures_validation_error(exc: RequestValidationError) -> JSONResponse:
     """400 for values out of range (what existing clients check), 422 for malformed bodies."""
     errors = list(exc.errors())
     if errors and all(error.get("type") in RANGE_ERROR_TYPES for error in errors):
         first = errors[0]
-        where = _location(first)
+        where = error_location(first.get("loc", ()))
         if where == "prompt" and first.get("type") == "string_too_long":
             detail = PROMPT_TOO_LONG
         elif where == "prompt" and first.get("type") == "string_too_short":

@@ -53,7 +53,7 @@ class ErrorResponse(BaseModel):
 
 class _Request(BaseModel):
     # Strict types: "top_p": false or "max_tokens": "12" is a malformed body (422), not 0/12.
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class _TextSampling(_Request):
@@ -87,6 +87,12 @@ class _TextSampling(_Request):
         min_length=1,
         description="The text model (see /api/v1/models); default: the server's.",
     )
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="Sampling seed (a signed 64-bit integer): the same seed, the same text.",
+    )
 
     @model_validator(mode="after")
     def _check_min_tokens(self) -> _TextSampling:
@@ -110,6 +116,7 @@ class _TextSampling(_Request):
             stop=stop,
             structured=structured,
             min_tokens=self.min_tokens or 0,
+            seed=self.seed,
             # The contract: more than the context holds is lowered to what fits, not refused.
             fit_to_context=True,
         )
@@ -189,7 +196,7 @@ class GuidedDecoding(_Request):
     choices: list[str] | None = Field(None, description="The output is one of these.")
     grammar: str | None = Field(None, description="EBNF (GBNF) grammar of the output.")
 
-    model_config = ConfigDict(strict=True, populate_by_name=True)
+    model_config = ConfigDict(strict=True, populate_by_name=True, allow_inf_nan=False)
 
     def to_spec(self) -> StructuredOutputSpec:
         """Check that the field the type needs is there and build the engine constraint."""

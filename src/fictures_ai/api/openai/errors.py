@@ -7,7 +7,12 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fictures_ai.api.errors import retry_headers, validation_message
+from fictures_ai.api.errors import (
+    error_location,
+    named_parameter,
+    retry_headers,
+    validation_message,
+)
 from fictures_ai.errors import FicturesError, InvalidRequestError, ModelNotFoundError
 
 _TYPES = {
@@ -54,6 +59,11 @@ def openai_validation_error(exc: RequestValidationError) -> JSONResponse:
             + ")."
         )
         return JSONResponse(error_body(message, 400), status_code=400)
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    message = "; ".join(validation_message(error) for error in errors)
+    loc = tuple(first.get("loc", ()))
+    if loc == ("body",) and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        message = "The body must be a JSON object, sent with Content-Type: application/json."
+        return JSONResponse(error_body(message, 400), status_code=400)
+    messages = list(dict.fromkeys(validation_message(error) for error in errors))
+    message = "; ".join(messages)
+    param = error_location(loc) or named_parameter(messages[0] if messages else "")
     return JSONResponse(error_body(message, 400, param=param), status_code=400)

@@ -40,7 +40,7 @@ MAX_TEXT_SEED = 2**63 - 1
 
 class _Request(BaseModel):
     # Unknown fields are ignored as OpenAI does; known ones must have their JSON type.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class _Response(BaseModel):
@@ -55,7 +55,9 @@ class JsonSchemaFormat(_Request):
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="ignore", strict=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ResponseFormat(_Request):
@@ -301,6 +303,13 @@ class FunctionDefinition(_Request):
         None, description="Accepted; forced calls always follow the schema here."
     )
 
+    @field_validator("parameters")
+    @classmethod
+    def _check_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("a function's arguments are an object: use \"type\": \"object\"")
+        return value
+
 
 class ChatCompletionTool(_Request):
     """One of ``tools``."""
@@ -372,7 +381,7 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _check_request(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise ValueError("top_logprobs: needs logprobs: true")
         _refuse_unless(
             self.modalities, ["text"], field="modalities", why="this server answers text only"
         )
@@ -404,16 +413,21 @@ class ChatCompletionRequest(_Sampling):
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(
-                f"tool_choice names the function '{choice.function.name}', which is not in "
+                f"tool_choice: names the function '{choice.function.name}', which is not in "
                 f"tools ({', '.join(names) or 'none sent'})"
             )
         if choice in ("required", "auto") and not names:
-            raise ValueError(f"tool_choice '{choice}' needs tools")
+            raise ValueError(f"tool_choice: '{choice}' needs tools")
         forced = isinstance(choice, NamedToolChoice) or (choice == "required" and names)
         if forced and self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
                 "response_format: a forced tool call already fixes the output's format; send "
                 "response_format or tool_choice required/named, not both"
+            )
+        if forced and self.stop:
+            raise ValueError(
+                "stop: a stop sequence would cut a forced tool call's JSON; leave stop out "
+                "with tool_choice required or a named function"
             )
 
     def tool_plan(self) -> ToolPlan:
@@ -478,10 +492,10 @@ class CompletionRequest(_Sampling):
     def _check_prompt(
         cls, value: str | list[str] | list[int] | list[list[int]]
     ) -> str | list[str] | list[int] | list[list[int]]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
-            raise ValueError("a prompt of token ids must not be empty")
+        if not value:
+            raise ValueError("must not be empty")
+        if isinstance(value, list) and any(not p for p in value):
+            raise ValueError("no prompt of the list may be empty")
         return value
 
     @model_validator(mode="after")
@@ -766,7 +780,7 @@ class TokenizeRequest(_Request):
         None, description="A conversation, rendered as /v1/chat/completions renders it."
     )
     tools: list[ChatCompletionTool] | None = Field(
-        None, description="Tools the chat template shows the model."
+        None, max_length=128, description="Tools the chat template shows the model."
     )
 
     @model_validator(mode="after")
