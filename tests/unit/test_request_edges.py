@@ -406,3 +406,23 @@ async def test_the_fictures_surface_takes_a_seed(
     assert engine.calls[-1][1].seed == -5
     response = await http.post("/api/v1/text/generate", json={"prompt": "x", "seed": 2**63})
     assert response.status_code == 400
+
+
+async def test_retrieve_one_model(http: httpx.AsyncClient) -> None:
+    for name in ("fake-model", "fake-image-model"):
+        response = await http.get(f"/v1/models/{name}")
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == name
+    missing = await http.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_chat_prompt_too_long_names_the_messages(
+    http: httpx.AsyncClient, engine: FakeTextEngine
+) -> None:
+    engine.max_model_len = 4
+    messages = [{"role": "user", "content": "far too many words for this context"}]
+    response = await http.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages"

@@ -69,7 +69,7 @@ from fictures_ai.engines.base import (
     ToolCallDelta,
     ToolCallParser,
 )
-from fictures_ai.errors import InvalidRequestError
+from fictures_ai.errors import InvalidRequestError, ModelNotFoundError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.image_generation import ImageGenerationService
@@ -112,6 +112,19 @@ async def list_models(services: ServicesDep) -> ModelList:
     if services.image is not None:
         names.append(services.image.info().name)
     return ModelList(data=[Model(id=name, created=created) for name in names])
+
+
+@models_router.get("/models/{model}", response_model=Model, dependencies=listing_access)
+async def retrieve_model(model: str, services: ServicesDep) -> Model:
+    """One served model (``client.models.retrieve``); 404 ``model_not_found`` otherwise."""
+    served = {}
+    if services.text is not None:
+        served[services.text.model_name] = "text"
+    if services.image is not None:
+        served[services.image.info().name] = "image"
+    if model not in served:
+        raise ModelNotFoundError(model, kind="served", available=list(served))
+    return Model(id=model, created=int(time.time()))
 
 
 @dataclass
@@ -314,6 +327,8 @@ async def create_chat_completion(
     except InvalidRequestError as exc:
         if plan.structured() is not None and exc.param is None:
             await _name_the_tool(service, plan, exc)
+        if exc.param == "prompt":  # a chat request's prompt is its messages
+            exc.param = "messages"
         raise
     return ChatCompletionResponse(
         id=request_id,
