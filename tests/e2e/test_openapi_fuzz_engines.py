@@ -4,8 +4,9 @@ refuse, and no answer may be a 5xx.
 
 ``tests/unit/test_openapi_fuzz.py`` runs many more cases over the fake engines; this run is
 bounded. The server's context is 256 tokens, so no generation runs long. Image renders cost
-seconds per step at large sizes on the CPU, so valid image requests are made cheap (at most 2
-steps, 256x256, 2 images) before they are sent; invalid values are sent as generated.
+seconds per step at large sizes on the CPU, so valid or absent image sizes, steps and counts
+are made cheap (256x256, at most 2 steps and 2 images) before a request is sent; invalid values
+are sent as generated.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.e2e
 MAX_EXAMPLES = 2
 # field: (lowest valid, highest valid, what a valid value is lowered to)
 CHEAP_IMAGE = {"steps": (1, 100, 2), "num_inference_steps": (1, 100, 2), "n": (1, 10, 2)}
+"""Per field: the lowest and highest valid value, and what a valid (or absent) one becomes."""
 _SIZE = re.compile(r"^\d+x\d+$")
 
 
@@ -67,19 +69,27 @@ def _cheapen(case: Case) -> None:
     body = case.body
     if not isinstance(body, dict) or "images" not in case.operation.path:
         return
+    openai = case.operation.path.startswith("/v1/")
+    steps = "steps" if openai else "num_inference_steps"
+    sides = ("size",) if openai else ("width", "height")
     for key, (low, high, cheap) in CHEAP_IMAGE.items():
         value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        if value is None and key in (steps, "n"):
+            body[key] = 1 if key == "n" else cheap  # the defaults (30 steps) cost seconds
+        elif isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
             body[key] = min(value, cheap)
-    for key in ("width", "height"):
+    for key in sides:
         value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 256 <= value <= 2048:
+        if key == "size" and (value is None or (isinstance(value, str) and _SIZE.match(value))):
+            body[key] = "256x256" if value is None or _valid_size(value) else value
+        elif value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and 256 <= value <= 2048
+        ):
             body[key] = 256
-    size = body.get("size")
-    if isinstance(size, str) and _SIZE.match(size):
-        sides = [int(side) for side in size.split("x")]
-        if all(256 <= side <= 2048 for side in sides):
-            body["size"] = "256x256"
+
+
+def _valid_size(size: str) -> bool:
+    return all(256 <= int(side) <= 2048 for side in size.split("x"))
 
 
 @schema.parametrize()
