@@ -10,12 +10,19 @@ import pytest
 pytest_plugins = ["tests.postgres"]
 
 
+FUZZ_MODULES = {
+    "tests.unit.test_openapi_fuzz": "fake engines",
+    "tests.e2e.test_openapi_fuzz_engines": "real engines",
+}
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Report how many generated cases the schemathesis run sent, when it ran."""
-    fuzz = sys.modules.get("tests.unit.test_openapi_fuzz")
-    cases: list[str] = getattr(fuzz, "CASES_RUN", [])
-    if cases:
-        operations = len(set(cases))
-        terminalreporter.write_line(
-            f"schemathesis: {len(cases)} generated requests across {operations} operations"
-        )
+    """Report how many generated cases each schemathesis run sent, when it ran."""
+    for module, engines in FUZZ_MODULES.items():
+        cases: list[str] = getattr(sys.modules.get(module), "CASES_RUN", [])
+        if cases:
+            operations = len(set(cases))
+            terminalreporter.write_line(
+                f"schemathesis ({engines}): {len(cases)} generated requests across "
+                f"{operations} operations"
+            )

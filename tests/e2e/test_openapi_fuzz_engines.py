@@ -30,6 +30,7 @@ from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 pytestmark = pytest.mark.e2e
 
 MAX_EXAMPLES = 2
+CASES_RUN: list[str] = []
 # field: (lowest valid, highest valid, what a valid value is lowered to)
 CHEAP_IMAGE = {"steps": (1, 100, 2), "num_inference_steps": (1, 100, 2), "n": (1, 10, 2)}
 """Per field: the lowest and highest valid value, and what a valid (or absent) one becomes."""
@@ -100,6 +101,7 @@ def _valid_size(size: str) -> bool:
     derandomize=True,
 )
 def test_no_value_reaches_an_engine_as_a_server_error(case: Case, real_server: str) -> None:
+    CASES_RUN.append(case.operation.label)
     _cheapen(case)
     case.call_and_validate(
         base_url=real_server, excluded_checks=[positive_data_acceptance], timeout=300
