@@ -307,7 +307,7 @@ class FunctionDefinition(_Request):
     @classmethod
     def _check_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and value.get("type", "object") != "object":
-            raise ValueError("a function's arguments are an object: use \"type\": \"object\"")
+            raise ValueError('a function\'s arguments are an object: use "type": "object"')
         return value
 
 
