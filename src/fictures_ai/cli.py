@@ -21,8 +21,9 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from fictures_ai.config import LogFormat, Settings, describe_settings_error
+from fictures_ai.config import Settings, describe_settings_error
 from fictures_ai.key_commands import add_key_commands, run_key_command
+from fictures_ai.observability.logs import LogFormat
 from fictures_ai.redaction import mask_credentials
 
 logger = logging.getLogger(__name__)

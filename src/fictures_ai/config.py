@@ -22,13 +22,13 @@ from sqlalchemy.exc import ArgumentError
 
 from fictures_ai.engines.base import PromptFormat
 from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
+from fictures_ai.observability.logs import LogFormat
 from fictures_ai.redaction import mask_credentials, mask_setting
 from fictures_ai.services.database import SUPPORTED_BACKENDS, parse_database_url
 
 logger = logging.getLogger(__name__)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-LogFormat = Literal["json", "text"]
 ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
 CpuOffload = Literal["none", "model", "sequential"]
 

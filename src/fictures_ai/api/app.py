@@ -101,7 +101,7 @@ def build_services(settings: Settings) -> Services:
         image=image,
         api_keys=build_key_stores(settings) if settings.require_api_key else None,
         rate_limiter=rate_limiter,
-        image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=256 << 20),
+        image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s),
     )
 
 

@@ -35,7 +35,7 @@ class Services:
         )
     )
     image_store: GeneratedImageStore = field(
-        default_factory=lambda: GeneratedImageStore(ttl_s=3600, max_bytes=256 << 20)
+        default_factory=lambda: GeneratedImageStore(ttl_s=3600)
     )
 
     def generation(self) -> dict[str, GenerationService]:

@@ -32,11 +32,15 @@ from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceU
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
-from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo, check_model_name
+from fictures_ai.services.model_loader import (
+    LOAD_RETRY_AFTER_S,
+    LazyModel,
+    ModelLoadInfo,
+    check_model_name,
+)
 
 logger = logging.getLogger(__name__)
 
-LOAD_RETRY_AFTER_S = 30
 MAX_SEED = 2**32 - 1
 
 

@@ -12,12 +12,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+MAX_STORED_BYTES = 256 << 20
+"""The most PNG bytes kept for URL answers (256 MiB); the oldest go first beyond it."""
+
 
 class GeneratedImageStore:
     """A bounded, expiring in-memory store of PNG bytes."""
 
     def __init__(
-        self, *, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        ttl_s: float,
+        max_bytes: int = MAX_STORED_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
         self._max_bytes = max_bytes

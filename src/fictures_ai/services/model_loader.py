@@ -24,6 +24,9 @@ from fictures_ai.observability.tracing import child_span
 
 logger = logging.getLogger(__name__)
 
+LOAD_RETRY_AFTER_S = 30
+"""``Retry-After`` (seconds) of a request refused while a model loads or after its load failed."""
+
 
 class _Engine(Protocol):
     async def check_health(self) -> None: ...

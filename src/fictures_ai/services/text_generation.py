@@ -46,11 +46,14 @@ from fictures_ai.errors import (
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
-from fictures_ai.services.model_loader import LazyModel, ModelLoadInfo, check_model_name
+from fictures_ai.services.model_loader import (
+    LOAD_RETRY_AFTER_S,
+    LazyModel,
+    ModelLoadInfo,
+    check_model_name,
+)
 
 logger = logging.getLogger(__name__)
-
-LOAD_RETRY_AFTER_S = 30
 
 
 @dataclass(frozen=True, slots=True)
