@@ -60,12 +60,6 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
-def current_client(request: Request) -> Client:
-    """The client ``require_scope`` identified for this request."""
-    client: Client = request.state.client
-    return client
-
-
 ImageCount = int | Literal["n"]
 ModelSource = Literal["text", "image", "body"]
 
@@ -104,7 +98,6 @@ def require_scope(
             client = Client(id=info.client_id, name=info.name, key=info)
             if model is not None:
                 client.check_model(await _model_name(request, model))
-        request.state.client = client
         count = await _image_count(request) if images == "n" else images
         decision = await services.rate_limiter.admit(client.id, images=count)
         headers = decision.headers()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fictures_ai.errors import ContextLengthExceededError
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort"]
 
 
 class PromptFormat(enum.StrEnum):
