@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from fictures_ai.api.app import create_app
 from fictures_ai.api.dependencies import Services
@@ -18,6 +21,7 @@ from fictures_ai.services.key_store import KeyStore
 from fictures_ai.services.key_stores import KeyStores
 from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
+from tests.support import free_port
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 
@@ -93,6 +97,23 @@ async def client(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http
+
+
+@contextlib.asynccontextmanager
+async def live_server(app: FastAPI) -> AsyncIterator[int]:
+    """``app`` served by a real Uvicorn on a free loopback port (real sockets, keep-alive,
+    disconnects); yields the port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        await wait_until(lambda: server.started, timeout=10)
+        yield port
+    finally:
+        server.should_exit = True
+        await task
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:

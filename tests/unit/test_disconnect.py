@@ -7,11 +7,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from fictures_ai.api.app import create_app
-from tests.support import free_port
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import live_server, make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 
@@ -26,15 +24,8 @@ async def slow_server(
 ) -> AsyncIterator[tuple[str, FakeTextEngine]]:
     engine = FakeTextEngine(reply=" ".join(["word"] * 500), token_delay=0.02)
     app = create_app(services=make_services(engine, image_engine=slow_image_engine))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout=10)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    await task
+    async with live_server(app) as port:
+        yield f"http://127.0.0.1:{port}", engine
 
 
 async def test_dropping_a_stream_aborts_the_engine_request(

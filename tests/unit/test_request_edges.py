@@ -11,13 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from fictures_ai.api.app import create_app
 from fictures_ai.engines.base import TextChunk, TextGenerationParams, TextPrompt
 from fictures_ai.engines.vllm_engine import VllmTextEngine
-from tests.support import free_port
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import live_server, make_services
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
@@ -266,16 +264,8 @@ class BrokenEngine(FakeTextEngine):
 
 @pytest.fixture
 async def broken_server() -> AsyncIterator[int]:
-    app = create_app(services=make_services(BrokenEngine()))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout=10)
-    yield port
-    server.should_exit = True
-    await task
+    async with live_server(create_app(services=make_services(BrokenEngine()))) as port:
+        yield port
 
 
 async def _exchange(

@@ -16,12 +16,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
-from tests.support import free_port
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import live_server, make_services
 from tests.unit.fake_engines import FakeTextEngine
 
 BATCH = 240
@@ -41,15 +39,8 @@ async def server() -> AsyncIterator[tuple[str, FakeTextEngine]]:
     # age) is the same size after every batch.
     settings = Settings(_env_file=None, health_window_s=1)  # type: ignore[call-arg]
     app = create_app(services=make_services(engine, settings=settings))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout=10)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    await task
+    async with live_server(app) as port:
+        yield f"http://127.0.0.1:{port}", engine
 
 
 async def one_request(client: httpx.AsyncClient, number: int) -> None:
