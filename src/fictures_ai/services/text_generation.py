@@ -346,9 +346,10 @@ class TextGenerationService:
         return await engine.detokenize(token_ids)
 
     async def check_structured(self, spec: StructuredOutputSpec) -> None:
-        """``InvalidRequestError`` when the engine cannot enforce ``spec``."""
+        """``InvalidRequestError`` when the engine cannot enforce ``spec`` (compiled off the
+        event loop: a grammar compile can take a while)."""
         engine = await self._model.get()
-        engine.check_structured(spec)
+        await asyncio.to_thread(engine.check_structured, spec)
 
     async def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser:
         """The model's parser for tool calls it writes on its own (``tool_choice: auto``).
