@@ -1,7 +1,10 @@
 """Server settings, read from environment variables and ``.env`` (pydantic-settings).
 
 Each field's environment variable is its name in upper case (``text_model_name`` is
-``TEXT_MODEL_NAME``); names the original deployment used are kept so its ``.env`` still works.
+``TEXT_MODEL_NAME``); names the original deployment used (``VLLM_TENSOR_PARALLEL_SIZE``,
+``VLLM_MAX_NUM_SEQS``, ``VLLM_QUANTIZATION``, ``AI_SERVER_GENERATION_MODE``) are accepted as
+aliases so its ``.env`` still works. The server's own names stay out of vLLM's ``VLLM_``
+namespace, which vLLM reads (and warns about when it does not know a name).
 The CLI flags of ``fictures-ai serve`` and ``.env.example`` are generated from / checked
 against these fields, so they cannot drift apart.
 """
@@ -185,13 +188,19 @@ class Settings(BaseSettings):
     text_gpu_memory_utilization: float = Field(
         0.5, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (GPU only)."
     )
-    vllm_tensor_parallel_size: int = Field(
-        1, ge=1, description="GPUs one model is split across (with CUDA_VISIBLE_DEVICES)."
+    text_tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("text_tensor_parallel_size", "vllm_tensor_parallel_size"),
+        description="GPUs one model is split across (with CUDA_VISIBLE_DEVICES).",
     )
-    vllm_max_num_seqs: int = Field(
-        256, ge=1, description="Most sequences vLLM batches together (continuous batching)."
+    text_max_num_seqs: int = Field(
+        256,
+        ge=1,
+        validation_alias=AliasChoices("text_max_num_seqs", "vllm_max_num_seqs"),
+        description="Most sequences vLLM batches together (continuous batching).",
     )
-    vllm_max_num_batched_tokens: int | None = Field(
+    text_max_num_batched_tokens: int | None = Field(
         None,
         ge=16,
         description=(
@@ -199,30 +208,32 @@ class Settings(BaseSettings):
             "moving while a long prompt is read; unset: vLLM's default."
         ),
     )
-    vllm_trust_remote_code: bool = Field(
+    text_trust_remote_code: bool = Field(
         False, description="Allow models that ship their own Python code (only trusted models)."
     )
-    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    text_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and activation dtype of the text model."
     )
-    vllm_quantization: str | None = Field(
-        None, description="vLLM quantization method (e.g. awq, gptq, fp8); none by default."
+    text_quantization: str | None = Field(
+        None,
+        validation_alias=AliasChoices("text_quantization", "vllm_quantization"),
+        description="vLLM quantization method (e.g. awq, gptq, fp8); none by default.",
     )
-    vllm_enforce_eager: bool = Field(
+    text_enforce_eager: bool = Field(
         True,
         description="Skip graph compilation: starts ~45 s faster on CPU, ~10% slower decoding.",
     )
-    vllm_cpu_kv_cache_mb: int = Field(
+    text_cpu_kv_cache_mb: int = Field(
         512, ge=16, description="KV-cache size in MiB when vLLM runs on the CPU."
     )
-    vllm_structured_outputs_backend: StructuredOutputsBackend = Field(
+    text_structured_outputs_backend: StructuredOutputsBackend = Field(
         "xgrammar",
         description=(
             "Library that constrains JSON, regex, choice and grammar output (auto: vLLM "
             "picks per request, but cannot keep JSON compact)."
         ),
     )
-    vllm_disable_any_whitespace: bool = Field(
+    text_disable_any_whitespace: bool = Field(
         True,
         description=(
             "Constrained JSON is compact: no free whitespace between its tokens, so a small "
@@ -333,11 +344,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_tensor_parallel_devices(self) -> Settings:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        if visible and self.vllm_tensor_parallel_size > 1:
+        if visible and self.text_tensor_parallel_size > 1:
             count = len([device for device in visible.split(",") if device.strip()])
-            if count < self.vllm_tensor_parallel_size:
+            if count < self.text_tensor_parallel_size:
                 raise ValueError(
-                    f"VLLM_TENSOR_PARALLEL_SIZE={self.vllm_tensor_parallel_size} needs at least "
+                    f"TEXT_TENSOR_PARALLEL_SIZE={self.text_tensor_parallel_size} needs at least "
                     f"that many GPUs, but CUDA_VISIBLE_DEVICES={visible} lists {count}"
                 )
         return self
@@ -353,9 +364,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_structured_outputs(self) -> Settings:
-        if self.vllm_disable_any_whitespace and self.vllm_structured_outputs_backend == "auto":
+        if self.text_disable_any_whitespace and self.text_structured_outputs_backend == "auto":
             raise ValueError(
-                "VLLM_DISABLE_ANY_WHITESPACE=true needs VLLM_STRUCTURED_OUTPUTS_BACKEND=xgrammar "
+                "TEXT_DISABLE_ANY_WHITESPACE=true needs TEXT_STRUCTURED_OUTPUTS_BACKEND=xgrammar "
                 "or guidance (vLLM cannot keep JSON compact when it picks the backend itself)"
             )
         return self

@@ -123,7 +123,7 @@ def server(
     key = create_key(database_url, "e2e-writer", "stories:write")
     read_key = create_key(database_url, "e2e-reader", "stories:read")
     env = {
-        "VLLM_CPU_KV_CACHE_MB": "256",
+        "TEXT_CPU_KV_CACHE_MB": "256",
         "TEXT_MAX_MODEL_LEN": "8192",
         "REQUIRE_API_KEY": "true",
         "DATABASE_URL": database_url,

@@ -43,7 +43,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
     env = {
         "TEXT_MAX_MODEL_LEN": "256",
-        "VLLM_CPU_KV_CACHE_MB": "128",
+        "TEXT_CPU_KV_CACHE_MB": "128",
         "REQUIRE_API_KEY": "false",
         "PRELOAD_MODELS": "true",
     }

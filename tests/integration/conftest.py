@@ -13,7 +13,7 @@ from fictures_ai.engines.vllm_engine import VllmTextEngine
 @pytest.fixture(scope="session")
 async def text_engine() -> AsyncIterator[VllmTextEngine]:
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, text_max_model_len=4096, vllm_max_num_seqs=32, vllm_cpu_kv_cache_mb=256
+        _env_file=None, text_max_model_len=4096, text_max_num_seqs=32, text_cpu_kv_cache_mb=256
     )
     engine = await VllmTextEngine.load(settings)
     yield engine

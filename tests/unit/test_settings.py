@@ -36,14 +36,29 @@ def test_the_original_deployment_variable_names_still_work(
     assert settings.text_model_name == "google/gemma-2b-it"
     assert settings.text_max_model_len == 4096
     assert settings.text_gpu_memory_utilization == 0.8
-    assert settings.vllm_max_num_seqs == 64
-    assert settings.vllm_quantization == "awq"
+    assert settings.text_max_num_seqs == 64
+    assert settings.text_quantization == "awq"
     assert settings.cors_origins_list == ["https://a.example", "https://b.example"]
     assert (settings.api_host, settings.api_port, settings.log_level) == (
         "127.0.0.1",
         9000,
         "DEBUG",
     )
+
+
+def test_the_new_names_win_over_the_original_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "64")
+    monkeypatch.setenv("TEXT_MAX_NUM_SEQS", "32")
+    assert Settings(_env_file=None).text_max_num_seqs == 32  # type: ignore[call-arg]
+
+
+def test_no_setting_of_ours_is_read_from_vllms_namespace() -> None:
+    # vLLM reads VLLM_* itself and warns about names it does not know; ours are TEXT_*, with
+    # the original deployment's three names accepted as aliases only.
+    names = {name.upper() for name in Settings.model_fields}
+    assert not [name for name in names if name.startswith("VLLM_")]
+    example = (ROOT / ".env.example").read_text()
+    assert "VLLM_" not in example
 
 
 def test_the_original_ai_servers_generation_mode_variable_still_works(
@@ -59,7 +74,7 @@ def test_the_original_ai_servers_generation_mode_variable_still_works(
 
 def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    monkeypatch.setenv("VLLM_TENSOR_PARALLEL_SIZE", "4")
+    monkeypatch.setenv("TEXT_TENSOR_PARALLEL_SIZE", "4")
     with pytest.raises(ValidationError, match="CUDA_VISIBLE_DEVICES=0,1 lists 2"):
         Settings(_env_file=None)  # type: ignore[call-arg]
 
@@ -73,7 +88,7 @@ def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.Monkey
         ("TEXT_PROMPT_FORMAT", "xml", "'chat' or 'raw'"),
         ("API_KEY_STORE", "fictures", "API_KEY_STORE=fictures needs FICTURES_DATABASE_URL"),
         ("GENERATION_MODE", "audio", "'all', 'text' or 'image'"),
-        ("VLLM_STRUCTURED_OUTPUTS_BACKEND", "auto", "cannot keep JSON compact"),
+        ("TEXT_STRUCTURED_OUTPUTS_BACKEND", "auto", "cannot keep JSON compact"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(
@@ -121,11 +136,11 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
 
 def test_serve_flags_mirror_the_settings() -> None:
     args = build_parser().parse_args(
-        ["serve", "--api-port", "9100", "--no-vllm-enforce-eager", "--text-prompt-format", "raw"]
+        ["serve", "--api-port", "9100", "--no-text-enforce-eager", "--text-prompt-format", "raw"]
     )
     settings = settings_from(args)
     assert settings.api_port == 9100
-    assert settings.vllm_enforce_eager is False
+    assert settings.text_enforce_eager is False
     assert settings.text_prompt_format == "raw"
     parser = argparse.ArgumentParser()
     add_settings_flags(parser)

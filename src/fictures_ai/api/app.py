@@ -255,7 +255,7 @@ def _build_observability(
 ) -> Observability:
     """The app's registry (the services record into it from now on), window and tracing."""
     metrics = Metrics(version=__version__)
-    capacity = {"text": settings.vllm_max_num_seqs, "image": settings.image_max_concurrency}
+    capacity = {"text": settings.text_max_num_seqs, "image": settings.image_max_concurrency}
     for kind, service in services.generation().items():
         service.instrument(metrics)
         metrics.engine_capacity.labels(kind).set(capacity[kind])

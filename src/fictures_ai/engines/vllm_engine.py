@@ -70,23 +70,23 @@ def build_engine_args(settings: Settings, model: str) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    kv_cache_bytes = settings.vllm_cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
+    kv_cache_bytes = settings.text_cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
     return AsyncEngineArgs(
         model=model,
         tokenizer=model,
-        dtype=settings.vllm_dtype,
-        quantization=settings.vllm_quantization,
+        dtype=settings.text_dtype,
+        quantization=settings.text_quantization,
         max_model_len=settings.text_max_model_len,
         gpu_memory_utilization=settings.text_gpu_memory_utilization,
-        tensor_parallel_size=settings.vllm_tensor_parallel_size,
-        max_num_seqs=settings.vllm_max_num_seqs,
-        max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
-        trust_remote_code=settings.vllm_trust_remote_code,
-        enforce_eager=settings.vllm_enforce_eager,
+        tensor_parallel_size=settings.text_tensor_parallel_size,
+        max_num_seqs=settings.text_max_num_seqs,
+        max_num_batched_tokens=settings.text_max_num_batched_tokens,
+        trust_remote_code=settings.text_trust_remote_code,
+        enforce_eager=settings.text_enforce_eager,
         kv_cache_memory_bytes=kv_cache_bytes,
         structured_outputs_config=StructuredOutputsConfig(
-            backend=settings.vllm_structured_outputs_backend,
-            disable_any_whitespace=settings.vllm_disable_any_whitespace,
+            backend=settings.text_structured_outputs_backend,
+            disable_any_whitespace=settings.text_disable_any_whitespace,
         ),
         disable_log_stats=True,
     )

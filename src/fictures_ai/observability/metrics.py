@@ -179,7 +179,7 @@ class Metrics:
         )
         self.engine_capacity = Gauge(
             "fictures_engine_capacity",
-            "Requests an engine works on at once (text: VLLM_MAX_NUM_SEQS, image: "
+            "Requests an engine works on at once (text: TEXT_MAX_NUM_SEQS, image: "
             "IMAGE_MAX_CONCURRENCY); more running requests than this wait in a queue.",
             ["engine"],
             registry=registry,
