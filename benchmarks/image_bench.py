@@ -42,10 +42,11 @@ async def measure(url: str, repetitions: int, progress: Any = print) -> dict[str
     from fictures_ai.config import Settings
     from fictures_ai.engines.base import ImageGenerationParams
     from fictures_ai.engines.diffusers_engine import DiffusersImageEngine
+    from fictures_ai.services.engine_factory import image_engine_options
 
     torch.set_num_threads(1)
     settings = Settings(image_torch_threads=1)  # type: ignore[call-arg]
-    engine = await DiffusersImageEngine.load(settings=settings)
+    engine = await DiffusersImageEngine.load(image_engine_options(settings))
     pipeline = engine._pipeline  # the very pipeline the engine renders with
     params = ImageGenerationParams(
         prompt=PROMPT,

@@ -21,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from fictures_ai.config import Settings  # noqa: E402
 from fictures_ai.engines.vllm_engine import build_engine_args, resolve_text_model  # noqa: E402
+from fictures_ai.services.engine_factory import text_engine_options  # noqa: E402
 from loadgen import StreamResult, run_workers  # noqa: E402
 from text_load import PROMPTS, TEMPERATURE, TOP_P, requests_for  # noqa: E402
 
@@ -32,8 +33,8 @@ async def measure(levels: list[int], max_tokens: int, warmup: int) -> list[dict[
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    settings = Settings()
-    llm = AsyncLLM.from_engine_args(build_engine_args(settings, resolve_text_model(settings)))
+    options = text_engine_options(Settings())
+    llm = AsyncLLM.from_engine_args(build_engine_args(options, resolve_text_model(options)))
     engine = [llm]  # the closures hold this list, so that the last reference can be dropped
     try:
         tokenizer = llm.get_tokenizer()

@@ -23,21 +23,26 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import ArgumentError
 
-from fictures_ai.engines.base import PromptFormat
-from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL
 from fictures_ai.observability.logs import LogFormat
 from fictures_ai.redaction import mask_credentials, mask_setting
-from fictures_ai.services.database import SUPPORTED_BACKENDS, parse_database_url
+from fictures_ai.database import SUPPORTED_BACKENDS, parse_database_url
+from fictures_ai.shared import (
+    BUNDLED_TEXT_MODEL,
+    CpuOffload,
+    ImageDevice,
+    ImageDtype,
+    ImageScheduler,
+    PromptFormat,
+    StructuredOutputsBackend,
+    TextDtype,
+)
 
 logger = logging.getLogger(__name__)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
-CpuOffload = Literal["none", "model", "sequential"]
 
 GenerationMode = Literal["all", "text", "image"]
 ApiKeyStoreKind = Literal["local", "fictures"]
-StructuredOutputsBackend = Literal["xgrammar", "guidance", "auto"]
 
 SECRET: dict[str, Any] = {"secret": True}
 """``json_schema_extra`` of a setting that may hold a credential: its value is only ever shown
@@ -211,7 +216,7 @@ class Settings(BaseSettings):
     text_trust_remote_code: bool = Field(
         False, description="Allow models that ship their own Python code (only trusted models)."
     )
-    text_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    text_dtype: TextDtype = Field(
         "auto", description="Weight and activation dtype of the text model."
     )
     text_quantization: str | None = Field(
@@ -257,10 +262,8 @@ class Settings(BaseSettings):
             "offline pipeline (random weights, draws noise) on a CPU."
         ),
     )
-    image_device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="Device of the image pipeline."
-    )
-    image_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+    image_device: ImageDevice = Field("auto", description="Device of the image pipeline.")
+    image_dtype: ImageDtype = Field(
         "auto", description="Pipeline dtype; auto is float16 on CUDA and float32 on the CPU."
     )
     image_scheduler: ImageScheduler = Field(

@@ -13,7 +13,9 @@ import io
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -25,10 +27,12 @@ from fictures_ai.engines.base import GeneratedImage, ImageGenerationParams
 from fictures_ai.engines.diffusers_engine import (
     DiffusersImageEngine,
     resolve_image_model,
-    validate_image_settings,
+    validate_image_options,
 )
+from fictures_ai.engines.options import DiffusersEngineOptions
 from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL, build_tiny_sdxl_pipeline
 from fictures_ai.errors import ModelLoadError, ServiceUnavailableError
+from fictures_ai.services.engine_factory import image_engine_options
 from tests.support import WEB_APP_SIZES
 
 pytestmark = pytest.mark.integration
@@ -36,15 +40,12 @@ pytestmark = pytest.mark.integration
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_settings(cache_dir: Path, **overrides: object) -> Settings:
-    """Settings for the tests, ignoring any ``.env`` of the machine."""
-    return Settings(
-        _env_file=None,
-        model_cache_dir=cache_dir,
-        image_device="cpu",
-        image_torch_threads=1,
-        **overrides,  # type: ignore[arg-type]
-    )
+def make_options(cache_dir: Path, **overrides: Any) -> DiffusersEngineOptions:
+    """The server's default image options (any ``.env`` of the machine ignored), on the CPU
+    with one torch thread, with ``overrides``."""
+    settings = Settings(_env_file=None, model_cache_dir=cache_dir)  # type: ignore[call-arg]
+    defaults = image_engine_options(settings)
+    return replace(defaults, device="cpu", torch_threads=1, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ async def engine(cache_dir: Path) -> AsyncIterator[DiffusersImageEngine]:
     # The engine is bound to its worker thread, not to an event loop, so tests may await it
     # from whichever loop they run in.
     threads = torch.get_num_threads()
-    loaded = await DiffusersImageEngine.load(settings=make_settings(cache_dir))
+    loaded = await DiffusersImageEngine.load(make_options(cache_dir))
     yield loaded
     await loaded.shutdown()
     torch.set_num_threads(threads)
@@ -247,8 +248,8 @@ def test_model_info_says_the_tiny_pipeline_draws_noise(engine: DiffusersImageEng
 async def test_each_scheduler_loads_and_renders(
     engine: DiffusersImageEngine, cache_dir: Path, scheduler: str, scheduler_class: str
 ) -> None:
-    settings = make_settings(cache_dir, image_scheduler=scheduler)
-    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    options = make_options(cache_dir, scheduler=scheduler, model=engine.model_info().source)
+    other = await DiffusersImageEngine.load(options)
     try:
         assert type(other._pipeline.scheduler).__name__ == scheduler_class
 
@@ -261,8 +262,10 @@ async def test_each_scheduler_loads_and_renders(
 
 @pytest.mark.asyncio
 async def test_shut_down_engine_is_unavailable(engine: DiffusersImageEngine) -> None:
-    settings = make_settings(Path(engine.model_info().source).parent)
-    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    options = make_options(
+        Path(engine.model_info().source).parent, model=engine.model_info().source
+    )
+    other = await DiffusersImageEngine.load(options)
     await other.check_health()
 
     await other.shutdown()
@@ -275,8 +278,10 @@ async def test_shut_down_engine_is_unavailable(engine: DiffusersImageEngine) -> 
 
 @pytest.mark.asyncio
 async def test_shutdown_stops_a_running_render(engine: DiffusersImageEngine) -> None:
-    settings = make_settings(Path(engine.model_info().source).parent)
-    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    options = make_options(
+        Path(engine.model_info().source).parent, model=engine.model_info().source
+    )
+    other = await DiffusersImageEngine.load(options)
     loop = asyncio.get_running_loop()
     started = asyncio.Event()
 
@@ -295,7 +300,7 @@ async def test_shutdown_stops_a_running_render(engine: DiffusersImageEngine) -> 
 
 
 def test_default_model_on_cpu_is_the_tiny_pipeline(cache_dir: Path) -> None:
-    resolved = resolve_image_model(make_settings(cache_dir))
+    resolved = resolve_image_model(make_options(cache_dir))
 
     assert resolved.is_tiny
     assert resolved.name == TINY_IMAGE_MODEL
@@ -324,20 +329,20 @@ def file_digests(folder: Path) -> dict[str, str]:
 async def test_cpu_offload_on_the_cpu_is_a_clear_start_up_error(
     cache_dir: Path, offload: str
 ) -> None:
-    settings = make_settings(cache_dir, image_cpu_offload=offload)
+    options = make_options(cache_dir, cpu_offload=offload)
 
     with pytest.raises(ValueError, match=f"IMAGE_CPU_OFFLOAD={offload} needs a GPU"):
-        validate_image_settings(settings, "cpu")
+        validate_image_options(options, "cpu")
     with pytest.raises(ModelLoadError, match="needs a GPU"):
-        await DiffusersImageEngine.load(settings=settings)
+        await DiffusersImageEngine.load(options)
 
 
 @pytest.mark.asyncio
 async def test_two_render_threads_run_at_once_and_match_a_single_thread(
     engine: DiffusersImageEngine, cache_dir: Path
 ) -> None:
-    settings = make_settings(cache_dir, image_max_concurrency=2)
-    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    options = make_options(cache_dir, max_concurrency=2, model=engine.model_info().source)
+    other = await DiffusersImageEngine.load(options)
     running = 0
     peak = 0
     lock = threading.Lock()
@@ -371,8 +376,8 @@ async def test_render_threads_share_weights_but_not_per_call_state(
     """Concurrent renders once failed in CI with "Expected size 19 but got size 77": the two
     threads shared one fast tokenizer, whose padding setting is state on one Rust object. The
     race is too rare to provoke on demand, so this checks what prevents it."""
-    settings = make_settings(cache_dir, image_max_concurrency=2)
-    other = await DiffusersImageEngine.load(settings=settings, model=engine.model_info().source)
+    options = make_options(cache_dir, max_concurrency=2, model=engine.model_info().source)
+    other = await DiffusersImageEngine.load(options)
     views: list[object] = []
 
     def take_view() -> None:

@@ -13,7 +13,6 @@ import pytest
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.engines.base import (
     ChatMessage,
-    PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
     TextChunk,
@@ -25,6 +24,7 @@ from fictures_ai.engines.base import (
 from fictures_ai.engines.vllm_engine import VllmTextEngine, _VllmToolCallParser
 from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
 from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
+from fictures_ai.shared import PromptFormat
 
 pytestmark = pytest.mark.integration
 

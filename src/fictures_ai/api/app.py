@@ -20,8 +20,9 @@ from opentelemetry.trace import TracerProvider
 from starlette.types import ASGIApp
 
 from fictures_ai import __version__
+from fictures_ai.api.body_limit import BodySizeLimitMiddleware
 from fictures_ai.api.dependencies import Services
-from fictures_ai.api.errors import InternalErrorMiddleware, install_error_handlers
+from fictures_ai.api.error_handlers import InternalErrorMiddleware, install_error_handlers
 from fictures_ai.api.fictures.router import (
     DESCRIPTION,
     image_router,
@@ -30,7 +31,6 @@ from fictures_ai.api.fictures.router import (
     text_router,
 )
 from fictures_ai.api.health import health_router
-from fictures_ai.api.limits import BodySizeLimitMiddleware
 from fictures_ai.api.middleware import ObservabilityMiddleware
 from fictures_ai.api.openai.router import image_router as openai_image_router
 from fictures_ai.api.openai.router import models_router as openai_models_router
@@ -38,19 +38,20 @@ from fictures_ai.api.openai.router import text_router as openai_text_router
 from fictures_ai.api.openai.router import tokenizer_router
 from fictures_ai.api.playground.router import router as playground_router
 from fictures_ai.config import Settings
-from fictures_ai.engines.factory import (
-    create_image_engine,
-    create_text_engine,
-    image_device,
-    image_model_display_name,
-    image_model_notice,
-    text_model_display_name,
-)
 from fictures_ai.observability import Observability
 from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
+from fictures_ai.services.engine_factory import (
+    create_image_engine,
+    create_text_engine,
+    image_device,
+    image_engine_options,
+    image_model_display_name,
+    image_model_notice,
+    text_engine_options,
+)
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.key_store import KeyStoreSchemaError
@@ -70,24 +71,26 @@ def build_services(settings: Settings) -> Services:
     """
     text = None
     if settings.serves_text:
+        text_options = text_engine_options(settings)
         text = TextGenerationService(
-            model_name=text_model_display_name(settings),
-            max_model_len=settings.text_max_model_len,
-            loader=functools.partial(create_text_engine, settings),
+            model_name=text_options.display_name,
+            max_model_len=text_options.max_model_len,
+            loader=functools.partial(create_text_engine, text_options),
             max_pending=settings.text_max_pending,
             timeout_s=settings.request_timeout_s,
         )
     image = None
     if settings.serves_images:
-        device = image_device(settings)
+        image_options = image_engine_options(settings)
+        device = image_device(image_options)
         image = ImageGenerationService(
-            model_name=image_model_display_name(settings, device),
+            model_name=image_model_display_name(image_options, device),
             device=device,
-            max_concurrency=settings.image_max_concurrency,
-            loader=functools.partial(create_image_engine, settings),
+            max_concurrency=image_options.max_concurrency,
+            loader=functools.partial(create_image_engine, image_options),
             max_queue=settings.image_max_queue,
             timeout_s=settings.request_timeout_s,
-            notice=image_model_notice(settings, device),
+            notice=image_model_notice(image_options, device),
         )
     rate_limiter = create_rate_limiter(
         redis_url=settings.redis_url,

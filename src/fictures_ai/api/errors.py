@@ -1,8 +1,10 @@
-"""The one mapping from our exceptions to HTTP status codes, and the app's exception handlers.
+"""The one mapping from exceptions to what a client is told: ``error_reply``.
 
-Status codes are the same on every surface; each surface formats its own error body. The
-handlers dispatch on the path: ``/v1/...`` is the OpenAI-compatible surface (added with it),
-everything else speaks the Fictures ``{"detail": ...}`` shape.
+An exception becomes an ``ErrorReply`` (status code, message, parameter, code, headers) once,
+here; each surface writes that reply in its own shape, as a response before a stream starts
+(``api/fictures/errors.py``, ``api/openai/errors.py``) or as the last event of a stream that
+failed after it started. Status codes are the same on every surface. The handlers that
+dispatch on the path are in ``api/error_handlers.py``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import Request
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fictures_ai.errors import (
     AuthenticationError,
@@ -167,94 +165,41 @@ def internal_error_message() -> str:
     return INTERNAL_ERROR_MESSAGE.format(request_id=current_request_id() or "-")
 
 
-def stream_failure(exc: Exception) -> tuple[str, int]:
-    """Log a failure of a stream that had started; return what the client's error event says
-    and the status the error would have had before the stream started."""
-    if isinstance(exc, FicturesError):
-        logger.error("Stream failed after it started: %s", exc.message, exc_info=exc)
-        return exc.message, status_for(exc)
-    logger.error("Stream failed after it started", exc_info=exc)
-    return internal_error_message(), 500
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """What a client is told of one error, whatever shape its surface writes it in.
 
-
-class InternalErrorMiddleware:
-    """A JSON 500 in the surface's shape for an exception no handler maps, answered in place.
-
-    Starlette's outermost error middleware would answer plain text and re-raise, after which
-    Uvicorn closes the connection: the client's next request on it is reset. Here the
-    exception is logged and answered, and the connection stays usable. An exception after the
-    response started is re-raised (the response cannot be finished honestly).
+    ``param`` names the request parameter at fault (OpenAI's ``param``); ``code`` is OpenAI's
+    machine-readable ``code`` (``model_not_found``); ``headers`` go on a response (a stream
+    that already started cannot send them).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            if started:
-                raise
-            path: str = scope["path"]
-            logger.error("%s %s failed", scope["method"], path, exc_info=exc)
-            message = internal_error_message()
-            if is_openai_path(path):
-                from fictures_ai.api.openai.errors import error_body
-
-                body: dict[str, Any] = error_body(message, 500)
-            else:
-                body = {"detail": message}
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn our exceptions and validation errors into responses
-    (the app adds ``InternalErrorMiddleware`` for every other exception)."""
-    from fictures_ai.api.fictures.errors import fictures_error, fictures_validation_error
-    from fictures_ai.api.openai.errors import error_body, openai_error, openai_validation_error
+def error_reply(exc: BaseException) -> ErrorReply:
+    """The reply to ``exc``: its status from the table above and its own message for our
+    exceptions; 500 with ``internal_error_message()`` for anything else (its details stay in
+    the log)."""
+    if not isinstance(exc, FicturesError):
+        return ErrorReply(500, internal_error_message())
+    param = exc.param if isinstance(exc, InvalidRequestError) else None
+    code = None
+    if isinstance(exc, ModelNotFoundError):
+        param, code = "model", "model_not_found"
+    return ErrorReply(status_for(exc), exc.message, param, code, retry_headers(exc))
 
-    @app.exception_handler(FicturesError)
-    async def _handle_fictures_error(request: Request, exc: FicturesError) -> JSONResponse:
-        status = status_for(exc)
-        log_error(request, exc, status)
-        if is_openai_path(request.url.path):
-            return openai_error(exc, status)
-        return fictures_error(exc, status)
 
-    @app.exception_handler(RequestValidationError)
-    async def _handle_validation_error(
-        request: Request, exc: RequestValidationError
-    ) -> JSONResponse:
-        if is_openai_path(request.url.path):
-            return openai_validation_error(exc)
-        return fictures_validation_error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-        # Framework errors (unparsable body, unknown route, wrong method) in the surface's shape.
-        if exc.status_code == 404:
-            mode = request.app.state.services.settings.generation_mode
-            message = unserved_route_message(request.url.path, mode)
-            if message is not None:
-                exc = StarletteHTTPException(404, message)
-        if is_openai_path(request.url.path):
-            return JSONResponse(
-                error_body(str(exc.detail), exc.status_code),
-                status_code=exc.status_code,
-                headers=exc.headers,
-            )
-        return await http_exception_handler(request, exc)
+def stream_failure(exc: Exception) -> ErrorReply:
+    """Log a failure of a stream that had started and return its reply (the status is the
+    one the error would have had before the stream started: an engine that died is 503)."""
+    message = exc.message if isinstance(exc, FicturesError) else type(exc).__name__
+    logger.error("Stream failed after it started: %s", message, exc_info=exc)
+    return error_reply(exc)
 
 
 _ROUTE_PREFIXES = {

@@ -1,15 +1,18 @@
-"""Server-sent events: the ``data: ...`` framing and the response that writes the stream."""
+"""Server-sent events: the ``data: ...`` framing, the one path every stream takes
+(``stream_events``), and the response that writes it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Send
+
+from fictures_ai.api.errors import ErrorReply, stream_failure
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -48,6 +51,66 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     """One event: ``data: {compact JSON}`` and a blank line."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + body.encode() + b"\n\n"
+
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class EventEncoder(Protocol[T_contra]):
+    """Writes the events of one stream: one per item (``b""`` to send nothing for it), the
+    events after the last item, and the event of a failure after the stream started."""
+
+    def event(self, item: T_contra) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+    def error(self, reply: ErrorReply) -> bytes: ...
+
+
+async def stream_events(
+    items: AsyncGenerator[T, None], encoder: EventEncoder[T], *, wait_for_first: bool = True
+) -> EventStreamResponse:
+    """The response that streams ``items`` as ``encoder`` writes them, then ``data: [DONE]``.
+
+    With ``wait_for_first`` the first item is awaited before the response starts, so that what
+    fails before any output (an invalid request, a model that cannot load, a full queue) is
+    answered with its status code rather than an error event in a 200 stream; that exception
+    is raised here. An image stream, whose first item may wait long in the render queue,
+    starts at once instead. A failure after the start becomes ``encoder.error``'s event, with
+    the status the error would have had (``stream_failure``). Closing ``items`` (the client
+    left, or the stream ended) aborts the engine work behind it.
+    """
+    first: list[T] = []
+    if wait_for_first:
+        try:
+            first.append(await anext(items))
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            await items.aclose()
+            raise
+    return EventStreamResponse(_events(first, items, encoder))
+
+
+async def _events(
+    first: list[T], rest: AsyncGenerator[T, None], encoder: EventEncoder[T]
+) -> AsyncGenerator[bytes, None]:
+    # One generator between the items and the response: no extra layer per event.
+    try:
+        for item in first:
+            if event := encoder.event(item):
+                yield event
+        async for item in rest:
+            if event := encoder.event(item):
+                yield event
+        if tail := encoder.end():
+            yield tail
+    except Exception as exc:
+        yield encoder.error(stream_failure(exc))
+    finally:
+        await rest.aclose()
+    yield DONE_EVENT
 
 
 class EventStreamResponse(StreamingResponse):

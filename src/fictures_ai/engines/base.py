@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import abc
 import enum
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fictures_ai.errors import ContextLengthExceededError
+from fictures_ai.shared import PromptFormat
 
 FinishReason = Literal["stop", "length", "abort"]
-
-
-class PromptFormat(enum.StrEnum):
-    """How a plain prompt string is given to the model."""
-
-    CHAT = "chat"
-    """Wrap the prompt as one user message with the model's chat template."""
-    RAW = "raw"
-    """Send the prompt text as it is."""
 
 
 class StructuredOutputKind(enum.StrEnum):
@@ -274,6 +267,15 @@ class TextEngine(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Release the engine and its processes; the engine is unusable afterwards."""
+
+
+MAX_SEED = 2**32 - 1
+"""The largest image seed: image seeds are unsigned 32-bit numbers."""
+
+
+def random_seed() -> int:
+    """A random seed in 1..``MAX_SEED`` (never 0, which some clients read as 'no seed')."""
+    return secrets.randbelow(MAX_SEED) + 1
 
 
 @dataclass(frozen=True, slots=True)

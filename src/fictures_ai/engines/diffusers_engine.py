@@ -30,6 +30,7 @@ from fictures_ai.engines.base import (
     centre_crop_box,
     covering_size,
 )
+from fictures_ai.engines.options import DiffusersEngineOptions
 from fictures_ai.engines.tiny_pipeline import (
     TINY_IMAGE_MODEL,
     build_tiny_sdxl_pipeline,
@@ -40,12 +41,12 @@ from fictures_ai.errors import (
     ModelLoadError,
     ServiceUnavailableError,
 )
+from fictures_ai.shared import ImageScheduler
 
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
-    from fictures_ai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,35 +69,35 @@ class ResolvedImageModel:
     is_tiny: bool
 
 
-def resolve_image_device(settings: Settings) -> str:
+def resolve_image_device(options: DiffusersEngineOptions) -> str:
     """Return ``"cuda"`` or ``"cpu"``: the configured device, or CUDA when torch sees one."""
-    if settings.image_device != "auto":
-        return settings.image_device
+    if options.device != "auto":
+        return options.device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_image_dtype(settings: Settings, device: str) -> torch.dtype:
+def resolve_image_dtype(options: DiffusersEngineOptions, device: str) -> torch.dtype:
     """Return the pipeline dtype: the configured one, or float16 on CUDA and float32 on CPU."""
     import torch
 
-    name = settings.image_dtype
+    name = options.dtype
     if name == "auto":
         name = "float16" if device == "cuda" else "float32"
     dtype: torch.dtype = getattr(torch, name)
     return dtype
 
 
-def validate_image_settings(settings: Settings, device: str) -> None:
-    """Raise ``ValueError`` with a clear message for image settings that cannot work on ``device``.
+def validate_image_options(options: DiffusersEngineOptions, device: str) -> None:
+    """Raise ``ValueError`` with a clear message for options that cannot work on ``device``.
 
     Meant for start-up, before any model is loaded, so a misconfiguration never surfaces as a
     failed request. ``device`` is the resolved device (see :func:`resolve_image_device`).
     """
-    if device == "cpu" and settings.image_cpu_offload != "none":
+    if device == "cpu" and options.cpu_offload != "none":
         raise ValueError(
-            f"IMAGE_CPU_OFFLOAD={settings.image_cpu_offload} needs a GPU: it moves idle parts "
+            f"IMAGE_CPU_OFFLOAD={options.cpu_offload} needs a GPU: it moves idle parts "
             "of the pipeline from the accelerator to main memory, and on the CPU everything "
             "already lives there. Set IMAGE_CPU_OFFLOAD=none."
         )
@@ -110,20 +111,20 @@ def validate_image_settings(settings: Settings, device: str) -> None:
             )
 
 
-def resolve_image_model(settings: Settings) -> ResolvedImageModel:
-    """Return the image model to load for ``settings``.
+def resolve_image_model(options: DiffusersEngineOptions) -> ResolvedImageModel:
+    """Return the image model to load for ``options``.
 
-    ``IMAGE_MODEL_NAME`` when set; otherwise SDXL base on a GPU and the tiny random-weight
+    ``options.model`` when set; otherwise SDXL base on a GPU and the tiny random-weight
     pipeline on a CPU, built under ``MODEL_CACHE_DIR`` on first use. Building blocks for 1-2 s:
     call this off the event loop.
     """
-    if settings.image_model_name:
-        return describe_source(settings.image_model_name)
-    if resolve_image_device(settings) == "cuda":
+    if options.model:
+        return describe_source(options.model)
+    if resolve_image_device(options) == "cuda":
         return ResolvedImageModel(
             source=DEFAULT_GPU_IMAGE_MODEL, name=DEFAULT_GPU_IMAGE_MODEL, is_tiny=False
         )
-    folder = build_tiny_sdxl_pipeline(settings.model_cache_dir)
+    folder = build_tiny_sdxl_pipeline(options.cache_dir)
     return ResolvedImageModel(source=str(folder), name=TINY_IMAGE_MODEL, is_tiny=True)
 
 
@@ -182,25 +183,21 @@ class DiffusersImageEngine(ImageEngine):
         )
 
     @classmethod
-    async def load(cls, *, settings: Settings, model: str | None = None) -> DiffusersImageEngine:
-        """Load the pipeline for ``settings`` in a worker thread and return the engine.
+    async def load(cls, options: DiffusersEngineOptions) -> DiffusersImageEngine:
+        """Load the pipeline of ``options`` in a worker thread and return the engine.
 
-        ``model`` (a hub id or folder) overrides :func:`resolve_image_model`. Raises
-        ``ModelLoadError`` when the settings cannot work on this machine or the pipeline fails
-        to load.
+        Raises ``ModelLoadError`` when the options cannot work on this machine or the pipeline
+        fails to load.
         """
-        _set_torch_threads(settings.image_torch_threads)
-        device = resolve_image_device(settings)
-        name_for_errors = model or settings.image_model_name or "default image model"
+        _set_torch_threads(options.torch_threads)
+        device = resolve_image_device(options)
+        name_for_errors = options.model or "default image model"
         try:
-            validate_image_settings(settings, device)
+            validate_image_options(options, device)
         except ValueError as exc:
             raise ModelLoadError(str(exc), model=name_for_errors) from exc
-        if model is None:
-            resolved = await asyncio.to_thread(resolve_image_model, settings)
-        else:
-            resolved = describe_source(model)
-        dtype = resolve_image_dtype(settings, device)
+        resolved = await asyncio.to_thread(resolve_image_model, options)
+        dtype = resolve_image_dtype(options, device)
         if device == "cpu" and _dtype_name(dtype) == "float16":
             logger.warning(
                 "IMAGE_DTYPE=float16 on the CPU is very slow; bfloat16 or float32 is faster"
@@ -212,7 +209,7 @@ class DiffusersImageEngine(ImageEngine):
         )
         try:
             pipeline = await asyncio.to_thread(
-                _load_pipeline, resolved.source, settings=settings, device=device, dtype=dtype
+                _load_pipeline, resolved.source, options=options, device=device, dtype=dtype
             )
         except Exception as exc:
             raise ModelLoadError(
@@ -224,8 +221,8 @@ class DiffusersImageEngine(ImageEngine):
             model=resolved,
             device=device,
             dtype=dtype,
-            torch_threads=settings.image_torch_threads,
-            max_concurrency=settings.image_max_concurrency,
+            torch_threads=options.torch_threads,
+            max_concurrency=options.max_concurrency,
         )
 
     async def generate(
@@ -394,12 +391,14 @@ class DiffusersImageEngine(ImageEngine):
         return view
 
 
-def _load_pipeline(source: str, *, settings: Settings, device: str, dtype: torch.dtype) -> Any:
+def _load_pipeline(
+    source: str, *, options: DiffusersEngineOptions, device: str, dtype: torch.dtype
+) -> Any:
     """Load, configure and place the pipeline (blocking; runs in a worker thread)."""
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    _set_torch_threads(settings.image_torch_threads)
+    _set_torch_threads(options.torch_threads)
     # fp16 weight files only pay off when computing in half precision; for float32 they would
     # throw away precision the default files keep.
     half = dtype in (torch.float16, torch.bfloat16)
@@ -416,29 +415,29 @@ def _load_pipeline(source: str, *, settings: Settings, device: str, dtype: torch
             source, dtype=dtype, use_safetensors=True
         )
     pipeline.set_progress_bar_config(disable=True)
-    _set_scheduler(pipeline, settings)
-    if settings.image_cpu_offload == "model":
+    _set_scheduler(pipeline, options.scheduler)
+    if options.cpu_offload == "model":
         pipeline.enable_model_cpu_offload(device=device)
-    elif settings.image_cpu_offload == "sequential":
+    elif options.cpu_offload == "sequential":
         pipeline.enable_sequential_cpu_offload(device=device)
     else:
         pipeline.to(device)
-    if settings.image_attention_slicing:
+    if options.attention_slicing:
         pipeline.enable_attention_slicing()
     # The pipeline-level enable_vae_* methods are gone in diffusers 0.42; the VAE keeps them.
-    if settings.image_vae_slicing:
+    if options.vae_slicing:
         pipeline.vae.enable_slicing()
-    if settings.image_vae_tiling:
+    if options.vae_tiling:
         pipeline.vae.enable_tiling()
-    if settings.image_compile:
+    if options.compile:
         denoiser = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
         logger.info("Compiling the %s with torch.compile (the first image is slow)", denoiser)
         setattr(pipeline, denoiser, torch.compile(getattr(pipeline, denoiser)))
     return pipeline
 
 
-def _set_scheduler(pipeline: Any, settings: Settings) -> None:
-    """Replace the pipeline's scheduler by the configured one, keeping its training config."""
+def _set_scheduler(pipeline: Any, name: ImageScheduler) -> None:
+    """Replace the pipeline's scheduler by ``name``'s, keeping its training config."""
     from diffusers import (
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
@@ -452,11 +451,10 @@ def _set_scheduler(pipeline: Any, settings: Settings) -> None:
         logger.warning(
             "Keeping the model's %s: IMAGE_SCHEDULER=%s does not apply to flow-matching models",
             current,
-            settings.image_scheduler,
+            name,
         )
         return
     config = pipeline.scheduler.config
-    name = settings.image_scheduler
     if name == "dpm_multistep":
         scheduler = DPMSolverMultistepScheduler.from_config(config)  # type: ignore[no-untyped-call]
     elif name == "dpm_2m_karras":

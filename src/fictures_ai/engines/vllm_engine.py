@@ -19,7 +19,6 @@ from fictures_ai.engines.base import (
     ChatMessage,
     FinishReason,
     ParsedDelta,
-    PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
     TextChunk,
@@ -33,20 +32,20 @@ from fictures_ai.engines.base import (
     ToolDefinition,
     fit_output_tokens,
 )
-from fictures_ai.engines.bundled_model import BUNDLED_TEXT_MODEL, prepare_bundled_model
-from fictures_ai.engines.factory import text_model_display_name
+from fictures_ai.engines.bundled_model import prepare_bundled_model
+from fictures_ai.engines.options import VllmEngineOptions
 from fictures_ai.errors import (
     EngineDeadError,
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
 )
+from fictures_ai.shared import BUNDLED_TEXT_MODEL, PromptFormat
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from fictures_ai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +53,40 @@ _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", 
 _SEED_RANGE = 1 << 64
 
 
-def resolve_text_model(settings: Settings) -> str:
-    """Return the path or hub id vLLM loads for the configured text model.
+def resolve_text_model(options: VllmEngineOptions) -> str:
+    """Return the path or hub id vLLM loads for ``options.model``.
 
     The bundled model is converted on first use (blocking, ~15 s): call this off the event loop.
     """
-    if settings.text_model_name == BUNDLED_TEXT_MODEL:
-        return str(prepare_bundled_model(settings.model_cache_dir))
-    return settings.text_model_name
+    if options.model == BUNDLED_TEXT_MODEL:
+        return str(prepare_bundled_model(options.cache_dir))
+    return options.model
 
 
-def build_engine_args(settings: Settings, model: str) -> Any:
-    """Map the settings onto vLLM's ``AsyncEngineArgs``."""
+def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
+    """Map the options onto vLLM's ``AsyncEngineArgs`` for ``model`` (a folder or hub id, see
+    :func:`resolve_text_model`)."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    kv_cache_bytes = settings.text_cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
+    kv_cache_bytes = options.cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
     return AsyncEngineArgs(
         model=model,
         tokenizer=model,
-        dtype=settings.text_dtype,
-        quantization=settings.text_quantization,
-        max_model_len=settings.text_max_model_len,
-        gpu_memory_utilization=settings.text_gpu_memory_utilization,
-        tensor_parallel_size=settings.text_tensor_parallel_size,
-        max_num_seqs=settings.text_max_num_seqs,
-        max_num_batched_tokens=settings.text_max_num_batched_tokens,
-        trust_remote_code=settings.text_trust_remote_code,
-        enforce_eager=settings.text_enforce_eager,
+        dtype=options.dtype,
+        quantization=options.quantization,
+        max_model_len=options.max_model_len,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        tensor_parallel_size=options.tensor_parallel_size,
+        max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        trust_remote_code=options.trust_remote_code,
+        enforce_eager=options.enforce_eager,
         kv_cache_memory_bytes=kv_cache_bytes,
         structured_outputs_config=StructuredOutputsConfig(
-            backend=settings.text_structured_outputs_backend,
-            disable_any_whitespace=settings.text_disable_any_whitespace,
+            backend=options.structured_outputs_backend,
+            disable_any_whitespace=options.disable_any_whitespace,
         ),
         disable_log_stats=True,
     )
@@ -107,21 +107,21 @@ class VllmTextEngine(TextEngine):
         self._closed = False
 
     @classmethod
-    async def load(cls, settings: Settings) -> VllmTextEngine:
+    async def load(cls, options: VllmEngineOptions) -> VllmTextEngine:
         """Prepare the model and start vLLM's engine core, without blocking the event loop."""
-        return await asyncio.to_thread(cls._load_blocking, settings)
+        return await asyncio.to_thread(cls._load_blocking, options)
 
     @classmethod
-    def _load_blocking(cls, settings: Settings) -> VllmTextEngine:
+    def _load_blocking(cls, options: VllmEngineOptions) -> VllmTextEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        source = resolve_text_model(settings)
-        name = text_model_display_name(settings)
-        parser = settings.text_tool_call_parser
+        source = resolve_text_model(options)
+        name = options.display_name
+        parser = options.tool_call_parser
         _check_tool_call_parser_name(parser, model=name)
         logger.info("Starting vLLM for %s (%s)", name, source)
         try:
-            llm = AsyncLLM.from_engine_args(build_engine_args(settings, source))
+            llm = AsyncLLM.from_engine_args(build_engine_args(options, source))
         except Exception as exc:  # vLLM raises many types here (OSError, ValueError, Runtime)
             raise ModelLoadError(
                 f"vLLM could not load the text model '{name}': {exc}", model=name

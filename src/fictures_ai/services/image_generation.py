@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from opentelemetry.util.types import AttributeValue
@@ -41,12 +40,13 @@ from fictures_ai.services.model_loader import (
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 
+@dataclass(frozen=True, slots=True)
+class RenderProgress:
+    """A render has finished denoising step ``step`` of ``total_steps`` (1-based)."""
 
-def random_seed() -> int:
-    """A random seed in 1..2**32-1 (never 0, which some clients read as 'no seed')."""
-    return secrets.randbelow(MAX_SEED) + 1
+    step: int
+    total_steps: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,6 +187,36 @@ class ImageGenerationService:
             self._slots.release()
             if metrics is not None:
                 metrics.finished[outcome].inc()
+
+    async def stream(
+        self, params: ImageGenerationParams
+    ) -> AsyncGenerator[RenderProgress | GeneratedImage, None]:
+        """Render one image as :meth:`generate` does, yielding a ``RenderProgress`` after each
+        denoising step and the image last.
+
+        Raises what :meth:`generate` raises. Closing the generator early (the client left)
+        leaves the queue or stops the render at its next step.
+        """
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[RenderProgress] = asyncio.Queue()
+
+        def progress(step: int, total: int) -> None:  # called from the render thread
+            loop.call_soon_threadsafe(steps.put_nowait, RenderProgress(step, total))
+
+        render = asyncio.ensure_future(self.generate(params, progress=progress))
+        try:
+            while not render.done():
+                next_step = asyncio.ensure_future(steps.get())
+                await asyncio.wait({render, next_step}, return_when=asyncio.FIRST_COMPLETED)
+                if next_step.done():
+                    yield next_step.result()
+                else:
+                    next_step.cancel()
+            while not steps.empty():  # steps reported just before the render finished
+                yield steps.get_nowait()
+            yield render.result()
+        finally:
+            render.cancel()
 
     async def shutdown(self) -> None:
         """Release the pipeline (called from the app lifespan)."""

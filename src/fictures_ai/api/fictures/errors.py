@@ -8,17 +8,18 @@ from fastapi.responses import JSONResponse
 
 from fictures_ai.api.errors import (
     RANGE_ERROR_TYPES,
+    ErrorReply,
     error_location,
-    retry_headers,
     validation_message,
 )
 from fictures_ai.api.fictures.protocol import PROMPT_TOO_LONG
-from fictures_ai.errors import FicturesError
 
 
-def fictures_error(exc: FicturesError, status: int) -> JSONResponse:
-    """The response for one of our exceptions."""
-    return JSONResponse({"detail": exc.message}, status_code=status, headers=retry_headers(exc))
+def fictures_error(reply: ErrorReply) -> JSONResponse:
+    """The response for an error before the response started."""
+    return JSONResponse(
+        {"detail": reply.message}, status_code=reply.status, headers=dict(reply.headers)
+    )
 
 
 def fictures_validation_error(exc: RequestValidationError) -> JSONResponse:

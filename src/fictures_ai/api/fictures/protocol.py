@@ -20,16 +20,17 @@ from pydantic import (
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.config import GenerationMode
 from fictures_ai.engines.base import (
+    MAX_SEED,
     FinishReason,
     ImageGenerationParams,
-    PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
     TextGenerationParams,
     TextPrompt,
+    random_seed,
 )
 from fictures_ai.errors import InvalidRequestError
-from fictures_ai.services.image_generation import MAX_SEED, random_seed
+from fictures_ai.shared import PromptFormat
 
 MAX_PROMPT_CHARS = 50_000
 MAX_TEXT_TOKENS = 40_960

@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
 import logging
-from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -21,7 +17,8 @@ from fictures_ai.api.dependencies import (
     get_text_service,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
-from fictures_ai.api.errors import error_responses, stream_failure
+from fictures_ai.api.errors import error_responses
+from fictures_ai.api.fictures.encoding import ImageEventEncoder, TextEventEncoder, png_data_url
 from fictures_ai.api.fictures.protocol import (
     ErrorResponse,
     HealthGpu,
@@ -45,17 +42,9 @@ from fictures_ai.api.fictures.protocol import (
     contract_finish_reason,
 )
 from fictures_ai.api.health import ObservabilityDep
-from fictures_ai.api.sse import (
-    DONE_EVENT,
-    EventStreamResponse,
-    encode_json_string,
-    sse_event,
-    sse_response_doc,
-)
-from fictures_ai.engines.base import TextChunk
+from fictures_ai.api.sse import EventStreamResponse, sse_response_doc, stream_events
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.observability.gpu import gpu_memory
-from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.text_generation import TextGenerationService
 
@@ -203,80 +192,7 @@ async def stream_text(
         body.to_generation_params(),
         request_id=current_request_id(),
     )
-    # Pull the first chunk before answering, so that load failures and invalid requests get
-    # their status code (503, 400) instead of an error event inside a 200 stream.
-    try:
-        first = await anext(chunks)
-    except BaseException:
-        await chunks.aclose()
-        raise
-    return EventStreamResponse(_text_events(first, chunks, service.model_name))
-
-
-class _TextEventEncoder:
-    """Writes the events of one ``/text/stream`` response and keeps the text so far.
-
-    Per token only the texts are JSON-encoded; the rest of the event is precomputed. The
-    cumulative ``text`` the contract asks for makes each event grow with the stream.
-    """
-
-    _NOT_DONE = b',"finish_reason":null,"done":false}\n\n'
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.text = ""
-        self.tokens = 0
-        self._middle = b',"model":' + json.dumps(model).encode() + b',"tokens_used":'
-
-    def event(self, chunk: TextChunk) -> bytes:
-        """The event of one engine chunk."""
-        self.text += chunk.delta
-        self.tokens = chunk.completion_tokens
-        finish = contract_finish_reason(chunk.finish_reason)
-        tail = (
-            self._NOT_DONE
-            if finish is None
-            else b',"finish_reason":"' + finish.encode() + b'","done":true}\n\n'
-        )
-        return (
-            b'data: {"text":'
-            + encode_json_string(self.text).encode()
-            + b',"delta":'
-            + encode_json_string(chunk.delta).encode()
-            + self._middle
-            + str(self.tokens).encode()
-            + tail
-        )
-
-    def error_event(self, message: str) -> bytes:
-        """The last event of a stream that failed after it started."""
-        return sse_event(
-            {
-                "text": self.text,
-                "delta": "",
-                "model": self.model,
-                "tokens_used": self.tokens,
-                "finish_reason": "error",
-                "done": True,
-                "error": message,
-            }
-        )
-
-
-async def _text_events(
-    first: TextChunk, rest: AsyncGenerator[TextChunk, None], model: str
-) -> AsyncGenerator[bytes, None]:
-    encoder = _TextEventEncoder(model)
-    try:
-        yield encoder.event(first)
-        async for chunk in rest:
-            yield encoder.event(chunk)
-    except Exception as exc:
-        yield encoder.error_event(stream_failure(exc)[0])
-    finally:
-        # Closing the service stream aborts the engine request when the client went away.
-        await rest.aclose()
-    yield DONE_EVENT
+    return await stream_events(chunks, TextEventEncoder(service.model_name))
 
 
 @text_router.post(
@@ -307,12 +223,6 @@ async def generate_structured_text(
     )
 
 
-def _png_data_url(png: bytes) -> str:
-    # Its own span: for a large image the base64 step is a visible share of the request.
-    with child_span("image.encode", {"fictures.png_bytes": len(png)}):
-        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 @image_router.post("/generate", response_model=ImageGenerationResponse, dependencies=image_access)
 async def generate_image(
     body: ImageGenerationRequest, request: Request, service: ImageService
@@ -322,7 +232,7 @@ async def generate_image(
     service.check_model(body.model)
     image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
     return ImageGenerationResponse(
-        image_url=_png_data_url(image.png),
+        image_url=png_data_url(image.png),
         model=service.info().name,
         width=image.width,
         height=image.height,
@@ -342,47 +252,11 @@ async def generate_image(
 async def stream_image(body: ImageGenerationRequest, service: ImageService) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
     service.check_model(body.model)
-    return EventStreamResponse(_image_events(service, body))
-
-
-async def _image_events(
-    service: ImageGenerationService, body: ImageGenerationRequest
-) -> AsyncGenerator[bytes, None]:
-    loop = asyncio.get_running_loop()
-    steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-
-    def progress(step: int, total: int) -> None:  # called from the render thread
-        loop.call_soon_threadsafe(steps.put_nowait, (step, total))
-
-    render = asyncio.ensure_future(service.generate(body.to_generation_params(), progress=progress))
-    try:
-        while not render.done():
-            next_step = asyncio.ensure_future(steps.get())
-            await asyncio.wait({render, next_step}, return_when=asyncio.FIRST_COMPLETED)
-            if next_step.done():
-                step, total = next_step.result()
-                yield sse_event({"step": step, "total_steps": total, "done": False})
-            else:
-                next_step.cancel()
-        while not steps.empty():  # steps reported just before the render finished
-            step, total = steps.get_nowait()
-            yield sse_event({"step": step, "total_steps": total, "done": False})
-        image = render.result()
-        yield sse_event(
-            {
-                "image_url": _png_data_url(image.png),
-                "model": service.info().name,
-                "width": image.width,
-                "height": image.height,
-                "seed": image.seed,
-                "done": True,
-            }
-        )
-    except Exception as exc:
-        yield sse_event({"error": stream_failure(exc)[0], "done": True})
-    finally:
-        render.cancel()  # the client went away: leave the queue or stop the render
-    yield DONE_EVENT
+    renders = service.stream(body.to_generation_params())
+    # Started at once: the render may wait long in the queue; its errors are events.
+    return await stream_events(
+        renders, ImageEventEncoder(service.info().name), wait_for_first=False
+    )
 
 
 @image_router.get("/models", response_model=ImageModelsResponse, dependencies=listing_access)

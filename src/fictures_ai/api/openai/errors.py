@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fictures_ai.api.errors import (
+    ErrorReply,
     error_location,
     named_parameter,
-    retry_headers,
     validation_message,
 )
-from fictures_ai.errors import FicturesError, InvalidRequestError, ModelNotFoundError
 
 _TYPES = {
     401: "authentication_error",
@@ -32,17 +32,19 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def openai_error(exc: FicturesError, status: int) -> JSONResponse:
-    """The response for one of our exceptions."""
-    param = exc.param if isinstance(exc, InvalidRequestError) else None
-    code = "model_not_found" if isinstance(exc, ModelNotFoundError) else None
-    if isinstance(exc, ModelNotFoundError):
-        param = "model"
+def openai_error(reply: ErrorReply) -> JSONResponse:
+    """The response for an error before the response started."""
     return JSONResponse(
-        error_body(exc.message, status, param=param, code=code),
-        status_code=status,
-        headers=retry_headers(exc),
+        error_body(reply.message, reply.status, param=reply.param, code=reply.code),
+        status_code=reply.status,
+        headers=dict(reply.headers),
     )
+
+
+def openai_error_event(reply: ErrorReply) -> bytes:
+    """The event that ends a stream that failed after it started: OpenAI's error object."""
+    body = error_body(reply.message, reply.status, param=reply.param, code=reply.code)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def openai_validation_error(exc: RequestValidationError) -> JSONResponse:

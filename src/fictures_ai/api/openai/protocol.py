@@ -16,19 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.engines.base import (
+    MAX_SEED,
     ChatMessage,
     ImageGenerationParams,
-    PromptFormat,
     StructuredOutputKind,
     StructuredOutputSpec,
     TextGenerationParams,
     TextPrompt,
     ToolCall,
     ToolDefinition,
+    random_seed,
 )
 from fictures_ai.errors import InvalidRequestError
-from fictures_ai.services.image_generation import MAX_SEED, random_seed
 from fictures_ai.services.tool_calls import named_tool_call_spec, required_tool_calls_spec
+from fictures_ai.shared import PromptFormat
 
 logger = logging.getLogger(__name__)
 

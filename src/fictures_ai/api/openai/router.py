@@ -2,8 +2,7 @@
 
 Streaming follows OpenAI: ``data: {chunk}`` events, usage in a last chunk with no choices when
 ``stream_options.include_usage`` is set, an error event if the stream fails after it started,
-and ``data: [DONE]``. Chunks are written from precomputed JSON templates: only the new text is
-JSON-encoded per token, which keeps the per-token cost of the HTTP layer small.
+and ``data: [DONE]``; the chunks are written by ``api/openai/encoding.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -29,18 +28,20 @@ from fictures_ai.api.dependencies import (
     get_text_service,
 )
 from fictures_ai.api.disconnect import cancel_on_disconnect
-from fictures_ai.api.errors import error_responses, stream_failure
+from fictures_ai.api.errors import error_responses
+from fictures_ai.api.openai.encoding import (
+    ChunkEncoder,
+    chat_logprobs,
+    collect_choices,
+    completion_logprobs,
+    usage,
+)
 from fictures_ai.api.openai.errors import error_body
 from fictures_ai.api.openai.protocol import (
-    AssistantMessage,
-    AssistantToolCall,
-    ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -53,20 +54,14 @@ from fictures_ai.api.openai.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    ToolCallFunction,
     ToolPlan,
-    TopLogprob,
-    Usage,
 )
-from fictures_ai.api.sse import DONE_EVENT, EventStreamResponse, encode_json_string
+from fictures_ai.api.sse import stream_events
 from fictures_ai.engines.base import (
     GeneratedImage,
-    ParsedDelta,
     TextChunk,
     TextGenerationParams,
     TextPrompt,
-    TokenLogprob,
-    ToolCallDelta,
     ToolCallParser,
 )
 from fictures_ai.errors import InvalidRequestError, ModelNotFoundError
@@ -79,12 +74,9 @@ from fictures_ai.services.tool_calls import (
     NamedToolCallParser,
     RequiredToolCallParser,
     named_tool_call_spec,
-    new_tool_call_id,
 )
 
 logger = logging.getLogger(__name__)
-
-OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 _ERRORS = error_responses(ErrorResponse, include_422=True)
 models_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
@@ -127,83 +119,6 @@ async def retrieve_model(model: str, services: ServicesDep) -> Model:
     return Model(id=model, created=int(time.time()))
 
 
-@dataclass
-class _Choice:
-    """What one choice has produced so far; with a tool-call parser, its text is split into
-    content and calls as it comes."""
-
-    parser: ToolCallParser | None = None
-    text: list[str] = field(default_factory=list)
-    calls: list[AssistantToolCall] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: OpenAIFinishReason | None = None
-
-    def add(self, chunk: TextChunk) -> None:
-        if self.parser is None:
-            self.text.append(chunk.delta)
-        else:
-            parsed = _parse(self.parser, chunk)
-            self.text.append(parsed.content)
-            for piece in parsed.tool_calls:
-                if piece.name is not None:
-                    self.calls.append(
-                        AssistantToolCall(
-                            id=piece.id or new_tool_call_id(),
-                            function=ToolCallFunction(name=piece.name, arguments=""),
-                        )
-                    )
-                if piece.arguments and piece.index < len(self.calls):
-                    self.calls[piece.index].function.arguments += piece.arguments
-        if chunk.logprobs:
-            self.logprobs.extend(chunk.logprobs)
-        self.prompt_tokens = chunk.prompt_tokens
-        self.completion_tokens = chunk.completion_tokens
-        self.finish_reason = _finish_reason(chunk, self.parser if self.calls else None)
-
-    def message(self) -> AssistantMessage:
-        """The choice's message: no content but calls when it only called tools."""
-        content = "".join(self.text)
-        return AssistantMessage(
-            content=content if content or not self.calls else None,
-            tool_calls=self.calls or None,
-        )
-
-
-def _parse(parser: ToolCallParser, chunk: TextChunk) -> ParsedDelta:
-    """The parser's reading of ``chunk``, with what it still held if the chunk is the last."""
-    parsed = parser.feed(chunk)
-    if chunk.finish_reason is None:
-        return parsed
-    rest = parser.finish()
-    return ParsedDelta(parsed.content + rest.content, parsed.tool_calls + rest.tool_calls)
-
-
-def _finish_reason(
-    chunk: TextChunk, caller: ToolCallParser | None = None
-) -> OpenAIFinishReason | None:
-    # OpenAI knows stop and length; an aborted request is cut short like one at its limit.
-    # ``caller``: the parser that read calls in this choice; it says how such a choice ends.
-    if chunk.finish_reason is None:
-        return None
-    if chunk.finish_reason != "stop":
-        return "length"
-    return "stop" if caller is None else caller.finish_reason
-
-
-def _usage(choices: list[_Choice], prompts: int) -> Usage:
-    # Every choice of a prompt repeats the prompt; usage counts each prompt once, as OpenAI does.
-    per_prompt = len(choices) // prompts
-    prompt_tokens = sum(choices[i * per_prompt].prompt_tokens for i in range(prompts))
-    completion_tokens = sum(choice.completion_tokens for choice in choices)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
 def _open_streams(
     service: TextGenerationService,
     prompts: list[TextPrompt],
@@ -218,17 +133,6 @@ def _open_streams(
         for c, choice_params in enumerate(params)
     ]
     return merge_streams(streams)
-
-
-async def _collect(
-    streams: AsyncGenerator[tuple[int, TextChunk], None],
-    count: int,
-    parsers: list[ToolCallParser] | None = None,
-) -> list[_Choice]:
-    choices = [_Choice(parser=parsers[index] if parsers else None) for index in range(count)]
-    async for index, chunk in streams:
-        choices[index].add(chunk)
-    return choices
 
 
 async def _name_the_tool(
@@ -261,36 +165,6 @@ async def _tool_call_parsers(
     return None
 
 
-def _chat_logprobs(entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
-    return ChatChoiceLogprobs(
-        content=[
-            ChatTokenLogprob(
-                token=entry.token,
-                logprob=entry.logprob,
-                bytes=list(entry.token.encode()),
-                top_logprobs=[
-                    TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-                    for token, logprob in entry.top
-                ],
-            )
-            for entry in entries
-        ]
-    )
-
-
-def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
-    offsets, position = [], 0
-    for entry in entries:
-        offsets.append(position)
-        position += len(entry.token)
-    return CompletionLogprobs(
-        tokens=[entry.token for entry in entries],
-        token_logprobs=[entry.logprob for entry in entries],
-        top_logprobs=[dict(entry.top) for entry in entries],
-        text_offset=offsets,
-    )
-
-
 @text_router.post(
     "/chat/completions", response_model=ChatCompletionResponse, dependencies=text_access
 )
@@ -314,7 +188,7 @@ async def create_chat_completion(
     streams = _open_streams(service, prompts, params, request_id)
     try:
         if body.streams:
-            encoder = _ChunkEncoder(
+            encoder = ChunkEncoder(
                 request_id,
                 model,
                 chat=True,
@@ -322,8 +196,10 @@ async def create_chat_completion(
                 count=len(params),
                 parsers=parsers,
             )
-            return await _stream_response(streams, encoder)
-        choices = await cancel_on_disconnect(request, _collect(streams, len(params), parsers))
+            return await stream_events(streams, encoder)
+        choices = await cancel_on_disconnect(
+            request, collect_choices(streams, len(params), parsers)
+        )
     except InvalidRequestError as exc:
         if plan.structured() is not None and exc.param is None:
             await _name_the_tool(service, plan, exc)
@@ -338,12 +214,12 @@ async def create_chat_completion(
             ChatCompletionChoice(
                 index=index,
                 message=choice.message(),
-                logprobs=_chat_logprobs(choice.logprobs) if body.logprobs else None,
+                logprobs=chat_logprobs(choice.logprobs) if body.logprobs else None,
                 finish_reason=choice.finish_reason,
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_usage(choices, 1),
+        usage=usage(choices, 1),
     )
 
 
@@ -357,11 +233,16 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
     streams = _open_streams(service, prompts, params, request_id)
     count = len(prompts) * len(params)
     if body.streams:
-        encoder = _ChunkEncoder(
-            request_id, model, chat=False, usage=body.include_usage, count=count
+        encoder = ChunkEncoder(
+            request_id,
+            model,
+            chat=False,
+            usage=body.include_usage,
+            count=count,
+            prompts=len(prompts),
         )
-        return await _stream_response(streams, encoder, prompts=len(prompts))
-    choices = await cancel_on_disconnect(request, _collect(streams, count))
+        return await stream_events(streams, encoder)
+    choices = await cancel_on_disconnect(request, collect_choices(streams, count))
     return CompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -371,154 +252,14 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
                 index=index,
                 text="".join(choice.text),
                 logprobs=(
-                    _completion_logprobs(choice.logprobs) if body.logprobs is not None else None
+                    completion_logprobs(choice.logprobs) if body.logprobs is not None else None
                 ),
                 finish_reason=choice.finish_reason,
             )
             for index, choice in enumerate(choices)
         ],
-        usage=_usage(choices, len(prompts)),
+        usage=usage(choices, len(prompts)),
     )
-
-
-class _ChunkEncoder:
-    """Writes the SSE events of one streamed completion from precomputed JSON pieces.
-
-    It also keeps each choice's token counts (not its text), for the usage chunk at the end.
-    """
-
-    def __init__(
-        self,
-        request_id: str,
-        model: str,
-        *,
-        chat: bool,
-        usage: bool,
-        count: int,
-        parsers: list[ToolCallParser] | None = None,
-    ) -> None:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        self._head = (
-            f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
-            f'"model":{json.dumps(model)},"choices":['
-        ).encode()
-        self._tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
-        self.chat = chat
-        self.usage = usage
-        self._started = [False] * count
-        self._choices = [_Choice() for _ in range(count)]
-        self._parsers = parsers
-        self._called = [False] * count
-
-    def chunk(self, index: int, chunk: TextChunk) -> bytes:
-        """One event for one engine chunk of choice ``index`` (log-probs when it has them);
-        empty when a tool-call parser holds the chunk's text back."""
-        counts = self._choices[index]
-        counts.prompt_tokens = chunk.prompt_tokens
-        counts.completion_tokens = chunk.completion_tokens
-        logprobs_json = "null"
-        if chunk.logprobs:
-            entries = list(chunk.logprobs)
-            model = _chat_logprobs(entries) if self.chat else _completion_logprobs(entries)
-            logprobs_json = model.model_dump_json()
-        if self._parsers is not None:
-            return self._tool_chunk(index, chunk, logprobs_json)
-        text = encode_json_string(chunk.delta)
-        finish = _finish_reason(chunk)
-        finish_json = "null" if finish is None else f'"{finish}"'
-        if self.chat:
-            if self._started[index]:
-                role = ""
-            else:
-                role = '"role":"assistant",'
-                self._started[index] = True
-            choice = (
-                f'{{"index":{index},"delta":{{{role}"content":{text}}},'
-                f'"logprobs":{logprobs_json},"finish_reason":{finish_json}}}'
-            )
-        else:
-            choice = (
-                f'{{"index":{index},"text":{text},"logprobs":{logprobs_json},'
-                f'"finish_reason":{finish_json}}}'
-            )
-        return self._head + choice.encode() + self._tail
-
-    def _tool_chunk(self, index: int, chunk: TextChunk, logprobs_json: str) -> bytes:
-        """A chat chunk of a request that may call tools: content and OpenAI's tool-call
-        deltas (index, id, type and name first; then argument pieces)."""
-        assert self._parsers is not None
-        parser = self._parsers[index]
-        parsed = _parse(parser, chunk)
-        self._called[index] = self._called[index] or any(p.name for p in parsed.tool_calls)
-        finish = _finish_reason(chunk, parser if self._called[index] else None)
-        delta: dict[str, Any] = {}
-        if not self._started[index]:
-            delta["role"] = "assistant"
-            self._started[index] = True
-        if parsed.content:
-            delta["content"] = parsed.content
-        if parsed.tool_calls:
-            delta["tool_calls"] = [_tool_call_delta(piece) for piece in parsed.tool_calls]
-        if not delta and finish is None and logprobs_json == "null":
-            return b""
-        choice = (
-            f'{{"index":{index},"delta":{json.dumps(delta)},"logprobs":{logprobs_json},'
-            f'"finish_reason":{json.dumps(finish)}}}'
-        )
-        return self._head + choice.encode() + self._tail
-
-    def usage_chunk(self, prompts: int) -> bytes:
-        """The last chunk when usage was asked for: no choices, the request's token counts."""
-        usage = _usage(self._choices, prompts)
-        return self._head + b'],"usage":' + usage.model_dump_json().encode() + b"}\n\n"
-
-
-def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
-    if piece.name is None:
-        return {"index": piece.index, "function": {"arguments": piece.arguments}}
-    return {
-        "index": piece.index,
-        "id": piece.id or new_tool_call_id(),
-        "type": "function",
-        "function": {"name": piece.name, "arguments": piece.arguments},
-    }
-
-
-async def _stream_response(
-    streams: AsyncGenerator[tuple[int, TextChunk], None],
-    encoder: _ChunkEncoder,
-    *,
-    prompts: int = 1,
-) -> EventStreamResponse:
-    # Errors before the first token (bad request, model not loadable) keep their status code.
-    try:
-        first = await anext(streams)
-    except BaseException:
-        await streams.aclose()
-        raise
-    return EventStreamResponse(_events(first, streams, encoder, prompts))
-
-
-async def _events(
-    first: tuple[int, TextChunk],
-    rest: AsyncGenerator[tuple[int, TextChunk], None],
-    encoder: _ChunkEncoder,
-    prompts: int,
-) -> AsyncGenerator[bytes, None]:
-    try:
-        yield encoder.chunk(*first)
-        async for index, chunk in rest:
-            event = encoder.chunk(index, chunk)
-            if event:
-                yield event
-        if encoder.usage:
-            yield encoder.usage_chunk(prompts)
-    except Exception as exc:
-        message, status = stream_failure(exc)
-        yield b"data: " + json.dumps(error_body(message, status)).encode() + b"\n\n"
-    finally:
-        await rest.aclose()  # aborts the engine requests when the client went away
-    yield DONE_EVENT
 
 
 @image_router.post("/images/generations", response_model=ImagesResponse, dependencies=image_access)

@@ -1,0 +1,105 @@
+"""The app's exception handlers: each error answered in the shape of the surface its path
+belongs to (``/v1/...`` and vLLM's tokenizer routes: OpenAI's; everything else: Fictures').
+
+What an error says and its status come from ``api.errors.error_reply``; this module only picks
+the surface.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fictures_ai.api.errors import (
+    ErrorReply,
+    error_reply,
+    is_openai_path,
+    log_error,
+    unserved_route_message,
+)
+from fictures_ai.api.fictures.errors import fictures_error, fictures_validation_error
+from fictures_ai.api.openai.errors import error_body, openai_error, openai_validation_error
+from fictures_ai.errors import FicturesError
+
+logger = logging.getLogger(__name__)
+
+
+def reply_for_path(path: str, reply: ErrorReply) -> JSONResponse:
+    """``reply`` as a response in the shape of the surface ``path`` belongs to."""
+    return openai_error(reply) if is_openai_path(path) else fictures_error(reply)
+
+
+class InternalErrorMiddleware:
+    """A JSON 500 in the surface's shape for an exception no handler maps, answered in place.
+
+    Starlette's outermost error middleware would answer plain text and re-raise, after which
+    Uvicorn closes the connection: the client's next request on it is reset. Here the
+    exception is logged and answered, and the connection stays usable. An exception after the
+    response started is re-raised (the response cannot be finished honestly).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                raise
+            path: str = scope["path"]
+            logger.error("%s %s failed", scope["method"], path, exc_info=exc)
+            response = reply_for_path(path, error_reply(exc))
+            await response(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn our exceptions and validation errors into responses
+    (the app adds ``InternalErrorMiddleware`` for every other exception)."""
+
+    @app.exception_handler(FicturesError)
+    async def _handle_fictures_error(request: Request, exc: FicturesError) -> JSONResponse:
+        reply = error_reply(exc)
+        log_error(request, exc, reply.status)
+        return reply_for_path(request.url.path, reply)
+
+    @app.exception_handler(RequestValidationError)
+    async def _handle_validation_error(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            return openai_validation_error(exc)
+        return fictures_validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+        # Framework errors (unparsable body, unknown route, wrong method) in the surface's shape.
+        if exc.status_code == 404:
+            mode = request.app.state.services.settings.generation_mode
+            message = unserved_route_message(request.url.path, mode)
+            if message is not None:
+                exc = StarletteHTTPException(404, message)
+        if is_openai_path(request.url.path):
+            return JSONResponse(
+                error_body(str(exc.detail), exc.status_code),
+                status_code=exc.status_code,
+                headers=exc.headers,
+            )
+        return await http_exception_handler(request, exc)

