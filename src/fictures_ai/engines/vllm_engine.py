@@ -268,7 +268,8 @@ class VllmTextEngine(TextEngine):
         del self._llm
 
     async def _render(self, prompt: TextPrompt) -> Any:
-        """Apply the chat template where asked and tokenize in vLLM's tokenizer pool."""
+        """Apply the chat template where asked (in a worker thread) and tokenize in vLLM's
+        tokenizer pool."""
         from vllm.inputs import TextPrompt as VllmTextPrompt
         from vllm.renderers.params import TokenizeParams
 
@@ -290,15 +291,16 @@ class VllmTextEngine(TextEngine):
         if messages:
             tokenizer = self._llm.get_tokenizer()
             try:
-                text = cast(  # tokenize=False returns the rendered string
-                    str,
-                    tokenizer.apply_chat_template(
-                        messages,
-                        tools=[_template_tool(tool) for tool in prompt.tools] or None,
-                        tokenize=False,
-                        add_generation_prompt=True,
-                    ),
+                # Off the event loop, as vLLM's own renderer does: a template is a program
+                # (tool schemas, loops over long histories) and other streams must not wait.
+                rendered = await asyncio.to_thread(
+                    tokenizer.apply_chat_template,
+                    messages,
+                    tools=[_template_tool(tool) for tool in prompt.tools] or None,
+                    tokenize=False,
+                    add_generation_prompt=True,
                 )
+                text = cast(str, rendered)  # tokenize=False returns the rendered string
             except ValueError as exc:  # the model has no chat template
                 raise InvalidRequestError(
                     f"The model cannot format chat messages: {exc}. "
