@@ -213,7 +213,7 @@ def test_the_tracing_line_masks_the_endpoint(caplog: pytest.LogCaptureFixture) -
         _env_file=None, otlp_endpoint=f"http://otel:{CANARY}@127.0.0.1:9"
     )
     with caplog.at_level(logging.INFO, logger="fictures_ai.observability.tracing"):
-        provider = build_tracer_provider(settings)
+        provider = build_tracer_provider(settings.otlp_endpoint)
     assert provider is not None
     provider.shutdown()  # type: ignore[attr-defined]
     assert "spans go to http://otel:***@127.0.0.1:9/v1/traces" in caplog.text

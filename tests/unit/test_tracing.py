@@ -190,17 +190,17 @@ def test_tracing_is_off_unless_an_endpoint_is_configured(monkeypatch: pytest.Mon
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert otlp_traces_endpoint(settings) is None
-    assert build_tracer_provider(settings) is None
+    assert otlp_traces_endpoint(settings.otlp_endpoint) is None
+    assert build_tracer_provider(settings.otlp_endpoint) is None
 
     configured = Settings(_env_file=None, otlp_endpoint="http://collector:4318/")  # type: ignore[call-arg]
-    assert otlp_traces_endpoint(configured) == "http://collector:4318/v1/traces"
-    provider = build_tracer_provider(configured)
+    assert otlp_traces_endpoint(configured.otlp_endpoint) == "http://collector:4318/v1/traces"
+    provider = build_tracer_provider(configured.otlp_endpoint)
     assert isinstance(provider, TracerProvider)
     assert provider.resource.attributes["service.name"] == "fictures-ai"
     provider.shutdown()  # no spans: nothing is sent
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318")
-    assert otlp_traces_endpoint(settings) == "http://otel:4318"
+    assert otlp_traces_endpoint(settings.otlp_endpoint) == "http://otel:4318"
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    assert otlp_traces_endpoint(settings) is None
+    assert otlp_traces_endpoint(settings.otlp_endpoint) is None

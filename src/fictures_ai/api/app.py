@@ -266,7 +266,7 @@ def _build_observability(
     return Observability(
         metrics=metrics,
         window=RequestWindow(window_s=settings.health_window_s),
-        tracer_provider=tracer_provider or build_tracer_provider(settings),
+        tracer_provider=tracer_provider or build_tracer_provider(settings.otlp_endpoint),
         log_prompts=settings.log_prompts,
     )
 

@@ -29,7 +29,6 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span, Status, StatusCode, TracerProvider
 from opentelemetry.util.types import AttributeValue
@@ -37,22 +36,20 @@ from opentelemetry.util.types import AttributeValue
 from fictures_ai.observability.context import current_request
 from fictures_ai.redaction import mask_url
 
-if TYPE_CHECKING:
-    from fictures_ai.config import Settings
-
 logger = logging.getLogger(__name__)
 
 TRACER_NAME = "fictures_ai"
 _OTLP_ENV_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
-def otlp_traces_endpoint(settings: Settings) -> str | None:
-    """Where traces go: ``OTLP_ENDPOINT`` (a base URL; ``/v1/traces`` is appended), else the
-    OTel environment variables (resolved by the exporter itself), else None: no tracing."""
+def otlp_traces_endpoint(otlp_endpoint: str | None) -> str | None:
+    """Where traces go: ``otlp_endpoint`` (the ``OTLP_ENDPOINT`` setting, a base URL;
+    ``/v1/traces`` is appended), else the OTel environment variables (resolved by the exporter
+    itself), else None: no tracing."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    if settings.otlp_endpoint:
-        base = settings.otlp_endpoint.rstrip("/")
+    if otlp_endpoint:
+        base = otlp_endpoint.rstrip("/")
         return base if base.endswith("/v1/traces") else base + "/v1/traces"
     for name in _OTLP_ENV_VARS:
         if os.environ.get(name):
@@ -60,13 +57,13 @@ def otlp_traces_endpoint(settings: Settings) -> str | None:
     return None
 
 
-def build_tracer_provider(settings: Settings) -> TracerProvider | None:
+def build_tracer_provider(otlp_endpoint: str | None) -> TracerProvider | None:
     """An SDK tracer provider exporting over OTLP/HTTP in batches, or None when not configured.
 
     The service name comes from ``OTEL_SERVICE_NAME`` if set (the SDK's resource detection),
     else ``fictures-ai``. Call ``shutdown()`` on the result at app shut-down to flush spans.
     """
-    endpoint = otlp_traces_endpoint(settings)
+    endpoint = otlp_traces_endpoint(otlp_endpoint)
     if endpoint is None:
         return None
     # Imported here: without tracing the SDK and the exporter are never loaded.
@@ -79,7 +76,7 @@ def build_tracer_provider(settings: Settings) -> TracerProvider | None:
     provider = SdkTracerProvider(resource=Resource.create(attributes))
     # An explicit endpoint from our setting; None lets the exporter read the OTel variables
     # (it appends /v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT itself).
-    explicit = endpoint if settings.otlp_endpoint else None
+    explicit = endpoint if otlp_endpoint else None
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=explicit)))
     # The endpoint may carry a password or a token (ours or the OTel variables').
     logger.info("Tracing on: spans go to %s over OTLP/HTTP", mask_url(endpoint))
