@@ -132,7 +132,15 @@ class ImageGenerationService:
     async def generate(
         self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
-        """Render one image, waiting for a free render slot first (in arrival order)."""
+        """Render one image, waiting for a free render slot first (in arrival order).
+
+        Raises:
+            ModelLoadError: the pipeline cannot load (503, retried by the next request).
+            OverloadedError: ``max_queue`` requests already wait for a render slot.
+            GenerationTimeoutError: the render ran past ``timeout_s`` and was stopped.
+            ServiceUnavailableError: the engine was shut down mid-render.
+            GenerationError: the pipeline failed.
+        """
         request = current_request()
         if request is not None:
             request.fields.update(width=params.width, height=params.height)

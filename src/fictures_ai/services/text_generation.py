@@ -188,6 +188,16 @@ class TextGenerationService:
         ``request_id`` becomes the engine's request id (so the engine's logs and aborts line
         up with ours); an id already in flight gets a random suffix, because aborting one
         would abort both.
+
+        Raises (before the first chunk or while streaming):
+            ServiceUnavailableError: the model is loading and ``max_pending`` requests
+                already wait for it; ``ModelLoadError`` (a subclass) when it cannot load.
+            OverloadedError: ``max_pending`` requests are running or waiting.
+            InvalidRequestError: the engine refuses the prompt or the parameters
+                (``ContextLengthExceededError`` for a prompt beyond the context window).
+            EngineDeadError: the engine died; it is being restarted.
+            GenerationTimeoutError: the request ran past ``timeout_s`` and was aborted.
+            GenerationError: the engine failed otherwise.
         """
         self._admit()
         request = current_request()
@@ -307,7 +317,10 @@ class TextGenerationService:
     async def generate(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
     ) -> TextResult:
-        """Run one request to the end and return its whole text."""
+        """Run one request to the end and return its whole text.
+
+        Raises what :meth:`stream` raises.
+        """
         pieces: list[str] = []
         last: TextChunk | None = None
         async for chunk in self.stream(prompt, params, request_id=request_id):
@@ -325,7 +338,12 @@ class TextGenerationService:
     async def generate_structured(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
     ) -> StructuredResult:
-        """Generate under ``params.structured`` and check the output against the constraint."""
+        """Generate under ``params.structured`` and check the output against the constraint.
+
+        Output that does not validate (cut by ``max_tokens``) is returned with
+        ``is_valid=False``, not raised. Raises ``InvalidRequestError`` without a constraint or
+        for one the engine cannot enforce, and what :meth:`stream` raises.
+        """
         spec = params.structured
         if spec is None:
             raise InvalidRequestError("A structured request needs a constraint.", param="type")
@@ -336,18 +354,27 @@ class TextGenerationService:
         return StructuredResult(result=result, parsed=parsed, is_valid=is_valid)
 
     async def tokenize(self, prompt: TextPrompt) -> list[int]:
-        """The token ids the model sees for ``prompt`` (loads the model if needed)."""
+        """The token ids the model sees for ``prompt`` (loads the model if needed).
+
+        Raises ``ModelLoadError`` when the model cannot load, ``InvalidRequestError`` when the
+        chat template refuses the messages.
+        """
         engine = await self._model.get()
         return await engine.tokenize(prompt)
 
     async def detokenize(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids``; ``InvalidRequestError`` for ids outside the vocabulary."""
+        """The text of ``token_ids``.
+
+        Raises ``InvalidRequestError`` for ids outside the vocabulary, ``ModelLoadError`` when
+        the model cannot load.
+        """
         engine = await self._model.get()
         return await engine.detokenize(token_ids)
 
     async def check_structured(self, spec: StructuredOutputSpec) -> None:
-        """``InvalidRequestError`` when the engine cannot enforce ``spec`` (compiled off the
-        event loop: a grammar compile can take a while)."""
+        """Raise ``InvalidRequestError`` when the engine cannot enforce ``spec`` (compiled off
+        the event loop: a grammar compile can take a while); ``ModelLoadError`` when the model
+        cannot load."""
         engine = await self._model.get()
         await asyncio.to_thread(engine.check_structured, spec)
 
