@@ -10,7 +10,7 @@ from typing import Any
 import bcrypt
 import sqlalchemy as sa
 
-from fictures_ai.services.database import normalise_url
+from fictures_ai.database import normalise_url
 
 # Every image size the Fictures web app asks for: its standard and quick profiles (the quick
 # profile's are not multiples of 8).

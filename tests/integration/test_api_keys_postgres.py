@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from fictures_ai.errors import ServiceUnavailableError
-from fictures_ai.services.api_keys import ApiKeyService
+from fictures_ai.services.keys.local_store import ApiKeyService
 from tests.postgres import PostgresServer
 from tests.unit.test_api_keys import StoreContract
 

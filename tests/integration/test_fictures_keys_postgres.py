@@ -13,10 +13,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fictures_ai.services.api_keys import TABLE_NAME, ApiKeyService
-from fictures_ai.services.fictures_keys import FicturesKeyStore
-from fictures_ai.services.key_store import KeyStoreSchemaError
-from fictures_ai.services.key_stores import KeyStores, open_key_stores
+from fictures_ai.services.keys.base import KeyStoreSchemaError
+from fictures_ai.services.keys.fictures_store import FicturesKeyStore
+from fictures_ai.services.keys.local_store import TABLE_NAME, ApiKeyService
+from fictures_ai.services.keys.stores import KeyStores, open_key_stores
 from tests.postgres import PostgresServer
 from tests.support import WebAppDatabase
 

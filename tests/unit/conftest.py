@@ -17,8 +17,8 @@ from fictures_ai.api.app import create_app
 from fictures_ai.api.dependencies import Services
 from fictures_ai.config import Settings
 from fictures_ai.services.image_generation import ImageGenerationService
-from fictures_ai.services.key_store import KeyStore
-from fictures_ai.services.key_stores import KeyStores
+from fictures_ai.services.keys.base import KeyStore
+from fictures_ai.services.keys.stores import KeyStores
 from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 from tests.support import free_port

@@ -21,25 +21,23 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from fictures_ai import database
+from fictures_ai.cli.keys import add_key_commands, run_key_command
+from fictures_ai.database import default_database_url, normalise_url
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
-from fictures_ai.key_commands import add_key_commands, run_key_command
-from fictures_ai.services import api_keys, database, key_store
-from fictures_ai.services.api_keys import (
-    ApiKeyNotFoundError,
-    ApiKeyService,
-    parse_models,
-)
-from fictures_ai.services.database import default_database_url, normalise_url
-from fictures_ai.services.key_store import ApiKeyInfo, Scope, parse_scopes, scope_allows
+from fictures_ai.services.keys import base, local_store
+from fictures_ai.services.keys.info import ApiKeyInfo
+from fictures_ai.services.keys.local_store import ApiKeyNotFoundError, ApiKeyService
+from fictures_ai.services.keys.scopes import Scope, parse_models, parse_scopes, scope_allows
 
 KEY_FORMAT = re.compile(r"fai_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
 CACHE_TTL_S = 0.5
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# `fictures-ai keys ...` without cli.py: the same parser the real command mounts.
+# `fictures-ai keys ...` without the rest of the CLI: the same parser the real command mounts.
 CLI_SNIPPET = (
     "import argparse, sys\n"
-    "from fictures_ai.key_commands import add_key_commands, run_key_command\n"
+    "from fictures_ai.cli.keys import add_key_commands, run_key_command\n"
     "parser = argparse.ArgumentParser(prog='fictures-ai')\n"
     "add_key_commands(parser.add_subparsers(dest='command', required=True))\n"
     "sys.exit(run_key_command(parser.parse_args(sys.argv[1:])))\n"
@@ -73,7 +71,9 @@ def read_rows(database_url: str) -> list[dict[str, Any]]:
     engine = sa.create_engine(normalise_url(database_url))
     try:
         with engine.connect() as connection:
-            result = connection.execute(sa.text(f"SELECT * FROM {api_keys.TABLE_NAME} ORDER BY id"))
+            result = connection.execute(
+                sa.text(f"SELECT * FROM {local_store.TABLE_NAME} ORDER BY id")
+            )
             return [dict(row) for row in result.mappings()]
     finally:
         engine.dispose()
@@ -161,7 +161,7 @@ class StoreContract:
         (row,) = read_rows(database_url)
         secret = secret_of(key)
         assert info.display_prefix in caplog.text
-        assert f"INSERT INTO {api_keys.TABLE_NAME}" in caplog.text  # the statement log was on
+        assert f"INSERT INTO {local_store.TABLE_NAME}" in caplog.text  # the statement log was on
         for forbidden in (secret, other_secret(key), row["hash"], row["hash"].split("$")[-1]):
             assert forbidden not in caplog.text
 
@@ -190,13 +190,13 @@ class StoreContract:
         self, service: ApiKeyService, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         info, key = service.create("racing", "stories:write")
-        real_check = api_keys._hash_matches
+        real_check = local_store._hash_matches
 
         def revoke_meanwhile(stored: str, presented: str) -> bool:
             service.revoke(info.name)  # lands after the check read the still-active row
             return real_check(stored, presented)
 
-        monkeypatch.setattr(api_keys, "_hash_matches", revoke_meanwhile)
+        monkeypatch.setattr(local_store, "_hash_matches", revoke_meanwhile)
 
         assert await service.verify(key) is None
         monkeypatch.undo()
@@ -302,13 +302,13 @@ class StoreContract:
     ) -> None:
         _, key = service.create("burst", "stories:read")
         calls: list[str] = []
-        real_check = api_keys._hash_matches
+        real_check = local_store._hash_matches
 
         def counting_check(stored: str, presented: str) -> bool:
             calls.append(presented[:12])
             return real_check(stored, presented)
 
-        monkeypatch.setattr(api_keys, "_hash_matches", counting_check)
+        monkeypatch.setattr(local_store, "_hash_matches", counting_check)
 
         results = await asyncio.gather(*(service.verify(key) for _ in range(20)))
         wrong = await asyncio.gather(*(service.verify(other_secret(key)) for _ in range(20)))
@@ -327,7 +327,7 @@ class StoreContract:
         try:
             _, key = service.create("rechecked", "stories:read")
             assert await service.verify(key) is not None
-            monkeypatch.setattr(api_keys, "_hash_matches", pytest.fail)
+            monkeypatch.setattr(local_store, "_hash_matches", pytest.fail)
             assert await service.verify(key) is not None  # re-read the row, same hash: no hash
             service.revoke("rechecked")
             assert await service.verify(key) is None
@@ -484,7 +484,7 @@ async def test_unreachable_database_is_a_service_unavailable_error(tmp_path: Pat
     try:
         with pytest.raises(ServiceUnavailableError) as caught:
             await service.verify("fai_abcdefgh_" + "x" * 43)
-        assert caught.value.retry_after == key_store.STORE_RETRY_AFTER_S
+        assert caught.value.retry_after == base.STORE_RETRY_AFTER_S
     finally:
         service.close()
 
@@ -498,8 +498,8 @@ async def test_caches_stay_bounded(tmp_path: Path) -> None:
         for key in keys:
             assert await service.verify(key) is not None
             assert await service.verify(other_secret(key)) is None
-        assert len(service._positive) == 3
-        assert len(service._negative) == 3
+        assert len(service._cache._positive) == 3
+        assert len(service._cache._negative) == 3
         assert await service.verify(keys[0]) is not None  # evicted, checked again
     finally:
         service.close()

@@ -18,11 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from fictures_ai.api.app import create_app
-from fictures_ai.services import fictures_keys
-from fictures_ai.services.api_keys import LEGACY_TABLE_NAME, TABLE_NAME, ApiKeyService
-from fictures_ai.services.fictures_keys import FicturesKeyStore
-from fictures_ai.services.key_store import KeyStoreSchemaError
-from fictures_ai.services.key_stores import KeyStores
+from fictures_ai.services.keys import fictures_store
+from fictures_ai.services.keys.base import KeyStoreSchemaError
+from fictures_ai.services.keys.fictures_store import FicturesKeyStore
+from fictures_ai.services.keys.local_store import LEGACY_TABLE_NAME, TABLE_NAME, ApiKeyService
+from fictures_ai.services.keys.stores import KeyStores
 from fictures_ai.services.rate_limit import InMemoryRateLimiter
 from tests.support import WebAppDatabase
 from tests.unit.conftest import make_services
@@ -138,7 +138,7 @@ async def test_a_recheck_skips_bcrypt_while_the_hash_is_unchanged(
     try:
         _, key = web_app.add_key(rounds=ROUNDS)
         assert await store.verify(key) is not None
-        monkeypatch.setattr(fictures_keys, "_bcrypt_matches", pytest.fail)
+        monkeypatch.setattr(fictures_store, "_bcrypt_matches", pytest.fail)
         assert await store.verify(key) is not None  # the row is read again; bcrypt is not
     finally:
         store.close()

@@ -9,10 +9,10 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError
 
 from fictures_ai.config import Settings, describe_settings_error
+from fictures_ai.database import masked, normalise_url
 from fictures_ai.observability.tracing import build_tracer_provider
 from fictures_ai.redaction import mask_credentials, mask_setting, mask_url
-from fictures_ai.services.database import masked, normalise_url
-from fictures_ai.services.key_store import first_line
+from fictures_ai.services.keys.base import first_line
 
 CANARY = "canary-7f3a"
 

@@ -15,7 +15,7 @@ import pytest
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import TextGenerationParams, TextPrompt
-from fictures_ai.services.api_keys import ApiKeyService
+from fictures_ai.services.keys.local_store import ApiKeyService
 from fictures_ai.services.rate_limit import InMemoryRateLimiter
 from tests.unit.conftest import make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine, json_events

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fictures_ai.cli import add_settings_flags, build_parser, settings_from
+from fictures_ai.cli import build_parser
+from fictures_ai.cli.serve import add_settings_flags, settings_from
 from fictures_ai.config import Settings, describe_settings_error
 
 ROOT = Path(__file__).resolve().parents[2]

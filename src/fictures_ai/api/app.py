@@ -54,8 +54,8 @@ from fictures_ai.services.engine_factory import (
 )
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
-from fictures_ai.services.key_store import KeyStoreSchemaError
-from fictures_ai.services.key_stores import KeyStores, open_key_stores
+from fictures_ai.services.keys.base import KeyStoreSchemaError
+from fictures_ai.services.keys.stores import KeyStores, open_key_stores
 from fictures_ai.services.model_loader import LoadState, ModelLoadInfo
 from fictures_ai.services.rate_limit import create_rate_limiter
 from fictures_ai.services.text_generation import TextGenerationService

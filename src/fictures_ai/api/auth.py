@@ -21,7 +21,7 @@ from fastapi import Request
 
 from fictures_ai.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from fictures_ai.observability.context import RequestContext, current_request
-from fictures_ai.services.key_store import ApiKeyInfo
+from fictures_ai.services.keys.info import ApiKeyInfo
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from fastapi import Request
 from fictures_ai.config import Settings
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
-from fictures_ai.services.key_stores import KeyStores
+from fictures_ai.services.keys.stores import KeyStores
 from fictures_ai.services.rate_limit import InMemoryRateLimiter, RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 

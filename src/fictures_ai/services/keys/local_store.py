@@ -1,18 +1,17 @@
 """The server's own API keys (the ``local`` store): create, list, revoke, and verify them.
 
 Keys live in the ``fictures_ai_api_keys`` table of the server's database through SQLAlchemy: an
-SQLite file by default (:func:`~fictures_ai.services.database.default_database_url`), PostgreSQL
+SQLite file by default (:func:`~fictures_ai.database.default_database_url`), PostgreSQL
 when ``DATABASE_URL`` says so (``postgresql://user:password@host/db``, read as psycopg 3). The
 table is created at start-up (or first use); its name carries the server's prefix, so the same
 database may also hold the Fictures web app's own ``api_keys`` table. Keys made by versions that
 named the table ``api_keys`` are copied over once, the old table left as it was.
 
-A key reads ``fai_<prefix>_<secret>``: 8 characters of ``[a-z0-9]`` that identify the key
-(shown by ``keys list``, safe to log) and 43 URL-safe characters (256 random bits) that prove
-it. The database stores the prefix and an argon2id hash of the whole key, never the key.
-Verification and its cache are :class:`~fictures_ai.services.key_store.KeyStore`'s; a revoked
-key stops working at once in the process that revoked it. A key may carry an allow-list of
-models; without one it may use every model.
+A key reads ``fai_<prefix>_<secret>`` (:mod:`.key_format`); the database stores the prefix
+and an argon2id hash of the whole key, never the key. Verification and its cache are
+:class:`~fictures_ai.services.keys.base.KeyStore`'s; a revoked key stops working at once in the
+process that revoked it. A key may carry an allow-list of models; without one it may use every
+model.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from __future__ import annotations
 import builtins
 import logging
 import re
-import secrets
-import string
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -46,34 +43,21 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from fictures_ai.errors import InvalidRequestError
-from fictures_ai.services.database import (
+from fictures_ai.database import (
     TABLE_PREFIX,
     create_database_engine,
     masked,
     normalise_url,
     sqlite_file,
 )
-from fictures_ai.services.key_store import (
-    ApiKeyInfo,
-    KeyCheck,
-    KeyId,
-    KeyStore,
-    KeyStoreSchemaError,
-    aware,
-    parse_scopes,
-)
+from fictures_ai.errors import InvalidRequestError
+from fictures_ai.services.keys.base import KeyStore, KeyStoreSchemaError
+from fictures_ai.services.keys.info import ApiKeyInfo, KeyCheck, KeyId, aware
+from fictures_ai.services.keys.key_format import KEY_PREFIX, display_prefix, new_key, split_key
+from fictures_ai.services.keys.scopes import parse_models, parse_scopes
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "fai"
-PREFIX_LENGTH = 8
-SECRET_BYTES = 32  # 256 bits: token_urlsafe gives 43 characters
-_PREFIX_ALPHABET = string.ascii_lowercase + string.digits
-# The prefix alphabet has no '_', so a key splits unambiguously even though the secret may
-# contain '_' and '-'.
-_KEY_PATTERN = re.compile(rf"{KEY_PREFIX}_([a-z0-9]{{{PREFIX_LENGTH}}})_[A-Za-z0-9_-]{{43}}")
-_KEY_LENGTH = len(KEY_PREFIX) + 1 + PREFIX_LENGTH + 1 + 43
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
 
 # OWASP's minimum for argon2id (19 MiB, 2 passes, 1 lane): ~30 ms per check on one core. The
@@ -86,28 +70,6 @@ _HASHER = PasswordHasher(
 TABLE_NAME = f"{TABLE_PREFIX}api_keys"
 LEGACY_TABLE_NAME = "api_keys"
 """Where versions before 0.2 kept the server's keys (the web app's table has the same name)."""
-
-
-def parse_models(models: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    """A model allow-list from ``"m1,m2"`` or an iterable; None means every model.
-
-    Raises ``ValueError`` for an empty list (a key that may use no model is a mistake).
-    """
-    if models is None:
-        return None
-    items = models.split(",") if isinstance(models, str) else list(models)
-    parsed = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if not parsed:
-        raise ValueError("The model allow-list is empty; leave it out to allow every model")
-    return parsed
-
-
-def split_key(presented: str) -> str | None:
-    """The prefix of a well-formed key, or None when ``presented`` is not shaped like a key."""
-    if len(presented) != _KEY_LENGTH:
-        return None
-    match = _KEY_PATTERN.fullmatch(presented)
-    return match.group(1) if match else None
 
 
 class ApiKeyNotFoundError(InvalidRequestError):
@@ -183,7 +145,7 @@ class ApiKeyService(KeyStore):
         self, *, database_url: str, beside_web_app_keys: bool = False, **options: Any
     ) -> None:
         """Open (lazily) the database at ``database_url``; ``options`` are
-        :class:`~fictures_ai.services.key_store.KeyStore`'s (cache TTLs, threads, batching).
+        :class:`~fictures_ai.services.keys.base.KeyStore`'s (cache TTLs, threads, batching).
 
         ``beside_web_app_keys``: the web app's keys are accepted too (``API_KEY_STORE=
         fictures``), so this database may be the web app's. Without it, a database holding the
@@ -229,8 +191,7 @@ class ApiKeyService(KeyStore):
         allowed = parse_models(models)
         self.prepare()
         for _ in range(5):  # a prefix collision (1 in 2.8e12 per pair) just draws again
-            prefix = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(PREFIX_LENGTH))
-            plaintext = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
+            prefix, plaintext = new_key()
             row = _ApiKeyRow(
                 name=name,
                 prefix=prefix,
@@ -305,7 +266,7 @@ class ApiKeyService(KeyStore):
             # An unknown prefix is answered without a hash check: prefixes are public
             # (listed, logged), so timing reveals nothing, and bad keys stay cheap.
             if row is None:
-                return KeyCheck(info=None, reason=f"no key has the prefix fai_{prefix}")
+                return KeyCheck(info=None, reason=f"no key has the prefix {display_prefix(prefix)}")
             if row.revoked_at is not None:
                 return KeyCheck(info=None, reason=f"revoked at {aware(row.revoked_at):%c} UTC")
             stored = row.key_hash

@@ -1,22 +1,11 @@
-"""Verifying API keys: scopes, key info, and the cached verification every store shares.
-
-A key comes from one of two stores, told apart by its shape (``key_stores.py`` holds the
-chain that asks the right one):
-
-- ``local`` (:class:`~fictures_ai.services.api_keys.ApiKeyService`): the server's own keys,
-  ``fai_...``, made with ``fictures-ai keys create`` in the server's database;
-- ``fictures`` (:class:`~fictures_ai.services.fictures_keys.FicturesKeyStore`): the Fictures
-  web app's keys, ``fic_...``, read from the web app's own PostgreSQL (``API_KEY_STORE=fictures``).
+"""The store interface, :class:`KeyStore`: cached verification in the store's own threads, and
+last use written in batches.
 
 Verification (:meth:`KeyStore.verify`) is the hot path of every request. A key seen in the last
-``cache_ttl_s`` seconds is answered from memory in microseconds; otherwise the store reads the
-key's row by its public prefix and checks the hash (argon2id or bcrypt: tens of milliseconds of
-CPU) in a small thread pool of its own, so the event loop never blocks and a flood of bad keys
-cannot take every thread. A key revoked, deactivated or expired stops working within
-``cache_ttl_s``. When a key was last used is written in batches every ``usage_flush_s`` seconds,
-never on the request path.
-
-Scopes nest: ``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``.
+``cache_ttl_s`` seconds is answered from memory (:mod:`.cache`); otherwise the store reads the
+key's row by its public prefix and checks the hash in a small thread pool of its own, so the
+event loop never blocks and a flood of bad keys cannot take every thread. When a key was last
+used is written in batches every ``usage_flush_s`` seconds, never on the request path.
 """
 
 from __future__ import annotations
@@ -24,19 +13,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextvars
-import enum
 import functools
-import hashlib
-import hmac
 import logging
 import os
-import re
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -44,6 +27,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from fictures_ai.errors import ServiceUnavailableError
 from fictures_ai.redaction import mask_credentials
+from fictures_ai.services.keys.cache import VerificationCache, fingerprint
+from fictures_ai.services.keys.info import ApiKeyInfo, KeyCheck, KeyId
 
 logger = logging.getLogger(__name__)
 
@@ -52,144 +37,9 @@ T = TypeVar("T")
 STORE_RETRY_AFTER_S = 5
 """Retry-After, in seconds, when a key database cannot be reached."""
 
-KeyId = int | str
-"""A key's id in its store: an integer in ours, text in the web app's."""
-
-
-class Scope(enum.StrEnum):
-    """What a key may do; each scope includes the ones below it."""
-
-    ADMIN_ALL = "admin:all"
-    STORIES_WRITE = "stories:write"
-    STORIES_READ = "stories:read"
-
-
-# Keyed by the plain string so that the per-request check needs no enum conversion.
-_SCOPE_RANK: dict[str, int] = {
-    Scope.STORIES_READ.value: 1,
-    Scope.STORIES_WRITE.value: 2,
-    Scope.ADMIN_ALL.value: 3,
-}
-VALID_SCOPES: tuple[str, ...] = tuple(scope.value for scope in Scope)
-
-
-def scope_allows(granted: Iterable[str], required: str) -> bool:
-    """Whether the ``granted`` scopes include ``required`` (admin:all ⊃ stories:write ⊃ read).
-
-    Unknown granted scopes grant nothing; an unknown ``required`` scope is a programming error
-    and raises ``ValueError``.
-    """
-    needed = _SCOPE_RANK[to_scope(required).value]
-    return any(_SCOPE_RANK.get(scope, 0) >= needed for scope in granted)
-
-
-def parse_scopes(scopes: str | Iterable[str]) -> tuple[str, ...]:
-    """Scopes from ``"a,b"``, ``"a b"`` or an iterable, validated, deduplicated, in order.
-
-    Raises ``ValueError`` naming the valid scopes when one is unknown or none is given.
-    """
-    items = re.split(r"[\s,]+", scopes) if isinstance(scopes, str) else list(scopes)
-    parsed: list[str] = []
-    for item in (item.strip() for item in items):
-        if item and to_scope(item).value not in parsed:
-            parsed.append(item)
-    if not parsed:
-        raise ValueError(f"At least one scope is needed; valid scopes: {', '.join(VALID_SCOPES)}")
-    return tuple(parsed)
-
-
-def to_scope(value: str) -> Scope:
-    """The scope named ``value``; ``ValueError`` naming the valid ones when there is none."""
-    try:
-        return Scope(value)
-    except ValueError:
-        raise ValueError(
-            f"Unknown scope '{value}'; valid scopes: {', '.join(VALID_SCOPES)}"
-        ) from None
-
-
-def aware(moment: datetime) -> datetime:
-    """``moment`` in UTC. Naive values are read as UTC: that is how both stores write them
-    (SQLite keeps no zone; the web app stores UTC in ``timestamp`` columns)."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyInfo:
-    """One API key as the rest of the server sees it: never its secret or hash."""
-
-    id: KeyId
-    name: str
-    prefix: str
-    """The public part that finds the key's row (safe to log)."""
-    scopes: tuple[str, ...]
-    models: tuple[str, ...] | None
-    created_at: datetime | None
-    store: str = "local"
-    """Which store holds the key: ``local`` or ``fictures``."""
-    revoked_at: datetime | None = None
-    last_used_at: datetime | None = None
-    expires_at: datetime | None = None
-    owner: str | None = None
-    """The web app's user id, for keys of the ``fictures`` store."""
-
-    @property
-    def display_prefix(self) -> str:
-        """The public start of the key as users see it (``fai_<prefix>``, ``fic_...``)."""
-        return f"fai_{self.prefix}" if self.store == "local" else self.prefix
-
-    @property
-    def revoked(self) -> bool:
-        """Whether the key has been revoked."""
-        return self.revoked_at is not None
-
-    @property
-    def client_id(self) -> str:
-        """The key's identity across stores (rate limits, access log): ``key:<store>:<id>``."""
-        return f"key:{self.store}:{self.id}"
-
-    def expired(self, now: datetime) -> bool:
-        """Whether the key's expiry (if any) is at or before ``now``."""
-        return self.expires_at is not None and self.expires_at <= now
-
-    def has_scope(self, required: str) -> bool:
-        """Whether this key's scopes include ``required`` (see :func:`scope_allows`)."""
-        return scope_allows(self.scopes, required)
-
-    def allows_model(self, model: str) -> bool:
-        """Whether this key may use ``model``: any model without an allow-list."""
-        return self.models is None or model in self.models
-
-
-@dataclass(frozen=True, slots=True)
-class KeyCheck:
-    """The outcome of checking one presented key against its store's database."""
-
-    info: ApiKeyInfo | None
-    """The key, when it is valid."""
-    reason: str | None = None
-    """Why it is not, for people (the CLI, logs); never sent to clients, who get one 401."""
-    key_hash: str | None = None
-    """The stored hash the key passed (never logged): a re-check while it is unchanged skips
-    the slow hash."""
-
-    @property
-    def accepted(self) -> bool:
-        """Whether the key is valid."""
-        return self.info is not None
-
 
 class KeyStoreSchemaError(Exception):
     """A key database does not hold the tables the server expects (a start-up error)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _CacheEntry:
-    digest: bytes
-    check: KeyCheck
-    expires_at: float
 
 
 class KeyStore(abc.ABC):
@@ -219,19 +69,13 @@ class KeyStore(abc.ABC):
         often last-use times are written."""
         if cache_ttl_s < 0:
             raise ValueError("cache_ttl_s must be >= 0")
-        self.cache_ttl_s = cache_ttl_s
-        self.negative_ttl_s = cache_ttl_s if negative_ttl_s is None else negative_ttl_s
         self.usage_flush_s = usage_flush_s
-        self._max_entries = max_cache_entries
-        # Keyed by the public prefix, holding the sha256 of the full key: a hit is compared in
-        # constant time, and a wrong secret for a known prefix misses.
-        self._positive: OrderedDict[str, _CacheEntry] = OrderedDict()
-        # Keyed by the sha256 of a rejected key: dict lookup timing can leak only digest bits.
-        self._negative: OrderedDict[bytes, float] = OrderedDict()
+        self._cache = VerificationCache(
+            ttl_s=cache_ttl_s,
+            negative_ttl_s=cache_ttl_s if negative_ttl_s is None else negative_ttl_s,
+            max_entries=max_cache_entries,
+        )
         self._inflight: dict[bytes, asyncio.Future[KeyCheck]] = {}
-        # Prefixes revoked by this process: a check that read the row just before the
-        # revocation must not put the key back in the cache.
-        self._revoked_here: set[str] = set()
         # Key id -> when it was last used (epoch seconds), written by flush_usage().
         self._last_used: dict[KeyId, float] = {}
         self._prepared = False
@@ -301,23 +145,19 @@ class KeyStore(abc.ABC):
         prefix = self.lookup_prefix(presented)
         if prefix is None:
             return None
-        digest = hashlib.sha256(presented.encode()).digest()
+        digest = fingerprint(presented)
         now = time.monotonic()
-        entry = self._positive.get(prefix)
-        known = entry is not None and hmac.compare_digest(entry.digest, digest)
-        if entry is not None and known and now < entry.expires_at:
+        entry = self._cache.accepted(prefix, digest)
+        if entry is not None and now < entry.expires_at:
             info = entry.check.info
             if info is not None and (info.expires_at is None or not info.expired(_utcnow())):
                 self._last_used[info.id] = time.time()
                 return info
-        rejected_until = self._negative.get(digest)
-        if rejected_until is not None:
-            if now < rejected_until:
-                return None
-            self._negative.pop(digest, None)
+        if self._cache.rejected(digest, now):
+            return None
         future = self._inflight.get(digest)
         if future is None:
-            checked_hash = entry.check.key_hash if entry is not None and known else None
+            checked_hash = entry.check.key_hash if entry is not None else None
             future = asyncio.ensure_future(
                 self._run(
                     self._check_blocking,
@@ -330,17 +170,10 @@ class KeyStore(abc.ABC):
             future.add_done_callback(functools.partial(self._check_done, digest))
         # shield: one caller's cancellation (client gone) must not cancel the shared check.
         check = await asyncio.shield(future)
-        now = time.monotonic()
-        if check.info is None or prefix in self._revoked_here:
-            current = self._positive.get(prefix)
-            if current is not None and hmac.compare_digest(current.digest, digest):
-                self._positive.pop(prefix, None)
-            _put(self._negative, digest, now + self.negative_ttl_s, self._max_entries)
-            return None
-        entry = _CacheEntry(digest=digest, check=check, expires_at=now + self.cache_ttl_s)
-        _put(self._positive, prefix, entry, self._max_entries)
-        self._last_used[check.info.id] = time.time()
-        return check.info
+        info = self._cache.record(prefix, digest, check, time.monotonic())
+        if info is not None:
+            self._last_used[info.id] = time.time()
+        return info
 
     async def check(self, presented: str) -> KeyCheck:
         """Check ``presented`` against the database now, bypassing the cache, and say why it
@@ -357,13 +190,11 @@ class KeyStore(abc.ABC):
 
     def clear_cache(self) -> None:
         """Forget every cached verification (the next request of each key re-checks it)."""
-        self._positive.clear()
-        self._negative.clear()
+        self._cache.clear()
 
     def forget(self, prefix: str) -> None:
         """Drop a key revoked by this process from the cache, and keep it out."""
-        self._revoked_here.add(prefix)
-        self._positive.pop(prefix, None)
+        self._cache.forget(prefix)
 
     # Last use, written in batches
 
@@ -437,12 +268,3 @@ def first_line(exc: BaseException) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _put(cache: OrderedDict[Any, T], key: Any, value: T, limit: int) -> None:
-    # Oldest insertion goes first: entries are re-inserted every TTL, so this is close to LRU
-    # without paying for move_to_end on every hit.
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > limit:
-        cache.popitem(last=False)

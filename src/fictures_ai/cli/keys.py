@@ -24,12 +24,14 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fictures_ai.config import Settings, describe_settings_error
+from fictures_ai.database import default_database_url
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
 from fictures_ai.redaction import mask_credentials
-from fictures_ai.services.api_keys import ApiKeyService
-from fictures_ai.services.database import default_database_url
-from fictures_ai.services.key_store import VALID_SCOPES, ApiKeyInfo, KeyStoreSchemaError
-from fictures_ai.services.key_stores import KeyStores, open_key_stores
+from fictures_ai.services.keys.base import KeyStoreSchemaError
+from fictures_ai.services.keys.info import ApiKeyInfo
+from fictures_ai.services.keys.local_store import ApiKeyService
+from fictures_ai.services.keys.scopes import VALID_SCOPES
+from fictures_ai.services.keys.stores import KeyStores, open_key_stores
 
 DATABASE_URL_ENV = "DATABASE_URL"
 FICTURES_DATABASE_URL_ENV = "FICTURES_DATABASE_URL"

@@ -41,15 +41,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from fictures_ai.services.database import create_database_engine, masked, normalise_url
-from fictures_ai.services.key_store import (
-    ApiKeyInfo,
-    KeyCheck,
-    KeyId,
-    KeyStore,
-    KeyStoreSchemaError,
-    aware,
-)
+from fictures_ai.database import create_database_engine, masked, normalise_url
+from fictures_ai.services.keys.base import KeyStore, KeyStoreSchemaError
+from fictures_ai.services.keys.info import ApiKeyInfo, KeyCheck, KeyId, aware
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +83,7 @@ class FicturesKeyStore(KeyStore):
 
     def __init__(self, *, database_url: str, **options: Any) -> None:
         """Connect (lazily) to the web app's database at ``database_url``; ``options`` are
-        :class:`~fictures_ai.services.key_store.KeyStore`'s (cache TTLs, threads, batching).
+        :class:`~fictures_ai.services.keys.base.KeyStore`'s (cache TTLs, threads, batching).
 
         Raises ``sqlalchemy.exc.ArgumentError`` when ``database_url`` is not a database URL.
         """

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from fictures_ai.services.api_keys import ApiKeyService
-from fictures_ai.services.database import default_database_url
-from fictures_ai.services.fictures_keys import FicturesKeyStore
-from fictures_ai.services.key_store import KeyCheck, KeyStore, KeyStoreSchemaError, first_line
+from fictures_ai.database import default_database_url
+from fictures_ai.services.keys.base import KeyStore, KeyStoreSchemaError, first_line
+from fictures_ai.services.keys.fictures_store import FicturesKeyStore
+from fictures_ai.services.keys.info import KeyCheck
+from fictures_ai.services.keys.local_store import ApiKeyService
 
 logger = logging.getLogger(__name__)
 

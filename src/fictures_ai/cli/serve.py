@@ -1,0 +1,101 @@
+"""``fictures-ai serve`` (flags generated from the settings) and ``fictures-ai models prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from fictures_ai.config import Settings, describe_settings_error
+from fictures_ai.observability.logs import configure_logging
+from fictures_ai.redaction import mask_credentials
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve``, with one flag per setting, to a parser's subcommands."""
+    serve_command = subparsers.add_parser("serve", help="Run the HTTP server.")
+    add_settings_flags(serve_command)
+
+
+def add_models_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``models prepare`` to a parser's subcommands (``dest="models_command"``)."""
+    models = subparsers.add_parser("models", help="Manage local models.")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser(
+        "prepare", help="Convert the bundled text model now (otherwise done on first use)."
+    )
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags leave the environment's value in force."""
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [env {name.upper()}]"
+        annotation = info.annotation
+        if annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices: list[str] | None = None
+        if typing.get_origin(annotation) is typing.Literal:
+            choices = [str(arg) for arg in typing.get_args(annotation)]
+        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            choices = [str(member.value) for member in annotation]
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings of the environment and ``.env``, overridden by the flags given."""
+    overrides = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server with uvicorn on the settings (environment, .env and flags)."""
+    # Imported here: the other commands need neither the web stack nor the engines.
+    import uvicorn
+
+    from fictures_ai.api.app import create_app
+
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"Invalid settings: {mask_credentials(str(exc))}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    return 0
+
+
+def prepare_models() -> int:
+    """Convert the bundled text model into the cache and print its folder."""
+    from fictures_ai.engines.bundled_model import prepare_bundled_model
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
+        return 2
+    # People read this command's output: plain text, not the server's JSON lines.
+    configure_logging(level=settings.log_level, log_format="text")
+    print(prepare_bundled_model(settings.model_cache_dir))
+    return 0
