@@ -23,9 +23,9 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import ArgumentError
 
+from fictures_ai.database import SUPPORTED_BACKENDS, parse_database_url
 from fictures_ai.observability.logs import LogFormat
 from fictures_ai.redaction import mask_credentials, mask_setting
-from fictures_ai.database import SUPPORTED_BACKENDS, parse_database_url
 from fictures_ai.shared import (
     BUNDLED_TEXT_MODEL,
     CpuOffload,
