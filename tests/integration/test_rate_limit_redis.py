@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from fictures_ai.api.auth import rate_limit_headers
 from fictures_ai.errors import ServiceUnavailableError
-from fictures_ai.services.rate_limit import Budget, RedisRateLimiter
+from fictures_ai.services.rate_limit import (
+    Budget,
+    BudgetState,
+    RateLimitDecision,
+    RedisRateLimiter,
+)
 from tests.redis_server import RedisServer
 from tests.support import FakeClock, free_port
 
@@ -41,6 +47,11 @@ def raw_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 MakeLimiter = Callable[..., RedisRateLimiter]
+
+
+def state(decision: RateLimitDecision, budget: Budget = Budget.REQUESTS) -> BudgetState:
+    """Where ``budget`` stands after ``decision``."""
+    return next(state for state in decision.budgets if state.budget is budget)
 
 
 @pytest.fixture
@@ -83,14 +94,15 @@ async def test_eleventh_request_is_refused_with_retry_after(make_limiter: MakeLi
     for i in range(10):
         decision = await rl.admit("key")
         assert decision.allowed
-        assert decision.remaining == 9 - i
+        assert state(decision).remaining == 9 - i
     refused = await rl.admit("key")
     assert not refused.allowed
     assert refused.refused_by is Budget.REQUESTS
     assert refused.retry_after_s == 36
-    assert refused.headers()["Retry-After"] == "36"
-    assert refused.headers()["X-RateLimit-Remaining"] == "0"
-    assert refused.headers()["X-RateLimit-Reset"] == "90"
+    headers = rate_limit_headers(refused)
+    assert headers["Retry-After"] == "36"
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert headers["X-RateLimit-Reset"] == "90"
     clock.advance(35)
     assert not (await rl.admit("key")).allowed
     clock.advance(1)
@@ -108,7 +120,7 @@ async def test_windows_roll_over(make_limiter: MakeLimiter) -> None:
     clock.advance(120)
     decision = await rl.admit("key")
     assert decision.allowed
-    assert decision.remaining == 9
+    assert state(decision).remaining == 9
 
 
 async def test_tokens_budget(make_limiter: MakeLimiter) -> None:
@@ -117,7 +129,7 @@ async def test_tokens_budget(make_limiter: MakeLimiter) -> None:
     assert (await rl.admit("key")).allowed
     await rl.record_tokens("key", 60)
     decision = await rl.admit("key")
-    assert decision.remaining == 40
+    assert state(decision, Budget.TOKENS).remaining == 40
     await rl.record_tokens("key", 50)
     refused = await rl.admit("key")
     assert not refused.allowed
@@ -130,12 +142,12 @@ async def test_images_budget(make_limiter: MakeLimiter) -> None:
     clock = FakeClock(WINDOW_START + 30)
     rl = make_limiter(requests=100, images=4, clock=clock)
     decision = await rl.admit("key", images=3)
-    assert decision.remaining == 99  # the headline budget: requests
-    assert decision.headers()["X-RateLimit-Remaining-Images"] == "1"
+    assert state(decision).remaining == 99
+    assert rate_limit_headers(decision)["X-RateLimit-Remaining-Images"] == "1"
     refused = await rl.admit("key", images=2)
     assert not refused.allowed
     assert refused.refused_by is Budget.IMAGES
-    assert refused.remaining == 1
+    assert state(refused, Budget.IMAGES).remaining == 1
     assert (await rl.admit("key", images=1)).allowed
     assert (await rl.admit("key")).allowed  # a text request is not held back by images
 
@@ -193,11 +205,9 @@ async def test_script_is_reloaded_after_a_script_flush(
     make_limiter: MakeLimiter, raw_redis: redis.Redis
 ) -> None:
     rl = make_limiter(requests=5, clock=FakeClock(WINDOW_START))
-    assert (await rl.admit("key")).remaining == 4
+    assert state(await rl.admit("key")).remaining == 4
     raw_redis.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
-    decision = await rl.admit("key")
-    assert not decision.degraded
-    assert decision.remaining == 3
+    assert state(await rl.admit("key")).remaining == 3  # counted, not let through unchecked
 
 
 async def test_redis_down_fails_open_by_default(
@@ -206,10 +216,8 @@ async def test_redis_down_fails_open_by_default(
     rl = make_limiter(requests=1, url=f"redis://127.0.0.1:{free_port()}/0", retry_interval_s=0)
     with caplog.at_level(logging.WARNING, logger="fictures_ai.services.rate_limit"):
         for _ in range(3):
-            decision = await rl.admit("key")
-            assert decision.allowed
-            assert decision.degraded
-            assert decision.headers() == {}
+            # Let through unchecked: no budget to report.
+            assert await rl.admit("key") == RateLimitDecision(allowed=True)
         await rl.record_tokens("key", 10)  # never raises
     warnings = [r for r in caplog.records if "Redis is unavailable" in r.getMessage()]
     assert len(warnings) == 1  # at most once a minute
@@ -230,12 +238,12 @@ async def test_limits_resume_when_redis_comes_back(
 ) -> None:
     port = free_port()
     rl = make_limiter(requests=1, url=f"redis://127.0.0.1:{port}/0", retry_interval_s=0)
-    assert (await rl.admit("key")).degraded
+    assert (await rl.admit("key")).budgets == ()  # unchecked
     server = RedisServer(tmp_path, port=port)
     try:
         first = await rl.admit("key")
         assert first.allowed
-        assert not first.degraded
+        assert state(first).remaining == 0  # counted again
         assert not (await rl.admit("key")).allowed
     finally:
         server.stop()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from importlib import resources
 
 import pytest
 
+from fictures_ai.api.auth import rate_limit_headers
 from fictures_ai.errors import InvalidRequestError
 from fictures_ai.services.rate_limit import (
     Budget,
+    BudgetState,
     InMemoryRateLimiter,
+    RateLimitDecision,
     RedisRateLimiter,
     create_rate_limiter,
 )
@@ -36,13 +40,23 @@ def limiter(
     )
 
 
+def state(decision: RateLimitDecision, budget: Budget = Budget.REQUESTS) -> BudgetState:
+    """Where ``budget`` stands after ``decision``."""
+    return next(state for state in decision.budgets if state.budget is budget)
+
+
+def tracked_clients(rl: InMemoryRateLimiter) -> int:
+    """How many clients have counters in memory (not observable through the interface)."""
+    return len(rl._clients)
+
+
 async def test_eleventh_request_in_a_minute_is_refused_with_retry_after() -> None:
     clock = FakeClock(WINDOW_START + 30)
     rl = limiter(clock, requests=10)
     for i in range(10):
         decision = await rl.admit("key")
         assert decision.allowed
-        assert decision.remaining == 9 - i
+        assert state(decision).remaining == 9 - i
     refused = await rl.admit("key")
     assert not refused.allowed
     assert refused.refused_by is Budget.REQUESTS
@@ -50,7 +64,7 @@ async def test_eleventh_request_in_a_minute_is_refused_with_retry_after() -> Non
     assert 1 <= refused.retry_after_s <= 60
     # 10 used at 0:30: the 11th fits once 1/10 of them has faded out, 6 s into the next window.
     assert refused.retry_after_s == 36
-    assert refused.headers() == {
+    assert rate_limit_headers(refused) == {
         "Retry-After": "36",
         "X-RateLimit-Limit": "10",
         "X-RateLimit-Remaining": "0",
@@ -59,7 +73,9 @@ async def test_eleventh_request_in_a_minute_is_refused_with_retry_after() -> Non
         "X-RateLimit-Remaining-Requests": "0",
         "X-RateLimit-Reset-Requests": "90",
     }
-    assert (refused.limit, refused.remaining, refused.reset_s) == (10, 0, 90)
+    assert refused.budgets == (
+        BudgetState(budget=Budget.REQUESTS, limit=10, remaining=0, reset_s=90),
+    )
 
 
 async def test_retry_after_is_exact() -> None:
@@ -96,7 +112,7 @@ async def test_refused_requests_are_not_charged() -> None:
     clock.advance(60)  # the two fade out over the next window: half of them at 1:30
     decision = await rl.admit("key")
     assert decision.allowed
-    assert decision.remaining == 0
+    assert state(decision).remaining == 0
 
 
 async def test_previous_window_fades_out_and_full_budget_returns() -> None:
@@ -110,7 +126,7 @@ async def test_previous_window_fades_out_and_full_budget_returns() -> None:
     clock.advance(120)  # two windows later everything has faded out
     decision = await rl.admit("key")
     assert decision.allowed
-    assert decision.remaining == 9
+    assert state(decision).remaining == 9
 
 
 async def test_reset_counts_until_the_usage_has_faded_out() -> None:
@@ -118,12 +134,12 @@ async def test_reset_counts_until_the_usage_has_faded_out() -> None:
     rl = limiter(clock, requests=10, tokens=1000)
     decision = await rl.admit("key")
     # Usage of this window fades out over the next one: 30 s here plus 60 s.
-    assert decision.reset_s == 90
+    assert state(decision).reset_s == 90
     await rl.record_tokens("key", 10)
     clock.advance(40)  # 10 s into the next window
     decision = await rl.admit("key")  # charges a request in this window, but no tokens
-    assert decision.headers()["X-RateLimit-Reset-Requests"] == "110"
-    assert decision.headers()["X-RateLimit-Reset-Tokens"] == "50"
+    assert rate_limit_headers(decision)["X-RateLimit-Reset-Requests"] == "110"
+    assert rate_limit_headers(decision)["X-RateLimit-Reset-Tokens"] == "50"
 
 
 async def test_tokens_budget_refuses_once_recorded_usage_reaches_it() -> None:
@@ -131,7 +147,7 @@ async def test_tokens_budget_refuses_once_recorded_usage_reaches_it() -> None:
     rl = limiter(clock, tokens=100)
     decision = await rl.admit("key")
     assert decision.allowed
-    assert decision.headers() == {
+    assert rate_limit_headers(decision) == {
         "X-RateLimit-Limit-Tokens": "100",
         "X-RateLimit-Remaining-Tokens": "100",
         "X-RateLimit-Reset-Tokens": "0",
@@ -139,18 +155,19 @@ async def test_tokens_budget_refuses_once_recorded_usage_reaches_it() -> None:
     await rl.record_tokens("key", 60)
     decision = await rl.admit("key")
     assert decision.allowed
-    assert decision.remaining == 40
+    assert state(decision, Budget.TOKENS).remaining == 40
     await rl.record_tokens("key", 50)  # a request may overshoot: its usage is known afterwards
     refused = await rl.admit("key")
     assert not refused.allowed
     assert refused.refused_by is Budget.TOKENS
-    assert refused.remaining == 0
+    assert state(refused, Budget.TOKENS).remaining == 0
     # 110 at 0:30: room for one more token once 11 of the 110 have faded out, 6 s into the next
     # window.
     assert refused.retry_after_s == 36
-    # Image requests use no tokens: a spent token budget does not hold them back.
+    # Image requests use no tokens: a spent token budget does not hold them back, and
+    # admitting one leaves text requests waiting as before.
     assert (await rl.admit("key", images=1)).allowed
-    assert not (await rl.admit("key", images=1, check_tokens=True)).allowed
+    assert (await rl.admit("key")).retry_after_s == 36
 
 
 async def test_images_are_charged_per_image_up_front() -> None:
@@ -158,12 +175,13 @@ async def test_images_are_charged_per_image_up_front() -> None:
     rl = limiter(clock, images=4)
     decision = await rl.admit("key", images=3)
     assert decision.allowed
-    assert decision.remaining == 1
+    assert state(decision, Budget.IMAGES).remaining == 1
     refused = await rl.admit("key", images=2)
     assert not refused.allowed
     assert refused.refused_by is Budget.IMAGES
-    assert refused.headers()["X-RateLimit-Remaining-Images"] == "1"
-    assert "X-RateLimit-Limit" not in refused.headers()  # the plain ones speak for requests
+    headers = rate_limit_headers(refused)
+    assert headers["X-RateLimit-Remaining-Images"] == "1"
+    assert "X-RateLimit-Limit" not in headers  # the plain ones speak for requests
     assert (await rl.admit("key", images=1)).allowed
     # A text request asks for no images: a spent image budget does not hold it back.
     assert (await rl.admit("key")).allowed
@@ -178,8 +196,7 @@ async def test_the_budget_holding_the_request_back_longest_is_reported() -> None
     await rl.admit("key", images=2)
     refused = await rl.admit("key", images=1)
     assert refused.refused_by is Budget.IMAGES
-    assert refused.limit == 2
-    assert set(refused.headers()) >= {"X-RateLimit-Limit", "X-RateLimit-Limit-Images"}
+    assert set(rate_limit_headers(refused)) >= {"X-RateLimit-Limit", "X-RateLimit-Limit-Images"}
 
 
 async def test_clients_are_independent() -> None:
@@ -190,7 +207,7 @@ async def test_clients_are_independent() -> None:
     assert not (await rl.admit("a")).allowed
     decision = await rl.admit("b")
     assert decision.allowed
-    assert decision.remaining == 2
+    assert state(decision).remaining == 2
 
 
 async def test_unlimited_budgets_count_nothing() -> None:
@@ -200,15 +217,15 @@ async def test_unlimited_budgets_count_nothing() -> None:
         decision = await rl.admit("key", images=10)
         assert decision.allowed
     await rl.record_tokens("key", 10**9)
-    assert decision.headers() == {}
-    assert decision.limit is None
-    assert rl.tracked_clients == 0
+    assert decision.budgets == ()
+    assert rate_limit_headers(decision) == {}
+    assert tracked_clients(rl) == 0
 
 
 async def test_only_active_budgets_appear() -> None:
     rl = limiter(FakeClock(WINDOW_START), requests=5)
     await rl.record_tokens("key", 100)  # tokens unlimited: nothing to count
-    headers = (await rl.admit("key", images=3)).headers()
+    headers = rate_limit_headers(await rl.admit("key", images=3))
     assert sorted(headers) == [
         "X-RateLimit-Limit",
         "X-RateLimit-Limit-Requests",
@@ -230,23 +247,24 @@ async def test_idle_clients_are_dropped() -> None:
     rl = limiter(clock, requests=10)
     for i in range(1000):
         await rl.admit(f"client-{i}")
-    assert rl.tracked_clients == 1000
+    assert tracked_clients(rl) == 1000
     clock.advance(60)  # their usage still counts in the next window
     await rl.admit("client-0")
-    assert rl.tracked_clients == 1000
+    assert tracked_clients(rl) == 1000
     clock.advance(60)  # client-0's usage still counts; everyone else's has faded out
     await rl.admit("newcomer")
-    assert rl.tracked_clients == 2
+    assert tracked_clients(rl) == 2
     await rl.close()
-    assert rl.tracked_clients == 0
+    assert tracked_clients(rl) == 0
 
 
 async def test_memory_is_capped() -> None:
     rl = limiter(FakeClock(WINDOW_START), requests=1, max_clients=10)
     for i in range(50):
         await rl.admit(f"client-{i}")
-    assert rl.tracked_clients == 10
+    assert tracked_clients(rl) == 10
     assert not (await rl.admit("client-49")).allowed  # recent ones keep their usage
+    assert (await rl.admit("client-0")).allowed  # dropped early: starts afresh
 
 
 @pytest.mark.parametrize(
@@ -294,3 +312,8 @@ async def test_factory_picks_the_backend() -> None:
     )
     assert isinstance(off, InMemoryRateLimiter)
     assert (await off.admit("key")).allowed
+
+
+def test_the_lua_script_is_package_data() -> None:
+    script = resources.files("fictures_ai.services.rate_limit").joinpath("admit.lua")
+    assert "redis.call('HMGET'" in script.read_text(encoding="utf-8")

@@ -4,8 +4,9 @@ Every API route declares the scope it needs with ``require_scope`` (None: any va
 the contract has it for model listings); the dependency reads the key from ``Authorization:
 Bearer KEY`` or ``x-api-key: KEY``, checks it against the key stores (cached: microseconds on
 the hot path), checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``), then
-charges the caller's per-minute budget. With ``REQUIRE_API_KEY=false`` there is no key check
-and the budget is per client address.
+charges the caller's per-minute budget, whose state goes out as ``X-RateLimit-*`` headers
+(``rate_limit_headers``). With ``REQUIRE_API_KEY=false`` there is no key check and the budget
+is per client address.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi import Request
 from fictures_ai.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.services.keys.info import ApiKeyInfo
+from fictures_ai.services.rate_limit import Budget, RateLimitDecision
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def require_scope(
                 client.check_model(await _model_name(request, model))
         count = await _image_count(request) if images == "n" else images
         decision = await services.rate_limiter.admit(client.id, images=count)
-        headers = decision.headers()
+        headers = rate_limit_headers(decision)
         if not decision.allowed:
             budget = decision.refused_by.value if decision.refused_by else "requests"
             raise RateLimitedError(
@@ -117,6 +119,28 @@ def require_scope(
         return client
 
     return authorize
+
+
+def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
+    """HTTP headers describing every active budget (and ``Retry-After`` when refused).
+
+    ``X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens,Images}`` for each active budget,
+    plus the plain ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` for the requests budget.
+    Reset values are delta seconds. Empty when no budget is active.
+    """
+    headers: dict[str, str] = {}
+    for state in decision.budgets:
+        suffix = state.budget.value.capitalize()
+        headers[f"X-RateLimit-Limit-{suffix}"] = str(state.limit)
+        headers[f"X-RateLimit-Remaining-{suffix}"] = str(state.remaining)
+        headers[f"X-RateLimit-Reset-{suffix}"] = str(state.reset_s)
+        if state.budget is Budget.REQUESTS:
+            headers["X-RateLimit-Limit"] = str(state.limit)
+            headers["X-RateLimit-Remaining"] = str(state.remaining)
+            headers["X-RateLimit-Reset"] = str(state.reset_s)
+    if not decision.allowed and decision.retry_after_s is not None:
+        headers["Retry-After"] = str(decision.retry_after_s)
+    return headers
 
 
 async def _charge_tokens(services: Any, client_id: str, context: RequestContext) -> None:
