@@ -1,12 +1,17 @@
-"""The in-process rate limiter, on a fake clock: budgets, sliding windows, headers, memory."""
+"""The in-process rate limiter, on a fake clock: budgets, sliding windows, headers, memory.
+
+The last tests go through the app: the tokens a request used reach the limiter.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from importlib import resources
 
+import httpx
 import pytest
 
+from fictures_ai.api.app import create_app
 from fictures_ai.api.auth import rate_limit_headers
 from fictures_ai.errors import InvalidRequestError
 from fictures_ai.services.rate_limit import (
@@ -18,6 +23,7 @@ from fictures_ai.services.rate_limit import (
     create_rate_limiter,
 )
 from tests.support import FakeClock
+from tests.unit.conftest import make_services
 
 # A window starts at every multiple of 60 s; tests start at a known offset into one.
 WINDOW_START = 60_000.0
@@ -317,3 +323,28 @@ async def test_factory_picks_the_backend() -> None:
 def test_the_lua_script_is_package_data() -> None:
     script = resources.files("fictures_ai.services.rate_limit").joinpath("admit.lua")
     assert "redis.call('HMGET'" in script.read_text(encoding="utf-8")
+
+
+async def test_the_tokens_a_request_used_are_charged_to_its_client() -> None:
+    # The fake engine counts a word per token: 3 prompt tokens and 4 completion tokens.
+    limiter = InMemoryRateLimiter(
+        requests_per_minute=None, tokens_per_minute=10, images_per_minute=None
+    )
+    app = create_app(services=make_services(rate_limiter=limiter))
+    body = {"prompt": "one two three", "max_tokens": 4}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.post("/api/v1/text/generate", json=body)
+        assert first.headers["x-ratelimit-remaining-tokens"] == "10"
+        async with client.stream("POST", "/api/v1/text/stream", json=body) as second:
+            assert second.headers["x-ratelimit-remaining-tokens"] == "3"
+            await second.aread()
+        refused = await client.post("/api/v1/text/generate", json=body)
+        image = await client.post(
+            "/api/v1/images/generate",
+            json={"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 1},
+        )
+    assert refused.status_code == 429
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "tokens budget" in refused.json()["detail"]
+    assert image.status_code == 200  # images use no tokens

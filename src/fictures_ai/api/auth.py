@@ -5,8 +5,9 @@ the contract has it for model listings); the dependency reads the key from ``Aut
 Bearer KEY`` or ``x-api-key: KEY``, checks it against the key stores (cached: microseconds on
 the hot path), checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``), then
 charges the caller's per-minute budget, whose state goes out as ``X-RateLimit-*`` headers
-(``rate_limit_headers``). With ``REQUIRE_API_KEY=false`` there is no key check and the budget
-is per client address.
+(``rate_limit_headers``). Once the response is complete, the tokens the request used (the
+request context's ``usage``) are charged to the tokens budget. With ``REQUIRE_API_KEY=false``
+there is no key check and the budget is per client address.
 """
 
 from __future__ import annotations
@@ -145,9 +146,9 @@ def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
 
 async def _charge_tokens(services: Any, client_id: str, context: RequestContext) -> None:
     """Add the tokens a finished request used to its client's tokens budget."""
-    tokens = context.fields.get("prompt_tokens", 0) + context.fields.get("completion_tokens", 0)
-    if tokens:
-        await services.rate_limiter.record_tokens(client_id, tokens)
+    usage = context.usage
+    if usage is not None and usage.total_tokens:
+        await services.rate_limiter.record_tokens(client_id, usage.total_tokens)
 
 
 async def _model_name(request: Request, source: ModelSource) -> str:

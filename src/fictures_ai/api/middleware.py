@@ -9,7 +9,8 @@ request it:
   and streams included;
 - opens the request's server span when tracing is on (continuing a W3C ``traceparent``);
 - at the end, counts the request by route template and status, records its latency, feeds
-  ``/health``'s window, and writes one access line.
+  ``/health``'s window, and writes one access line (with the request's token usage, if any);
+  then runs the request's ``on_finish`` callbacks (charging those tokens to the rate limit).
 
 It must be the outermost layer (``FicturesApp`` puts it outside Starlette's error
 middleware), so even an unhandled exception's 500 carries the request id and is counted.
@@ -180,6 +181,9 @@ class ObservabilityMiddleware:
             "client": request.client,
             **request.fields,
         }
+        if request.usage is not None:
+            fields["prompt_tokens"] = request.usage.prompt_tokens
+            fields["completion_tokens"] = request.usage.completion_tokens
         access_logger.info(
             "%s %s %d %.1f ms", method, scope["path"], status, latency_ms, extra=fields
         )

@@ -3,8 +3,9 @@
 The HTTP middleware binds one ``RequestContext`` per request in a context variable; every
 task and generator that works for the request sees it (asyncio copies the context into the
 tasks it starts, and the copy holds the same object). Services read it without knowing HTTP:
-they add token counts or image sizes for the access log and start their spans under the
-request's tracer. Outside a request (start-up, preloading, the CLI) there is none.
+they add the tokens a request used (``usage``: the access line reports it and the rate limiter
+charges it), image sizes for the access log, and start their spans under the request's tracer.
+Outside a request (start-up, preloading, the CLI) there is none.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 
 from opentelemetry.trace import Tracer
 
-from fictures_ai.engines.base import TextPrompt
-
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+LoggedPrompt = str | list[dict[str, str]]
+"""A prompt as the access line shows it: its text, or its messages' roles and contents."""
 
 
 def accept_request_id(value: str | None) -> str:
@@ -35,18 +37,39 @@ def accept_request_id(value: str | None) -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """The tokens a request used, summed over its generations."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens: what the tokens budget is charged."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request in flight, as the logs, traces and access log see it.
 
-    ``fields`` collects what the access line reports beyond method, route, status and latency
-    (token counts, image size, the prompt when ``log_prompts`` allows it).
+    ``fields`` collects what the access line reports beyond method, route, status, latency and
+    token usage (image size, the prompt when ``log_prompts`` allows it). ``usage`` stays None
+    until a generation has finished: a request that generated nothing reports no token counts.
     """
 
     request_id: str
     tracer: Tracer | None = None
     log_prompts: bool = False
     fields: dict[str, Any] = field(default_factory=dict)
+    usage: TokenUsage | None = None
     client: str | None = None
     """The API key's name (never the key), for the access line."""
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -55,22 +78,14 @@ class RequestContext:
     """Called once the response is complete, e.g. to charge the tokens it used."""
 
     def add_tokens(self, *, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count the tokens of one generation (a request may run several)."""
-        fields = self.fields
-        fields["prompt_tokens"] = fields.get("prompt_tokens", 0) + prompt_tokens
-        fields["completion_tokens"] = fields.get("completion_tokens", 0) + completion_tokens
+        """Count the tokens of one generation (a request may run several) into ``usage``."""
+        used = TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        self.usage = used if self.usage is None else self.usage + used
 
-    def note_prompt(self, prompt: TextPrompt) -> None:
+    def note_prompt(self, prompt: LoggedPrompt) -> None:
         """Keep the prompt for the access line, only when prompts may be logged."""
-        if not self.log_prompts:
-            return
-        if prompt.text is not None:
-            self.fields["prompt"] = prompt.text
-        else:
-            self.fields["prompt"] = [
-                {"role": message.role, "content": message.content}
-                for message in prompt.messages or ()
-            ]
+        if self.log_prompts:
+            self.fields["prompt"] = prompt
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("fictures_request", default=None)

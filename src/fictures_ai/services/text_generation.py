@@ -43,7 +43,7 @@ from fictures_ai.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from fictures_ai.observability.context import RequestContext, current_request
+from fictures_ai.observability.context import LoggedPrompt, RequestContext, current_request
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
 from fictures_ai.services.model_loader import (
@@ -84,6 +84,13 @@ class TextServiceInfo(ModelLoadInfo):
     initialized: bool
     running: int = 0
     """Requests handed to the engine and not finished (vLLM's own queue included)."""
+
+
+def _loggable_prompt(prompt: TextPrompt) -> LoggedPrompt:
+    """The prompt as the access line shows it (built only when prompts may be logged)."""
+    if prompt.text is not None:
+        return prompt.text
+    return [{"role": message.role, "content": message.content} for message in prompt.messages or ()]
 
 
 class TextGenerationService:
@@ -211,8 +218,8 @@ class TextGenerationService:
         if engine_id in self._active_ids:
             engine_id = f"{engine_id}-{uuid.uuid4().hex[:8]}"
         self._active_ids.add(engine_id)
-        if request is not None:
-            request.note_prompt(prompt)
+        if request is not None and request.log_prompts:
+            request.note_prompt(_loggable_prompt(prompt))
         span = start_child_span(
             "text.generate", {"fictures.model": self._model.name, "fictures.engine_id": engine_id}
         )
