@@ -63,6 +63,43 @@ async def test_the_11th_request_in_a_minute_is_429_with_retry_after(
     assert "Rate limit" in refused.json()["detail"]
 
 
+async def test_a_request_is_charged_once_its_body_is_valid_and_its_model_known(
+    limited: tuple[httpx.AsyncClient, str],
+) -> None:
+    # The body is parsed once, by the route: what it refuses (a bad value, an unknown model)
+    # never reaches the budget.
+    client, key = limited
+    headers = {"Authorization": f"Bearer {key}"}
+    for _ in range(12):
+        invalid = await client.post(GENERATE, json={"prompt": "x", "top_p": 7}, headers=headers)
+        assert invalid.status_code == 400
+        unknown = await client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+            headers=headers,
+        )
+        assert unknown.status_code == 404
+    admitted = await client.post(GENERATE, json={"prompt": "x"}, headers=headers)
+    assert admitted.status_code == 200
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+async def test_openai_images_charge_n_images_from_the_parsed_body(keys: ApiKeyService) -> None:
+    limiter = InMemoryRateLimiter(requests_per_minute=0, tokens_per_minute=0, images_per_minute=5)
+    app = create_app(services=make_services(api_keys=keys, rate_limiter=limiter))
+    _, key = keys.create("illustrator", "stories:write")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"prompt": "a lighthouse", "size": "256x256", "n": 3, "response_format": "b64_json"}
+    async with client_for(app) as client:
+        first = await client.post("/v1/images/generations", json=body, headers=headers)
+        assert first.status_code == 200
+        assert len(first.json()["data"]) == 3
+        assert first.headers["x-ratelimit-remaining-images"] == "2"
+        refused = await client.post("/v1/images/generations", json=body, headers=headers)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
 async def test_keys_scopes_and_both_header_forms(keys: ApiKeyService) -> None:
     app = create_app(services=make_services(api_keys=keys))
     _, writer = keys.create("writer", "stories:write")

@@ -3,28 +3,32 @@
 Every API route declares the scope it needs with ``require_scope`` (None: any valid key, as
 the contract has it for model listings); the dependency reads the key from ``Authorization:
 Bearer KEY`` or ``x-api-key: KEY``, checks it against the key stores (cached: microseconds on
-the hot path), checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``), then
-charges the caller's per-minute budget, whose state goes out as ``X-RateLimit-*`` headers
-(``rate_limit_headers``). Once the response is complete, the tokens the request used (the
-request context's ``usage``) are charged to the tokens budget. With ``REQUIRE_API_KEY=false``
-there is no key check and the budget is per client address.
+the hot path) and checks the scope (``admin:all`` ⊃ ``stories:write`` ⊃ ``stories:read``).
+
+Then the request is admitted (``Client.admit``): the model it uses is checked against the
+key's allow-list and the caller's per-minute budgets are charged, whose state goes out as
+``X-RateLimit-*`` headers (``rate_limit_headers``). Listings are admitted by the dependency;
+a generation route admits its request itself once FastAPI has parsed the body, with the
+model and the image count read from the parsed body (the body is parsed once). Once the
+response is complete, the tokens the request used (the request context's ``usage``) are
+charged to the tokens budget. With ``REQUIRE_API_KEY=false`` there is no key check and the
+budget is per client address.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
 from fictures_ai.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from fictures_ai.observability.context import RequestContext, current_request
 from fictures_ai.services.keys.info import ApiKeyInfo
-from fictures_ai.services.rate_limit import Budget, RateLimitDecision
+from fictures_ai.services.rate_limit import Budget, RateLimitDecision, RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class Client:
     id: str
     name: str | None
     key: ApiKeyInfo | None
+    rate_limiter: RateLimiter = field(repr=False, compare=False)
 
     def check_model(self, model: str) -> None:
         """Raise ``PermissionDeniedError`` when the key's model allow-list excludes ``model``."""
@@ -49,6 +54,32 @@ class Client:
                 f"This API key may not use the model '{model}'. "
                 f"Allowed: {', '.join(self.key.models or ())}."
             )
+
+    async def admit(self, *, model: str | None = None, images: int = 0) -> None:
+        """Admit one request that uses ``model`` (None: no model) and renders ``images``.
+
+        Checks the key's model allow-list, then charges the requests and images budgets; the
+        tokens the request uses are charged when its response is complete. Raises
+        ``PermissionDeniedError`` for a model the key may not use, ``RateLimitedError`` (with
+        the budgets' headers) when a budget is spent, and ``ServiceUnavailableError`` when a
+        shared limiter cannot be reached and fails closed.
+        """
+        if model is not None:
+            self.check_model(model)
+        decision = await self.rate_limiter.admit(self.id, images=images)
+        headers = rate_limit_headers(decision)
+        if not decision.allowed:
+            budget = decision.refused_by.value if decision.refused_by else "requests"
+            raise RateLimitedError(
+                f"Rate limit reached: this client's {budget} budget for the minute is spent. "
+                f"Retry after {decision.retry_after_s} s.",
+                retry_after=decision.retry_after_s or 1,
+                headers=headers,
+            )
+        context = current_request()
+        if context is not None:
+            context.response_headers.update(headers)
+            context.on_finish.append(functools.partial(_charge_tokens, self))
 
 
 def presented_keys(request: Request) -> list[str]:
@@ -63,30 +94,26 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
-ImageCount = int | Literal["n"]
-ModelSource = Literal["text", "image", "body"]
-
-
 def require_scope(
-    scope: str | None, *, images: ImageCount = 0, model: ModelSource | None = None
+    scope: str | None, *, admit: bool = True
 ) -> Callable[[Request], Coroutine[Any, Any, Client]]:
     """The dependency of a route that needs ``scope`` (None: any valid key).
 
     Of the keys a request carries, the first shaped like a key of one of the stores is checked:
     a proxy's or a browser's unrelated ``Authorization: Bearer`` token does not hide the
-    ``x-api-key`` the Fictures web app sends.
+    ``x-api-key`` the Fictures web app sends. Raises ``AuthenticationError`` without a known
+    key, ``PermissionDeniedError`` without the scope.
 
-    ``images`` is how many images the request renders, charged to the images budget: a fixed
-    number, or ``"n"`` to read the body's ``n`` field (OpenAI's image API). ``model`` names the
-    model the route uses, checked against the key's allow-list: the served ``"text"`` or
-    ``"image"`` model, or the body's ``model`` field (OpenAI's text APIs).
+    With ``admit`` the request is admitted here (a route without a model or images: listings,
+    tokenizing); without it the route calls ``Client.admit`` with the model and image count of
+    the body FastAPI parsed.
     """
 
     async def authorize(request: Request) -> Client:
         services = request.app.state.services
         if services.api_keys is None:
             address = request.client.host if request.client else "unknown"
-            client = Client(id=f"address:{address}", name=None, key=None)
+            client = Client(f"address:{address}", None, None, services.rate_limiter)
         else:
             info = None
             for presented in presented_keys(request):
@@ -98,25 +125,12 @@ def require_scope(
                 raise AuthenticationError(MISSING_KEY)
             if scope is not None and not info.has_scope(scope):
                 raise PermissionDeniedError(f"Insufficient permissions. Required scope: {scope}")
-            client = Client(id=info.client_id, name=info.name, key=info)
-            if model is not None:
-                client.check_model(await _model_name(request, model))
-        count = await _image_count(request) if images == "n" else images
-        decision = await services.rate_limiter.admit(client.id, images=count)
-        headers = rate_limit_headers(decision)
-        if not decision.allowed:
-            budget = decision.refused_by.value if decision.refused_by else "requests"
-            raise RateLimitedError(
-                f"Rate limit reached: this client's {budget} budget for the minute is spent. "
-                f"Retry after {decision.retry_after_s} s.",
-                retry_after=decision.retry_after_s or 1,
-                headers=headers,
-            )
+            client = Client(info.client_id, info.name, info, services.rate_limiter)
         context = current_request()
         if context is not None:
             context.client = client.name
-            context.response_headers.update(headers)
-            context.on_finish.append(functools.partial(_charge_tokens, services, client.id))
+        if admit:
+            await client.admit()
         return client
 
     return authorize
@@ -144,36 +158,8 @@ def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
     return headers
 
 
-async def _charge_tokens(services: Any, client_id: str, context: RequestContext) -> None:
+async def _charge_tokens(client: Client, context: RequestContext) -> None:
     """Add the tokens a finished request used to its client's tokens budget."""
     usage = context.usage
     if usage is not None and usage.total_tokens:
-        await services.rate_limiter.record_tokens(client_id, usage.total_tokens)
-
-
-async def _model_name(request: Request, source: ModelSource) -> str:
-    services = request.app.state.services
-    if source == "text":
-        name: str = services.text.model_name
-        return name
-    if source == "image":
-        name = services.image.info().name
-        return name
-    body = await _json_body(request)
-    requested = body.get("model")
-    return requested if isinstance(requested, str) else ""
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    """The JSON body as a dict ({} when it is not one: validation reports that later)."""
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-async def _image_count(request: Request) -> int:
-    """The body's ``n`` (default 1); a malformed body counts 1 and fails validation later."""
-    n = (await _json_body(request)).get("n", 1)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        await client.rate_limiter.record_tokens(client.id, usage.total_tokens)

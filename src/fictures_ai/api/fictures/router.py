@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from fictures_ai import __version__
-from fictures_ai.api.auth import require_scope
+from fictures_ai.api.auth import Client, require_scope
 from fictures_ai.api.dependencies import (
     Services,
     get_image_service,
@@ -63,8 +63,8 @@ ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 # Model listings: any valid key (api-contract.md, "Authentication").
 listing_access = [Depends(require_scope(None))]
-text_access = [Depends(require_scope("stories:write", model="text"))]
-image_access = [Depends(require_scope("stories:write", images=1, model="image"))]
+# Generation: the route admits the request once the body is parsed (model, images).
+Caller = Annotated[Client, Depends(require_scope("stories:write", admit=False))]
 
 
 def _text_info(service: TextGenerationService) -> TextModelInfo:
@@ -152,15 +152,19 @@ async def list_text_models(service: TextService) -> TextModelsResponse:
     return TextModelsResponse(models=[entry])
 
 
-@text_router.post("/generate", response_model=TextGenerationResponse, dependencies=text_access)
+@text_router.post("/generate", response_model=TextGenerationResponse)
 async def generate_text(
-    body: TextGenerationRequest, request: Request, service: TextService, services: ServicesDep
+    body: TextGenerationRequest,
+    request: Request,
+    caller: Caller,
+    service: TextService,
+    services: ServicesDep,
 ) -> TextGenerationResponse:
     """Generate text and return it whole; a client that disconnects aborts the generation.
 
     With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
     """
-    service.check_model(body.model)
+    await caller.admit(model=service.check_model(body.model))
     prompt = body.to_prompt(services.settings.text_prompt_format)
     result = await cancel_on_disconnect(
         request,
@@ -176,17 +180,16 @@ async def generate_text(
 
 @text_router.post(
     "/stream",
-    dependencies=text_access,
     response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `data: TextStreamResponse` (JSON), then `data: [DONE]`."
     ),
 )
 async def stream_text(
-    body: TextGenerationRequest, service: TextService, services: ServicesDep
+    body: TextGenerationRequest, caller: Caller, service: TextService, services: ServicesDep
 ) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
-    service.check_model(body.model)
+    await caller.admit(model=service.check_model(body.model))
     chunks = service.stream(
         body.to_prompt(services.settings.text_prompt_format),
         body.to_generation_params(),
@@ -195,17 +198,16 @@ async def stream_text(
     return await stream_events(chunks, TextEventEncoder(service.model_name))
 
 
-@text_router.post(
-    "/structured", response_model=StructuredGenerationResponse, dependencies=text_access
-)
+@text_router.post("/structured", response_model=StructuredGenerationResponse)
 async def generate_structured_text(
     body: StructuredGenerationRequest,
     request: Request,
+    caller: Caller,
     service: TextService,
     services: ServicesDep,
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
-    service.check_model(body.model)
+    await caller.admit(model=service.check_model(body.model))
     prompt = body.to_prompt(services.settings.text_prompt_format)
     outcome = await cancel_on_disconnect(
         request,
@@ -223,13 +225,13 @@ async def generate_structured_text(
     )
 
 
-@image_router.post("/generate", response_model=ImageGenerationResponse, dependencies=image_access)
+@image_router.post("/generate", response_model=ImageGenerationResponse)
 async def generate_image(
-    body: ImageGenerationRequest, request: Request, service: ImageService
+    body: ImageGenerationRequest, request: Request, caller: Caller, service: ImageService
 ) -> ImageGenerationResponse:
     """Render one image of exactly the requested size; a client that disconnects frees its
     queue place or stops the render."""
-    service.check_model(body.model)
+    await caller.admit(model=service.check_model(body.model), images=1)
     image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
     return ImageGenerationResponse(
         image_url=png_data_url(image.png),
@@ -242,16 +244,17 @@ async def generate_image(
 
 @image_router.post(
     "/stream",
-    dependencies=image_access,
     response_class=EventStreamResponse,
     responses=sse_response_doc(
         "Server-sent events: `{step, total_steps, done: false}` (JSON) after each denoising "
         "step, then the image response with `done: true`, then `data: [DONE]`."
     ),
 )
-async def stream_image(body: ImageGenerationRequest, service: ImageService) -> EventStreamResponse:
+async def stream_image(
+    body: ImageGenerationRequest, caller: Caller, service: ImageService
+) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
-    service.check_model(body.model)
+    await caller.admit(model=service.check_model(body.model), images=1)
     renders = service.stream(body.to_generation_params())
     # Started at once: the render may wait long in the queue; its errors are events.
     return await stream_events(

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from fictures_ai.api.auth import require_scope
+from fictures_ai.api.auth import Client, require_scope
 from fictures_ai.api.dependencies import (
     Services,
     get_image_service,
@@ -90,8 +90,8 @@ ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 # Model listings: any valid key (api-contract.md, "Authentication").
 listing_access = [Depends(require_scope(None))]
-text_access = [Depends(require_scope("stories:write", model="body"))]
-image_access = [Depends(require_scope("stories:write", images="n", model="image"))]
+# Generation: the route admits the request once the body is parsed (model, images).
+Caller = Annotated[Client, Depends(require_scope("stories:write", admit=False))]
 
 
 @models_router.get("/models", response_model=ModelList, dependencies=listing_access)
@@ -165,11 +165,9 @@ async def _tool_call_parsers(
     return None
 
 
-@text_router.post(
-    "/chat/completions", response_model=ChatCompletionResponse, dependencies=text_access
-)
+@text_router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, service: TextService
+    body: ChatCompletionRequest, request: Request, caller: Caller, service: TextService
 ) -> Any:
     """Chat with the text model; ``stream: true`` answers with server-sent events.
 
@@ -178,6 +176,7 @@ async def create_chat_completion(
     parser for auto.
     """
     model = service.check_model(body.model)
+    await caller.admit(model=model)
     plan = body.tool_plan()
     params = body.to_generation_params(plan)
     parsers = await _tool_call_parsers(service, plan, len(params))
@@ -223,10 +222,13 @@ async def create_chat_completion(
     )
 
 
-@text_router.post("/completions", response_model=CompletionResponse, dependencies=text_access)
-async def create_completion(body: CompletionRequest, request: Request, service: TextService) -> Any:
+@text_router.post("/completions", response_model=CompletionResponse)
+async def create_completion(
+    body: CompletionRequest, request: Request, caller: Caller, service: TextService
+) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
     model = service.check_model(body.model)
+    await caller.admit(model=model)
     params = body.to_generation_params()
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -262,14 +264,18 @@ async def create_completion(body: CompletionRequest, request: Request, service: 
     )
 
 
-@image_router.post("/images/generations", response_model=ImagesResponse, dependencies=image_access)
+@image_router.post("/images/generations", response_model=ImagesResponse)
 async def create_image(
-    body: ImageGenerationRequest, request: Request, service: ImageService, services: ServicesDep
+    body: ImageGenerationRequest,
+    request: Request,
+    caller: Caller,
+    service: ImageService,
+    services: ServicesDep,
 ) -> ImagesResponse:
     """Render ``n`` images of exactly ``size``; answer with URLs (kept for a while) or base64
     PNGs."""
-    service.check_model(body.model)
     params = body.to_generation_params()
+    await caller.admit(model=service.check_model(body.model), images=len(params))
 
     async def render_all() -> list[GeneratedImage]:
         return list(await asyncio.gather(*(service.generate(p) for p in params)))
