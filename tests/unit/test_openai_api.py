@@ -240,3 +240,29 @@ async def test_bad_image_sizes_are_bad_requests(sdk: openai.AsyncOpenAI) -> None
     for size in ["1000x255", "big", "4096x4096", "1024x2049"]:
         with pytest.raises(openai.BadRequestError, match="size"):
             await sdk.images.generate(prompt="x", size=size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("dead", "status", "kind"),
+    [(True, 503, "service_unavailable_error"), (False, 500, "server_error")],
+)
+async def test_a_stream_that_fails_after_it_started_ends_with_the_errors_own_type(
+    dead: bool, status: int, kind: str
+) -> None:
+    # One map for responses and events: an engine that dies mid-stream is what it would be
+    # before the stream started (503, service_unavailable_error), not a generic server error.
+    engine = FakeTextEngine(fail_after=2, dead=dead)
+    app = create_app(services=make_services(engine))
+    body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/chat/completions", json=body)
+        before = await c.post("/v1/chat/completions", json={**body, "stream": False})
+    assert response.status_code == 200
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == kind
+    assert len(events) == 4  # two chunks, the error, [DONE]
+    # Before the stream started the same failure is a response with that status and type.
+    assert before.status_code == status
+    assert before.json()["error"]["type"] == kind
