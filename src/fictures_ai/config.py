@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         ),
         json_schema_extra=SECRET,
     )
+    api_key_pepper: str | None = Field(
+        None,
+        min_length=32,
+        description=(
+            "Secret key (32+ characters) of the HMAC-SHA-256 the server's own keys are stored "
+            "as; changing it invalidates every one of them; unset: plain SHA-256."
+        ),
+        json_schema_extra=SECRET,
+    )
     api_key_store: ApiKeyStoreKind = Field(
         "local",
         description=(

@@ -1,14 +1,16 @@
 """Credentials kept out of what is logged or printed: URL passwords and secret parameters masked.
 
 The settings that hold credentials (``Settings.secret_fields()``: the database, Redis and OTLP
-URLs) go through :func:`mask_setting` wherever their values are shown; messages that may quote
-one (a driver's error, an exception's text) go through :func:`mask_credentials`.
+URLs, the API key pepper) go through :func:`mask_setting` wherever their values are shown;
+messages that may quote one (a driver's error, an exception's text) go through
+:func:`mask_credentials`.
 
 Masking never parses strictly, so it cannot fail on a malformed URL, and it errs towards
 hiding too much: in ``scheme://userinfo@host``, the userinfo runs to the *last* ``@`` (an
 unencoded ``@``, ``#``, ``/`` or ``:`` in a password stays inside it), and the value of every
-``name=value`` parameter whose name says password, token, key, secret, auth or credential is
-masked too (``?password=...`` in a database URL, ``password=...`` in a libpq string).
+``name=value`` parameter whose name says password, token, key, secret, pepper, auth or
+credential is masked too (``?password=...`` in a database URL, ``password=...`` in a libpq
+string).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _USER_NAME_SCHEMES = frozenset({"postgresql", "postgres", "sqlite", "mysql", "ma
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://\S*")
 _SECRET_PARAMETER = re.compile(
-    r"(?<![\w.\-])(?P<name>[\w.\-]*(?:pass|pwd|secret|token|key|auth|credential)[\w.\-]*)"
+    r"(?<![\w.\-])(?P<name>[\w.\-]*(?:pass|pwd|secret|pepper|token|key|auth|credential)[\w.\-]*)"
     r"(?P<equals>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&]*)",
     re.IGNORECASE,
 )

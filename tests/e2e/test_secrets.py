@@ -2,7 +2,8 @@
 real server's start-up, requests and errors and through the CLI, appear in nothing they write.
 
 The server runs with ``GENERATION_MODE=image`` (no vLLM to start) and debug logging, its keys
-in a real PostgreSQL and its rate limits in a real Redis, both behind canary passwords, the web
+in a real PostgreSQL (hashed with a canary ``API_KEY_PEPPER``) and its rate limits in a real
+Redis, both behind canary passwords, the web
 app's database and the trace collector unreachable (their errors are logged), and Redis stopped
 half-way (the limiter's error path). The passwords hold the characters that break naive masking
 (@ # / : %), percent-encoded as a URL needs them.
@@ -32,6 +33,7 @@ CANARIES = {
     "FICTURES_DATABASE_URL": "canary-web-2b9c",
     "REDIS_URL": "canary-redis-5d1e",
     "OTLP_ENDPOINT": "canary-otel-8a4f",
+    "API_KEY_PEPPER": "canary-pepper-4e1f",
     # Not our setting (the OTel SDK reads it), but a credential the server process holds.
     "OTEL_EXPORTER_OTLP_HEADERS": "canary-otel-header-3c6b",
 }
@@ -45,6 +47,11 @@ def password(setting: str) -> str:
 
 def encoded(setting: str) -> str:
     return quote(password(setting), safe="")
+
+
+def pepper() -> str:
+    """An API_KEY_PEPPER long enough to be accepted, holding its canary."""
+    return CANARIES["API_KEY_PEPPER"] + "-" + "0123456789abcdef" * 2
 
 
 def unreachable_database(setting: str) -> str:
@@ -127,6 +134,7 @@ def test_the_server_shows_no_credential_from_start_up_to_shutdown(
         "GENERATION_MODE": "image",
         "LOG_LEVEL": "DEBUG",
         "DATABASE_URL": key_database,
+        "API_KEY_PEPPER": pepper(),
         "API_KEY_STORE": "fictures",
         "FICTURES_DATABASE_URL": unreachable_database("FICTURES_DATABASE_URL"),
         "REDIS_URL": redis_with_password.url,
@@ -180,7 +188,13 @@ def test_the_server_shows_no_credential_from_start_up_to_shutdown(
     written.add("the server's stdout and stderr", text)
     # The start-up line names every credential setting, masked.
     changed = next(line for line in text.splitlines() if "Settings changed" in line)
-    for setting in ("database_url", "fictures_database_url", "redis_url", "otlp_endpoint"):
+    for setting in (
+        "database_url",
+        "api_key_pepper",
+        "fictures_database_url",
+        "redis_url",
+        "otlp_endpoint",
+    ):
         assert f"'{setting}': " in changed
     assert "***" in changed
     assert "cannot be reached" in text  # the web app's database
@@ -212,6 +226,7 @@ def test_the_cli_shows_no_credential_in_output_or_errors(key_database: str) -> N
         "DATABASE_URL": db,
         "FICTURES_DATABASE_URL": web_app.replace("postgresql", "mysql"),
         "OTLP_ENDPOINT": f"http://u:{otel}@collector:port",
+        "API_KEY_PEPPER": CANARIES["API_KEY_PEPPER"],  # too short
     }
     output = written.cli("serve", env=invalid, code=2)
     assert all(f"{setting}=" in output for setting in invalid)

@@ -1,6 +1,7 @@
 """The API-key store on a real PostgreSQL server (``tests/postgres.py``), as on SQLite.
 
-Each test gets a fresh database and runs the same ``StoreContract`` as SQLite does.
+Each test gets a fresh database and runs the same ``StoreContract`` as SQLite does, the
+rewriting of earlier versions' argon2id rows in place included.
 """
 
 from __future__ import annotations

@@ -132,7 +132,9 @@ async def test_a_database_user_that_may_not_create_our_table_stops_start_up(
         "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
     )
     url = f"postgresql://onlyreads:onlyreads@127.0.0.1:{postgres_server.port}/{database}"
-    stores = open_key_stores(database_url=url, fictures_database_url=url, cache_ttl_s=0.0)
+    stores = open_key_stores(
+        database_url=url, fictures_database_url=url, pepper=None, cache_ttl_s=0.0
+    )
     try:
         with pytest.raises(KeyStoreSchemaError, match="permission denied for schema public"):
             await stores.prepare()

@@ -2,6 +2,7 @@
 
 ``StoreContract`` holds the tests every database must pass; ``TestStoreOnSqlite`` runs them on
 an SQLite file here, and tests/integration/test_api_keys_postgres.py on a real PostgreSQL.
+Among them, the migration of earlier versions' argon2id rows to the keyed digest.
 """
 
 from __future__ import annotations
@@ -14,24 +15,33 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from argon2 import PasswordHasher, Type
 
 from fictures_ai import database
 from fictures_ai.cli.keys import add_key_commands, run_key_command
 from fictures_ai.database import default_database_url, normalise_url
 from fictures_ai.errors import InvalidRequestError, ServiceUnavailableError
-from fictures_ai.services.keys import base, local_store
+from fictures_ai.services.keys import base, hashing, local_store
+from fictures_ai.services.keys.hashing import KeyHasher
 from fictures_ai.services.keys.info import ApiKeyInfo
 from fictures_ai.services.keys.local_store import ApiKeyNotFoundError, ApiKeyService
 from fictures_ai.services.keys.scopes import Scope, parse_models, parse_scopes, scope_allows
 
 KEY_FORMAT = re.compile(r"fai_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
+DIGEST_FORMAT = re.compile(r"\$(sha256|hmac-sha256)\$[0-9a-f]{64}")
 CACHE_TTL_S = 0.5
+PEPPER = "pepper-0123456789abcdef0123456789abcdef"
+OTHER_PEPPER = "pepper-fedcba9876543210fedcba9876543210"
+# What versions before the keyed digest stored: argon2id with OWASP's minimum parameters.
+LEGACY_HASHER = PasswordHasher(
+    time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16, type=Type.ID
+)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # `fictures-ai keys ...` without the rest of the CLI: the same parser the real command mounts.
@@ -79,6 +89,26 @@ def read_rows(database_url: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+def write_hash(database_url: str, key_id: object, stored: str) -> None:
+    """Put ``stored`` in a key's row, around the service (as an earlier version wrote it)."""
+    engine = sa.create_engine(normalise_url(database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(f"UPDATE {local_store.TABLE_NAME} SET hash = :stored WHERE id = :id"),
+                {"stored": stored, "id": key_id},
+            )
+    finally:
+        engine.dispose()
+
+
+class NoArgon2:
+    """Stands in for argon2 where it must not be called again."""
+
+    def verify(self, stored: str, presented: str) -> bool:
+        pytest.fail("argon2 was called for a row already migrated")
+
+
 def secret_of(key: str) -> str:
     """The 43-character secret of ``fai_<prefix>_<secret>``; it may itself contain '_'."""
     return key.split("_", 2)[2]
@@ -98,6 +128,19 @@ class StoreContract:
         service = ApiKeyService(database_url=database_url, cache_ttl_s=CACHE_TTL_S)
         yield service
         service.close()
+
+    @pytest.fixture
+    def open_service(self, database_url: str) -> Iterator[Callable[..., ApiKeyService]]:
+        """Opens services on the database with other options (a pepper, another TTL)."""
+        opened: list[ApiKeyService] = []
+
+        def open_one(**options: Any) -> ApiKeyService:
+            opened.append(ApiKeyService(database_url=database_url, **options))
+            return opened[-1]
+
+        yield open_one
+        for service in opened:
+            service.close()
 
     @pytest.fixture
     def other_process(self, database_url: str) -> Iterator[ApiKeyService]:
@@ -126,23 +169,120 @@ class StoreContract:
         assert verified.has_scope(Scope.STORIES_READ)
         assert not verified.has_scope(Scope.ADMIN_ALL)
 
-    async def test_database_holds_a_salted_hash_not_the_key(
-        self, service: ApiKeyService, database_url: str
+    @pytest.mark.parametrize(("pepper", "scheme"), [(None, "$sha256$"), (PEPPER, "$hmac-sha256$")])
+    async def test_database_holds_a_digest_not_the_key(
+        self,
+        open_service: Callable[..., ApiKeyService],
+        database_url: str,
+        pepper: str | None,
+        scheme: str,
     ) -> None:
+        service = open_service(pepper=pepper)
         first, key = service.create("first", "stories:read")
         service.create("second", "stories:read")
 
         rows = read_rows(database_url)
         secret = secret_of(key)
         assert rows[0]["prefix"] == first.prefix
-        assert rows[0]["hash"].startswith("$argon2id$")
+        assert rows[0]["hash"] == KeyHasher(pepper).hash(key)
         for row in rows:
+            assert row["hash"].startswith(scheme)
+            assert DIGEST_FORMAT.fullmatch(row["hash"])
             for value in row.values():
                 assert key not in str(value)
                 assert secret not in str(value)
-        # Salted: two hashes never share their salt.
-        salts = {row["hash"].split("$")[4] for row in rows}
-        assert len(salts) == 2
+        assert rows[0]["hash"] != rows[1]["hash"]
+        assert await service.verify(key) is not None
+
+    async def test_a_pepper_is_needed_to_verify_keys_made_with_it(
+        self, open_service: Callable[..., ApiKeyService]
+    ) -> None:
+        peppered = open_service(pepper=PEPPER, cache_ttl_s=0.0)
+        info, key = peppered.create("peppered", "stories:read")
+
+        assert await peppered.verify(key) is not None
+        assert await open_service(pepper=PEPPER).verify(key) is not None  # another process
+        assert await open_service(pepper=OTHER_PEPPER).verify(key) is None
+        assert await open_service().verify(key) is None
+        unpeppered = await open_service().check(key)
+        assert unpeppered.reason == "the key's hash needs API_KEY_PEPPER, which is not set"
+        changed = await open_service(pepper=OTHER_PEPPER).check(key)
+        assert changed.reason is not None
+        assert "API_KEY_PEPPER changed" in changed.reason
+        assert await peppered.verify(other_secret(key)) is None
+        # Failed checks under another pepper rewrote nothing.
+        assert await peppered.verify(key) is not None
+
+    @pytest.mark.parametrize(("pepper", "scheme"), [(None, "$sha256$"), (PEPPER, "$hmac-sha256$")])
+    async def test_an_argon2_row_is_migrated_on_its_first_verification(
+        self,
+        open_service: Callable[..., ApiKeyService],
+        database_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        pepper: str | None,
+        scheme: str,
+    ) -> None:
+        service = open_service(pepper=pepper, cache_ttl_s=0.0)
+        info, key = service.create("legacy", "stories:write")
+        legacy = LEGACY_HASHER.hash(key)
+        write_hash(database_url, info.id, legacy)
+
+        verified = await service.verify(key)
+
+        assert verified is not None
+        assert verified.scopes == ("stories:write",)
+        (row,) = read_rows(database_url)
+        assert row["hash"].startswith(scheme)
+        assert row["hash"] == KeyHasher(pepper).hash(key)
+        # From now on argon2 is never called for this key: not on a re-check of the row that
+        # the cache remembers, not on a check from scratch, not in another process.
+        monkeypatch.setattr(hashing, "_ARGON2", NoArgon2())
+        assert await service.verify(key) is not None
+        service.clear_cache()
+        assert await service.verify(key) is not None
+        assert await open_service(pepper=pepper).verify(key) is not None
+        assert await service.verify(other_secret(key)) is None
+        (again,) = read_rows(database_url)
+        assert again["hash"] == row["hash"]
+
+    async def test_a_wrong_key_never_migrates_an_argon2_row(
+        self, open_service: Callable[..., ApiKeyService], database_url: str
+    ) -> None:
+        service = open_service(pepper=PEPPER, cache_ttl_s=0.0)
+        info, key = service.create("legacy", "stories:read")
+        legacy = LEGACY_HASHER.hash(key)
+        write_hash(database_url, info.id, legacy)
+
+        assert await service.verify(other_secret(key)) is None
+        assert (await service.check(other_secret(key))).reason == "the secret does not match"
+        service.revoke("legacy")
+        assert await service.verify(key) is None  # revoked: not even checked
+
+        (row,) = read_rows(database_url)
+        assert row["hash"] == legacy
+
+    async def test_keys_check_accepts_an_argon2_row_without_rewriting_it(
+        self, service: ApiKeyService, database_url: str
+    ) -> None:
+        info, key = service.create("legacy", "stories:read")
+        legacy = LEGACY_HASHER.hash(key)
+        write_hash(database_url, info.id, legacy)
+
+        check = await service.check(key)
+
+        assert check.accepted
+        assert read_rows(database_url)[0]["hash"] == legacy
+
+    async def test_a_pepper_set_later_keeps_sha256_rows_working_and_rewrites_them(
+        self, open_service: Callable[..., ApiKeyService], database_url: str
+    ) -> None:
+        _, key = open_service().create("early", "stories:read")
+        assert read_rows(database_url)[0]["hash"].startswith("$sha256$")
+
+        assert await open_service(pepper=PEPPER).verify(key) is not None
+
+        assert read_rows(database_url)[0]["hash"] == KeyHasher(PEPPER).hash(key)
+        assert await open_service().verify(key) is None  # the pepper is needed from now on
 
     async def test_logs_never_hold_a_key_or_hash(
         self, service: ApiKeyService, database_url: str, caplog: pytest.LogCaptureFixture
@@ -190,13 +330,13 @@ class StoreContract:
         self, service: ApiKeyService, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         info, key = service.create("racing", "stories:write")
-        real_check = local_store._hash_matches
+        real_check = service._hasher.matches
 
         def revoke_meanwhile(stored: str, presented: str) -> bool:
             service.revoke(info.name)  # lands after the check read the still-active row
             return real_check(stored, presented)
 
-        monkeypatch.setattr(local_store, "_hash_matches", revoke_meanwhile)
+        monkeypatch.setattr(service._hasher, "matches", revoke_meanwhile)
 
         assert await service.verify(key) is None
         monkeypatch.undo()
@@ -302,13 +442,13 @@ class StoreContract:
     ) -> None:
         _, key = service.create("burst", "stories:read")
         calls: list[str] = []
-        real_check = local_store._hash_matches
+        real_check = service._hasher.matches
 
         def counting_check(stored: str, presented: str) -> bool:
             calls.append(presented[:12])
             return real_check(stored, presented)
 
-        monkeypatch.setattr(local_store, "_hash_matches", counting_check)
+        monkeypatch.setattr(service._hasher, "matches", counting_check)
 
         results = await asyncio.gather(*(service.verify(key) for _ in range(20)))
         wrong = await asyncio.gather(*(service.verify(other_secret(key)) for _ in range(20)))
@@ -327,7 +467,7 @@ class StoreContract:
         try:
             _, key = service.create("rechecked", "stories:read")
             assert await service.verify(key) is not None
-            monkeypatch.setattr(local_store, "_hash_matches", pytest.fail)
+            monkeypatch.setattr(service._hasher, "matches", pytest.fail)
             assert await service.verify(key) is not None  # re-read the row, same hash: no hash
             service.revoke("rechecked")
             assert await service.verify(key) is None
@@ -355,7 +495,7 @@ class StoreContract:
         with capsys.disabled():
             print(
                 f"\n[{backend}] verify: cached {cached * 1e6:.1f} us/verify "
-                f"(mean of {count}); uncached (DB read + argon2id) "
+                f"(mean of {count}); uncached (DB read + SHA-256) "
                 f"median {sorted(cold)[2] * 1e3:.1f} ms"
             )
         assert cached < 1e-3  # generous: the hot path is a few microseconds
@@ -431,6 +571,57 @@ def test_parse_scopes_and_models() -> None:
     assert parse_scopes([Scope.ADMIN_ALL]) == ("admin:all",)
     assert parse_models(None) is None
     assert parse_models("a, b,,a") == ("a", "b")
+
+
+def test_key_hasher_schemes() -> None:
+    key = "fai_abcdefgh_" + "k" * 43
+    plain, peppered = KeyHasher(), KeyHasher(PEPPER)
+
+    assert plain.hash(key) == plain.hash(key)  # deterministic: 256 random bits need no salt
+    assert plain.hash(key).startswith("$sha256$")
+    assert peppered.hash(key).startswith("$hmac-sha256$")
+    assert peppered.hash(key) != KeyHasher(OTHER_PEPPER).hash(key)
+    for hasher in (plain, peppered):
+        stored = hasher.hash(key)
+        assert DIGEST_FORMAT.fullmatch(stored)
+        assert hasher.is_current(stored)
+        assert hasher.matches(stored, key)
+        assert not hasher.matches(stored, key[:-1] + "x")
+        assert not hasher.matches(stored.upper(), key)
+    # A SHA-256 row is read with a pepper too (and rewritten); an HMAC row only with its pepper.
+    assert peppered.matches(plain.hash(key), key)
+    assert not peppered.is_current(plain.hash(key))
+    assert not plain.matches(peppered.hash(key), key)
+    assert not KeyHasher(OTHER_PEPPER).matches(peppered.hash(key), key)
+    legacy = LEGACY_HASHER.hash(key)
+    assert plain.matches(legacy, key)
+    assert not plain.matches(legacy, key[:-1] + "x")
+    assert not plain.is_current(legacy)
+    assert hashing.scheme_of(legacy) == hashing.ARGON2
+    for unknown in ("", "plain", "$md5$abc", "$sha256$", f"sha256${'0' * 64}"):
+        assert hashing.scheme_of(unknown) is None
+        assert not plain.matches(unknown, key)
+        assert plain.mismatch_reason(unknown) == "the key's row holds a hash of no known scheme"
+    with pytest.raises(ValueError, match="empty pepper"):
+        KeyHasher("")
+
+
+def test_the_keys_commands_hash_with_the_settings_pepper(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/keys.db"
+    monkeypatch.setenv("API_KEY_PEPPER", PEPPER)
+
+    create = ("keys", "create", "--name", "ops", "--scopes", "admin:all", "--database-url", url)
+    assert run_cli(*create) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    assert read_rows(url)[0]["hash"] == KeyHasher(PEPPER).hash(key)
+    assert run_cli("keys", "check", key, "--database-url", url) == 0
+    assert "Accepted by the local store" in capsys.readouterr().out
+
+    monkeypatch.delenv("API_KEY_PEPPER")
+    assert run_cli("keys", "check", key, "--database-url", url) == 3
+    assert "needs API_KEY_PEPPER, which is not set" in capsys.readouterr().out
 
 
 def test_api_key_info_is_frozen() -> None:

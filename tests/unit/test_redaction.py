@@ -90,7 +90,7 @@ def test_a_credential_setting_never_shows_its_password(value: str) -> None:
 def test_mask_credentials_masks_every_url_in_a_message() -> None:
     text = (
         f"cannot reach 'postgresql://u:{CANARY}@db/keys' nor redis://:{CANARY}@cache "
-        f"(options: password={CANARY}); see http://docs.example/errors"
+        f"(options: password={CANARY}, pepper={CANARY}); see http://docs.example/errors"
     )
     shown = mask_credentials(text)
     assert CANARY not in shown
@@ -106,7 +106,7 @@ def test_masking_text_without_credentials_changes_nothing() -> None:
 
 def test_settings_with_credentials_are_marked_secret() -> None:
     # Any setting named like a URL, endpoint, token, secret or password holds one.
-    words = {"token", "secret", "password", "credential", "headers"}
+    words = {"token", "secret", "password", "credential", "headers", "pepper"}
     named = {
         name
         for name in Settings.model_fields
@@ -115,6 +115,7 @@ def test_settings_with_credentials_are_marked_secret() -> None:
     assert named <= Settings.secret_fields()
     assert Settings.secret_fields() == {
         "database_url",
+        "api_key_pepper",
         "fictures_database_url",
         "redis_url",
         "otlp_endpoint",
@@ -129,6 +130,7 @@ def secret_settings() -> Settings:
         fictures_database_url=f"postgresql://web@db/fictures?password={CANARY}",
         redis_url=f"redis://{CANARY}@cache:6379/0",
         otlp_endpoint=f"http://otel:{CANARY}@collector:4318",
+        api_key_pepper=CANARY * 4,
     )
 
 
@@ -139,6 +141,7 @@ def test_the_start_up_line_and_repr_mask_every_credential() -> None:
     assert changed["fictures_database_url"] == "postgresql://web@db/fictures?password=***"
     assert changed["redis_url"] == "redis://***@cache:6379/0"
     assert changed["otlp_endpoint"] == "http://otel:***@collector:4318"
+    assert changed["api_key_pepper"] == "***"
     assert CANARY not in str(changed)
     assert CANARY not in repr(settings)
     assert "redis_url='redis://***@cache:6379/0'" in repr(settings)
@@ -156,6 +159,7 @@ def test_the_start_up_line_and_repr_mask_every_credential() -> None:
         ("FICTURES_DATABASE_URL", CANARY),
         ("OTLP_ENDPOINT", f"http://otel:{CANARY}@collector:port"),
         ("OTLP_ENDPOINT", f"grpc://otel:{CANARY}@collector"),
+        ("API_KEY_PEPPER", CANARY),  # too short
     ],
 )
 def test_invalid_credential_settings_are_refused_without_showing_them(

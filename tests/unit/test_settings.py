@@ -88,6 +88,7 @@ def test_tensor_parallel_needs_that_many_visible_gpus(monkeypatch: pytest.Monkey
         ("CORS_ORIGINS", "fictures.example", "must start with http"),
         ("TEXT_PROMPT_FORMAT", "xml", "'chat' or 'raw'"),
         ("API_KEY_STORE", "fictures", "API_KEY_STORE=fictures needs FICTURES_DATABASE_URL"),
+        ("API_KEY_PEPPER", "too-short", "at least 32 characters"),
         ("GENERATION_MODE", "audio", "'all', 'text' or 'image'"),
         ("TEXT_STRUCTURED_OUTPUTS_BACKEND", "auto", "cannot keep JSON compact"),
     ],

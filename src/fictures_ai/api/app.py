@@ -116,6 +116,7 @@ def build_key_stores(settings: Settings) -> KeyStores:
         fictures_database_url=(
             settings.fictures_database_url if settings.api_key_store == "fictures" else None
         ),
+        pepper=settings.api_key_pepper,
         cache_ttl_s=settings.api_key_cache_s,
     )
 

@@ -111,6 +111,7 @@ def run_key_command(args: argparse.Namespace) -> int:
     try:
         service = ApiKeyService(
             database_url=args.database_url or settings.database_url or default_database_url(),
+            pepper=settings.api_key_pepper,
             beside_web_app_keys=settings.api_key_store == "fictures",
             cache_ttl_s=0.0,
         )
@@ -152,6 +153,7 @@ def _check_key(args: argparse.Namespace, settings: Settings) -> int:
         stores = open_key_stores(
             database_url=args.database_url or settings.database_url,
             fictures_database_url=fictures_url,
+            pepper=settings.api_key_pepper,
             cache_ttl_s=0.0,
         )
     except ArgumentError as exc:

@@ -120,9 +120,13 @@ class KeyStore(abc.ABC):
         """Create or check the store's tables (see :meth:`prepare`)."""
 
     @abc.abstractmethod
-    def _check_blocking(self, *, prefix: str, presented: str, checked_hash: str | None) -> KeyCheck:
+    def _check_blocking(
+        self, *, prefix: str, presented: str, checked_hash: str | None, rewrite: bool
+    ) -> KeyCheck:
         """Read the key's row and check it (in a worker thread). ``checked_hash`` is the stored
         hash the key passed before: while the row still holds it, the hash check is skipped.
+        ``rewrite``: whether an accepted key's hash, stored in an outdated scheme, may be
+        rewritten in the current one (``verify``: yes; ``check``, which changes nothing: no).
         Raises ``SQLAlchemyError`` when the database fails."""
 
     @abc.abstractmethod
@@ -164,6 +168,7 @@ class KeyStore(abc.ABC):
                     prefix=prefix,
                     presented=presented,
                     checked_hash=checked_hash,
+                    rewrite=True,
                 )
             )
             self._inflight[digest] = future
@@ -185,7 +190,11 @@ class KeyStore(abc.ABC):
         if prefix is None:
             return KeyCheck(info=None, reason=f"not shaped like a key of the {self.kind} store")
         return await self._run(
-            self._check_blocking, prefix=prefix, presented=presented, checked_hash=None
+            self._check_blocking,
+            prefix=prefix,
+            presented=presented,
+            checked_hash=None,
+            rewrite=False,
         )
 
     def clear_cache(self) -> None:

@@ -130,7 +130,10 @@ class FicturesKeyStore(KeyStore):
         with self._engine.connect() as connection:  # the key check's own query, reading nothing
             connection.execute(self._key_query("").limit(0)).all()
 
-    def _check_blocking(self, *, prefix: str, presented: str, checked_hash: str | None) -> KeyCheck:
+    def _check_blocking(
+        self, *, prefix: str, presented: str, checked_hash: str | None, rewrite: bool
+    ) -> KeyCheck:
+        # Never rewrites: the hashes are the web app's (bcrypt), and its table is only read.
         self.prepare()
         with self._engine.connect() as connection:
             rows = connection.execute(self._key_query(prefix)).all()

@@ -8,7 +8,9 @@ database may also hold the Fictures web app's own ``api_keys`` table. Keys made 
 named the table ``api_keys`` are copied over once, the old table left as it was.
 
 A key reads ``fai_<prefix>_<secret>`` (:mod:`.key_format`); the database stores the prefix
-and an argon2id hash of the whole key, never the key. Verification and its cache are
+and a keyed digest of the whole key (:mod:`.hashing`), never the key; a row hashed by an earlier
+version (argon2id) is rewritten in the current scheme when its key is first verified. A revoked
+or wrong key never causes a write. Verification and its cache are
 :class:`~fictures_ai.services.keys.base.KeyStore`'s; a revoked key stops working at once in the
 process that revoked it. A key may carry an allow-list of models; without one it may use every
 model.
@@ -23,8 +25,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -52,6 +52,7 @@ from fictures_ai.database import (
 )
 from fictures_ai.errors import InvalidRequestError
 from fictures_ai.services.keys.base import KeyStore, KeyStoreSchemaError
+from fictures_ai.services.keys.hashing import KeyHasher, scheme_of
 from fictures_ai.services.keys.info import ApiKeyInfo, KeyCheck, KeyId, aware
 from fictures_ai.services.keys.key_format import KEY_PREFIX, display_prefix, new_key, split_key
 from fictures_ai.services.keys.scopes import parse_models, parse_scopes
@@ -59,13 +60,6 @@ from fictures_ai.services.keys.scopes import parse_models, parse_scopes
 logger = logging.getLogger(__name__)
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
-
-# OWASP's minimum for argon2id (19 MiB, 2 passes, 1 lane): ~30 ms per check on one core. The
-# secrets are 256 random bits, so the hash guards a leaked table rather than weak passwords;
-# more memory would only cost the server RAM on every cache miss.
-_HASHER = PasswordHasher(
-    time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16, type=Type.ID
-)
 
 TABLE_NAME = f"{TABLE_PREFIX}api_keys"
 LEGACY_TABLE_NAME = "api_keys"
@@ -142,19 +136,29 @@ class ApiKeyService(KeyStore):
     kind = "local"
 
     def __init__(
-        self, *, database_url: str, beside_web_app_keys: bool = False, **options: Any
+        self,
+        *,
+        database_url: str,
+        pepper: str | None = None,
+        beside_web_app_keys: bool = False,
+        **options: Any,
     ) -> None:
         """Open (lazily) the database at ``database_url``; ``options`` are
         :class:`~fictures_ai.services.keys.base.KeyStore`'s (cache TTLs, threads, batching).
+
+        ``pepper``: ``API_KEY_PEPPER``, the secret key of the HMAC-SHA-256 the keys are stored
+        as; None stores them as SHA-256 (see :mod:`.hashing`).
 
         ``beside_web_app_keys``: the web app's keys are accepted too (``API_KEY_STORE=
         fictures``), so this database may be the web app's. Without it, a database holding the
         web app's ``api_keys`` table is refused when the store is prepared: that is the original
         ai-server's set-up, where every key of the web app would now get 401.
 
-        Raises ``sqlalchemy.exc.ArgumentError`` when ``database_url`` is not a database URL.
+        Raises ``sqlalchemy.exc.ArgumentError`` when ``database_url`` is not a database URL,
+        and ``ValueError`` for an empty pepper.
         """
         super().__init__(**options)
+        self._hasher = KeyHasher(pepper)
         self._url = normalise_url(database_url)
         self._beside_web_app_keys = beside_web_app_keys
         self._engine = create_database_engine(self._url)
@@ -195,7 +199,7 @@ class ApiKeyService(KeyStore):
             row = _ApiKeyRow(
                 name=name,
                 prefix=prefix,
-                key_hash=_HASHER.hash(plaintext),
+                key_hash=self._hasher.hash(plaintext),
                 scopes=" ".join(granted),
                 models=list(allowed) if allowed is not None else None,
                 created_at=_now(),
@@ -257,7 +261,9 @@ class ApiKeyService(KeyStore):
 
     # The store's side of verification (worker threads)
 
-    def _check_blocking(self, *, prefix: str, presented: str, checked_hash: str | None) -> KeyCheck:
+    def _check_blocking(
+        self, *, prefix: str, presented: str, checked_hash: str | None, rewrite: bool
+    ) -> KeyCheck:
         self.prepare()
         with self._sessions.begin() as session:
             row = session.scalars(
@@ -271,11 +277,19 @@ class ApiKeyService(KeyStore):
                 return KeyCheck(info=None, reason=f"revoked at {aware(row.revoked_at):%c} UTC")
             stored = row.key_hash
             if checked_hash is None or stored != checked_hash:
-                if not _hash_matches(stored, presented):
+                if not self._hasher.matches(stored, presented):
                     logger.info("Rejected a wrong secret for API key fai_%s", prefix)
-                    return KeyCheck(info=None, reason="the secret does not match")
-                if _HASHER.check_needs_rehash(stored):
-                    row.key_hash = _HASHER.hash(presented)
+                    return KeyCheck(info=None, reason=self._hasher.mismatch_reason(stored))
+                if rewrite and not self._hasher.is_current(stored):
+                    # The migration from earlier versions' argon2id, in place: only a key that
+                    # matched rewrites its row, so a guess can never change a hash.
+                    row.key_hash = self._hasher.hash(presented)
+                    logger.info(
+                        "Rewrote the hash of API key fai_%s from %s to %s",
+                        prefix,
+                        scheme_of(stored),
+                        self._hasher.scheme,
+                    )
             return KeyCheck(info=row.to_info(), key_hash=row.key_hash)
 
     def _write_last_used(self, uses: dict[KeyId, datetime]) -> None:
@@ -388,13 +402,6 @@ class ApiKeyService(KeyStore):
                 value=ident,
             )
         return candidates[0]
-
-
-def _hash_matches(stored: str, presented: str) -> bool:
-    try:
-        return _HASHER.verify(stored, presented)
-    except (VerificationError, InvalidHashError):
-        return False
 
 
 def _check_name(name: str) -> str:

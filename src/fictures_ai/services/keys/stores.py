@@ -18,16 +18,22 @@ logger = logging.getLogger(__name__)
 
 
 def open_key_stores(
-    *, database_url: str | None, fictures_database_url: str | None, cache_ttl_s: float
+    *,
+    database_url: str | None,
+    fictures_database_url: str | None,
+    pepper: str | None,
+    cache_ttl_s: float,
 ) -> KeyStores:
-    """The server's own store (``database_url``, else the default SQLite file) and, when
-    ``fictures_database_url`` is given, the web app's.
+    """The server's own store (``database_url``, else the default SQLite file; its keys
+    hashed with ``pepper``, ``API_KEY_PEPPER``) and, when ``fictures_database_url`` is given,
+    the web app's.
 
     Raises ``sqlalchemy.exc.ArgumentError`` when a URL is not a database URL.
     """
     stores: list[KeyStore] = [
         ApiKeyService(
             database_url=database_url or default_database_url(),
+            pepper=pepper,
             beside_web_app_keys=fictures_database_url is not None,
             cache_ttl_s=cache_ttl_s,
         )
