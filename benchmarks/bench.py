@@ -39,6 +39,7 @@ import image_bench  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
 from loadgen import count_events, run_level  # noqa: E402
+from process_cpu import cpu_times, per_1k  # noqa: E402
 from text_concurrency import start_server  # noqa: E402
 from text_load import MODEL, chat_bodies, requests_for  # noqa: E402
 
@@ -64,6 +65,9 @@ OURS_ENV = {
     "PRELOAD_MODELS": "true",
 }
 METRICS = ["tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+# CPU seconds per 1000 streamed tokens: of the process that speaks HTTP (or, for the raw
+# engine, runs AsyncLLM in-process) and of the engine core beneath it.
+CPU_METRICS = ["api_cpu_s_per_1k_tokens", "engine_cpu_s_per_1k_tokens"]
 STARTED = time.monotonic()
 
 
@@ -134,35 +138,75 @@ def start_vllm_serve(model: str, log: Path) -> tuple[subprocess.Popen[bytes], st
     return process, url
 
 
-async def drive_http(url: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
-    """Warm up, then run each level; check every request got exactly ``max_tokens``."""
+async def drive_http(
+    url: str, pid: int, levels: list[int], max_tokens: int
+) -> list[dict[str, Any]]:
+    """Warm up, then run each level; check every request got exactly ``max_tokens``.
+
+    ``pid`` is the server's HTTP process: its CPU time and that of its children (the engine
+    core) are read around each level.
+    """
     path = "/v1/chat/completions"
     await run_level(url, path, chat_bodies(8), concurrency=4, requests=8)
     bodies = chat_bodies(max_tokens)
     summaries = []
     for concurrency in levels:
+        before = cpu_times(pid)
         level = await run_level(
             url, path, bodies, concurrency=concurrency, requests=requests_for(concurrency)
         )
+        spent = cpu_times(pid) - before
         summary = level.summary()
         if summary["completion_tokens_seen"] != [max_tokens]:
             raise SystemExit(f"{url}: usage said {summary['completion_tokens_seen']} tokens")
+        summary |= cpu_summary(spent.own, spent.children, summary["output_tokens"])
         summaries.append(summary)
         say(f"    c={concurrency:<3} {progress_line(summary)}")
     return summaries
 
 
+def cpu_summary(api_s: float, engine_s: float, tokens: int) -> dict[str, Any]:
+    """A level's CPU figures: seconds in all and per 1000 streamed tokens."""
+    return {
+        "api_cpu_s": round(api_s, 3),
+        "engine_cpu_s": round(engine_s, 3),
+        "api_cpu_s_per_1k_tokens": per_1k(api_s, tokens),
+        "engine_cpu_s_per_1k_tokens": per_1k(engine_s, tokens),
+    }
+
+
 def progress_line(summary: dict[str, Any]) -> str:
     return (
         f"{summary['tokens_per_s']:8.1f} tok/s  TTFT p50 {summary['ttft_p50_ms']:7.1f} ms  "
-        f"ITL p50 {summary['itl_p50_ms']:6.2f} ms"
+        f"ITL p50 {summary['itl_p50_ms']:6.2f} ms  CPU/1k tok: API "
+        f"{summary['api_cpu_s_per_1k_tokens']:.3f} s, engine "
+        f"{summary['engine_cpu_s_per_1k_tokens']:.3f} s"
     )
+
+
+def wait_models_loaded(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait until ``/health`` reports every model loaded.
+
+    ``/health`` answers while models load, and with ``PRELOAD_MODELS`` the image pipeline
+    loads after the text model: a level measured meanwhile charged that load (about a second
+    of CPU in our process) to our figures.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with {process.returncode}")
+        models = httpx.get(f"{url}/health", timeout=5).json()["models"]
+        if all(model["initialized"] for model in models.values() if model):
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"{url}: models not loaded after {timeout_s} s")
 
 
 def run_ours(levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
     process, url = start_server(OURS_ENV)
     try:
-        return asyncio.run(drive_http(url, levels, max_tokens))
+        wait_models_loaded(url, process, 300)
+        return asyncio.run(drive_http(url, process.pid, levels, max_tokens))
     finally:
         stop(process)
 
@@ -172,7 +216,7 @@ def run_vllm_serve(
 ) -> list[dict[str, Any]]:
     process, url = start_vllm_serve(model, log)
     try:
-        return asyncio.run(drive_http(url, levels, max_tokens))
+        return asyncio.run(drive_http(url, process.pid, levels, max_tokens))
     finally:
         stop(process)
 
@@ -206,7 +250,7 @@ def medians(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     merged = []
     for position, first in enumerate(runs[0]):
         entry: dict[str, Any] = {"concurrency": first["concurrency"]}
-        for metric in METRICS:
+        for metric in METRICS + CPU_METRICS:
             values = [run[position][metric] for run in runs]
             entry[metric] = round(statistics.median(values), 3)
             entry[f"{metric}_runs"] = values
@@ -227,6 +271,8 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[di
         }
         for metric in METRICS[1:]:
             row[metric.replace("_ms", "_ratio")] = ratio(mine[metric], other[metric])
+        cpu = "api_cpu_s_per_1k_tokens"
+        row["api_cpu_ratio"] = ratio(mine[cpu], other[cpu])
         row["overhead_pct"] = round((1 - row["throughput_ratio"]) * 100, 2)
         rows.append(row)
     return rows
@@ -295,6 +341,8 @@ def ceiling_body(kind: str, tokens: int) -> bytes:
 
 def ceiling_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[float]] = {}
+    cpu_per_1k: dict[str, list[float]] = {}
+    busy: dict[str, list[float]] = {}
     for number in range(1, args.runs + 1):
         for app in CEILING_APPS:
             process, url = start_ceiling_server(app)
@@ -302,13 +350,22 @@ def ceiling_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for path, kind in CEILING_PATHS:
                     body = ceiling_body(kind, args.ceiling_tokens)
                     asyncio.run(count_events(url, path, body, concurrency=64, seconds=1))
+                    before = cpu_times(process.pid)
                     result = asyncio.run(
                         count_events(url, path, body, concurrency=64, seconds=args.ceiling_seconds)
                     )
-                    samples.setdefault(f"{app} {path}", []).append(result["events_per_s"])
+                    spent = (cpu_times(process.pid) - before).own
+                    name = f"{app} {path}"
+                    samples.setdefault(name, []).append(result["events_per_s"])
+                    cpu_per_1k.setdefault(name, []).append(per_1k(spent, int(result["events"])))
+                    # Share of one core the server had: below ~0.95 the machine, not the
+                    # server, set the pace of this sample.
+                    busy.setdefault(name, []).append(round(spent / result["seconds"], 3))
                     say(
                         f"  ceiling run {number}: {app:8} {path:22} "
-                        f"{result['events_per_s']:9.0f} tok/s"
+                        f"{result['events_per_s']:9.0f} tok/s, "
+                        f"{cpu_per_1k[name][-1] * 1000:.2f} ms CPU/1k tok, "
+                        f"{busy[name][-1]:.2f} cores"
                     )
             finally:
                 stop(process)
@@ -329,6 +386,15 @@ def ceiling_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "bare_tokens_per_s": bare,
         "bare_fictures_stream_tokens_per_s": bare_stream,
         "samples": samples,
+        # Medians of the server process's CPU seconds per 1000 events and of the cores it used.
+        "api_cpu_s_per_1k_tokens": {
+            name: round(statistics.median(values), 5) for name, values in cpu_per_1k.items()
+        },
+        "api_cpu_ratio_vs_bare": ratio(
+            statistics.median(cpu_per_1k["fictures /v1/chat/completions"]),
+            statistics.median(cpu_per_1k["bare /v1/chat/completions"]),
+        ),
+        "server_cores_busy": busy,
     }
 
 
@@ -427,7 +493,7 @@ LOAD_SNIPPET = (
 def image_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     process, url = start_server({"REQUIRE_API_KEY": "false", "IMAGE_TORCH_THREADS": "1"})
     try:
-        return image_bench.run(url, args.image_repetitions)
+        return image_bench.run(url, process.pid, args.image_repetitions)
     finally:
         stop(process)
 

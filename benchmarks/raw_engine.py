@@ -23,6 +23,7 @@ from fictures_ai.config import Settings  # noqa: E402
 from fictures_ai.engines.vllm_engine import build_engine_args, resolve_text_model  # noqa: E402
 from fictures_ai.services.engine_factory import text_engine_options  # noqa: E402
 from loadgen import StreamResult, run_workers  # noqa: E402
+from process_cpu import cpu_times, per_1k  # noqa: E402
 from text_load import PROMPTS, TEMPERATURE, TOP_P, requests_for  # noqa: E402
 
 
@@ -88,10 +89,20 @@ async def measure(levels: list[int], max_tokens: int, warmup: int) -> list[dict[
         await run_workers(4, 4, warm, lambda: None, nothing)
         summaries = []
         for concurrency in levels:
+            before = cpu_times()
             level = await run_workers(
                 concurrency, requests_for(concurrency), one, lambda: None, nothing
             )
-            summaries.append(level.summary())
+            spent = cpu_times() - before
+            summary = level.summary()
+            tokens = summary["output_tokens"]
+            summary |= {  # this process is the front end (AsyncLLM and the load): the "API"
+                "api_cpu_s": round(spent.own, 3),
+                "engine_cpu_s": round(spent.children, 3),
+                "api_cpu_s_per_1k_tokens": per_1k(spent.own, tokens),
+                "engine_cpu_s_per_1k_tokens": per_1k(spent.children, tokens),
+            }
+            summaries.append(summary)
             print("RESULT " + json.dumps(summaries[-1]), flush=True)
         return summaries
     finally:

@@ -50,8 +50,9 @@ def tables(results: dict[str, Any]) -> str:
         "### Text: fictures-ai serve against vllm serve",
         "",
         "| streams | ours tok/s | vllm serve tok/s | ratio | TTFT p50 ours / vllm | "
-        "ratio | TTFT p99 ours / vllm | ITL p50 ours / vllm | ITL p99 ours / vllm |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ratio | TTFT p99 ours / vllm | ITL p50 ours / vllm | ITL p99 ours / vllm "
+        "| API CPU s per 1k tokens ours / vllm | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ours = text["targets"]["ours"]
     theirs = text["targets"]["vllm_serve"]
@@ -63,21 +64,24 @@ def tables(results: dict[str, Any]) -> str:
             f"{other['ttft_p50_ms']:.1f} | {row['ttft_p50_ratio']:.3f} | "
             f"{mine['ttft_p99_ms']:.1f} / {other['ttft_p99_ms']:.1f} | "
             f"{mine['itl_p50_ms']:.2f} / {other['itl_p50_ms']:.2f} | "
-            f"{mine['itl_p99_ms']:.2f} / {other['itl_p99_ms']:.2f} |"
+            f"{mine['itl_p99_ms']:.2f} / {other['itl_p99_ms']:.2f} | "
+            f"{mine['api_cpu_s_per_1k_tokens']:.3f} / {other['api_cpu_s_per_1k_tokens']:.3f} "
+            f"| {row['api_cpu_ratio']:.2f} |"
         )
     lines += [
         "",
         "### Text: fictures-ai serve against AsyncLLM in-process (no HTTP)",
         "",
         "| streams | ours tok/s | raw engine tok/s | throughput overhead | TTFT p50 ours / raw "
-        "| ITL p50 ours / raw |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| ITL p50 ours / raw | front-end CPU s per 1k tokens ours / raw |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mine, other, row in zip(ours, raw, text["vs_raw_engine"], strict=True):
         lines.append(
             f"| {mine['concurrency']} | {mine['tokens_per_s']:.1f} | {other['tokens_per_s']:.1f} "
             f"| {row['overhead_pct']:+.1f}% | {mine['ttft_p50_ms']:.1f} / "
-            f"{other['ttft_p50_ms']:.1f} | {mine['itl_p50_ms']:.2f} / {other['itl_p50_ms']:.2f} |"
+            f"{other['ttft_p50_ms']:.1f} | {mine['itl_p50_ms']:.2f} / {other['itl_p50_ms']:.2f} | "
+            f"{mine['api_cpu_s_per_1k_tokens']:.3f} / {other['api_cpu_s_per_1k_tokens']:.3f} |"
         )
     ceiling = text.get("http_ceiling")
     if ceiling:
@@ -90,13 +94,18 @@ def tables(results: dict[str, Any]) -> str:
             f"{ceiling['load_generator']}.",
             "",
             "| route | bare Starlette + uvicorn, same SSE bytes (tokens/s) "
-            "| ours (tokens/s) | ours / bare |",
-            "|---|---:|---:|---:|",
+            "| ours (tokens/s) | ours / bare | server CPU ms per 1k tokens bare / ours |",
+            "|---|---:|---:|---:|---:|",
             f"| `/v1/chat/completions` | {ceiling['bare_tokens_per_s']:.0f} "
-            f"| {ceiling['tokens_per_s']:.0f} | {ceiling['ratio_vs_bare'] * 100:.0f}% |",
+            f"| {ceiling['tokens_per_s']:.0f} | {ceiling['ratio_vs_bare'] * 100:.0f}% "
+            f"| {_ceiling_cpu(ceiling, '/v1/chat/completions')} |",
             f"| `/api/v1/text/stream` | {ceiling['bare_fictures_stream_tokens_per_s']:.0f} "
             f"| {ceiling['fictures_stream_tokens_per_s']:.0f} "
-            f"| {ceiling['fictures_stream_ratio_vs_bare'] * 100:.0f}% |",
+            f"| {ceiling['fictures_stream_ratio_vs_bare'] * 100:.0f}% "
+            f"| {_ceiling_cpu(ceiling, '/api/v1/text/stream')} |",
+            "",
+            "Throughput here is set by whichever of the server and the load generator runs out "
+            "of CPU first on the shared cores; the CPU per 1000 tokens is the server's own cost.",
         ]
     images = results.get("images")
     if images:
@@ -105,17 +114,31 @@ def tables(results: dict[str, Any]) -> str:
             f"### Images ({images['width']}×{images['height']}, {images['steps']} steps, "
             f"tiny pipeline, 1 torch thread, median of {images['repetitions']})",
             "",
-            "| path | latency p50 (ms) |",
-            "|---|---:|",
-            f"| diffusers pipeline call (PIL image) | {images['pipeline_ms_p50']:.1f} |",
-            f"| `DiffusersImageEngine.generate` (PNG) | {images['engine_ms_p50']:.1f} |",
-            f"| `POST /api/v1/images/generate` | {images['server_ms_p50']:.1f} |",
+            "| path | latency p50 (ms) | CPU per image (ms, mean) | CPU per step (ms) |",
+            "|---|---:|---:|---:|",
+            f"| diffusers pipeline call (PIL image) | {images['pipeline_ms_p50']:.1f} "
+            f"| {_image_cpu(images, 'pipeline')} |",
+            f"| `DiffusersImageEngine.generate` (PNG) | {images['engine_ms_p50']:.1f} "
+            f"| {_image_cpu(images, 'engine')} |",
+            f"| `POST /api/v1/images/generate` | {images['server_ms_p50']:.1f} "
+            f"| {_image_cpu(images, 'server')} |",
             "",
             f"Request overhead: {images['overhead_vs_pipeline_pct']:+.1f}% against the pipeline "
-            f"call, {images['overhead_vs_engine_pct']:+.1f}% against the engine.",
+            f"call, {images['overhead_vs_engine_pct']:+.1f}% against the engine; in CPU time "
+            f"{images['cpu_overhead_vs_pipeline_pct']:+.1f}% against the pipeline call (the "
+            "server process for a request, the benchmark process for a call).",
         ]
     lines += ["", "### Goals", "", *goal_lines(results)]
     return "\n".join(lines)
+
+
+def _ceiling_cpu(ceiling: dict[str, Any], path: str) -> str:
+    cpu = ceiling["api_cpu_s_per_1k_tokens"]
+    return f"{cpu[f'bare {path}'] * 1000:.2f} / {cpu[f'fictures {path}'] * 1000:.2f}"
+
+
+def _image_cpu(images: dict[str, Any], path: str) -> str:
+    return f"{images['cpu_s_per_image'][path] * 1000:.0f} | {images['cpu_ms_per_step'][path]:.0f}"
 
 
 def goal_lines(results: dict[str, Any]) -> list[str]:
@@ -166,6 +189,7 @@ def headline(results: dict[str, Any]) -> str:
         lines.append(
             f"  c={row['concurrency']:<3} vs vllm serve: throughput x{row['throughput_ratio']:.3f}"
             f", TTFT p50 x{row['ttft_p50_ratio']:.3f}"
+            f", API CPU per token x{row['api_cpu_ratio']:.2f}"
         )
     for row in text.get("vs_raw_engine", []):
         lines.append(
@@ -175,8 +199,14 @@ def headline(results: dict[str, Any]) -> str:
     if ceiling:
         lines.append(
             f"  HTTP ceiling: {ceiling['tokens_per_s']:.0f} tok/s, "
-            f"{ceiling['ratio_vs_bare'] * 100:.0f}% of bare"
+            f"{ceiling['ratio_vs_bare'] * 100:.0f}% of bare, CPU per token "
+            f"x{ceiling['api_cpu_ratio_vs_bare']:.2f} of bare"
         )
-    if results.get("images"):
-        lines.append(f"  images: overhead {results['images']['overhead_vs_pipeline_pct']:+.1f}%")
+    images = results.get("images")
+    if images:
+        lines.append(
+            f"  images: overhead {images['overhead_vs_pipeline_pct']:+.1f}%, in CPU time "
+            f"{images['cpu_overhead_vs_pipeline_pct']:+.1f}% "
+            f"({images['cpu_s_per_image']['server'] * 1000:.0f} ms per image)"
+        )
     return "\n".join(lines)
