@@ -148,6 +148,11 @@ def test_serve_flags_mirror_the_settings() -> None:
     add_settings_flags(parser)
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in parser._option_string_actions
+    # Every description shows as written, a '%' in it too.
+    shown = " ".join(parser.format_help().split())
+    for info in Settings.model_fields.values():
+        assert " ".join(str(info.description).split()) in shown
+    assert "option_strings" not in shown  # what argparse printed for "10% slower"
 
 
 def test_non_default_settings_mask_secrets() -> None:

@@ -33,7 +33,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per settings field; unset flags leave the environment's value in force."""
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{info.description} [env {name.upper()}]"
+        # argparse reads help as a %-format: "~10% slower" would print the action's dict.
+        help_text = f"{info.description} [env {name.upper()}]".replace("%", "%%")
         annotation = info.annotation
         if annotation is bool:
             parser.add_argument(
