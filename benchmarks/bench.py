@@ -34,7 +34,9 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the other benchmarks, and tests.support
+from tests.support import free_port  # noqa: E402
+
 import image_bench  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
@@ -75,13 +77,6 @@ def say(message: str) -> None:
     """Progress line with the elapsed time."""
     elapsed = int(time.monotonic() - STARTED)
     print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -31,6 +31,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import percentile  # noqa: E402
 from text_concurrency import start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "load_test.json"
@@ -161,9 +162,9 @@ def _median_figures(samples: list[dict[str, Any]], role: str) -> dict[str, float
     }
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 3) if ordered else 0.0
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of ``values`` in seconds (0.0 for none), to the millisecond."""
+    return {f"p{q}": round(percentile(values, q / 100), 3) for q in (50, 95, 99)}
 
 
 async def one_request(
@@ -264,16 +265,8 @@ async def run(url: str, pid: int | None, args: argparse.Namespace) -> dict[str, 
         "errors": len(stats["errors"]),
         "error_samples": stats["errors"][:5],
         "stream_events_per_s": round(stats["events"] / elapsed, 1),
-        "ttft_s": {
-            "p50": percentile(stats["ttft"], 0.5),
-            "p95": percentile(stats["ttft"], 0.95),
-            "p99": percentile(stats["ttft"], 0.99),
-        },
-        "request_s": {
-            "p50": percentile(stats["latency"], 0.5),
-            "p95": percentile(stats["latency"], 0.95),
-            "p99": percentile(stats["latency"], 0.99),
-        },
+        "ttft_s": percentiles(stats["ttft"]),
+        "request_s": percentiles(stats["latency"]),
         "ready_after": ready,
         "server_memory_mib": {
             "note": (

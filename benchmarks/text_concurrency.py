@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from tests.support import free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "text_concurrency.json"
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
@@ -87,9 +89,7 @@ async def measure(url: str, max_tokens: int, api_key: str | None) -> dict[str, o
 
 def start_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``fictures-ai serve`` on a free port and wait until it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "API_HOST": "127.0.0.1",
