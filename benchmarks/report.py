@@ -105,7 +105,9 @@ def tables(results: dict[str, Any]) -> str:
             f"| {_ceiling_cpu(ceiling, '/api/v1/text/stream')} |",
             "",
             "Throughput here is set by whichever of the server and the load generator runs out "
-            "of CPU first on the shared cores; the CPU per 1000 tokens is the server's own cost.",
+            "of CPU first on the shared cores (`server_cores_busy` in the results); the CPU per "
+            "1000 tokens is the server's own cost, lower when a lagging client lets its writes "
+            "coalesce, so compare the two apps within one run.",
         ]
     images = results.get("images")
     if images:
