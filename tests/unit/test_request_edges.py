@@ -416,3 +416,80 @@ async def test_a_chat_prompt_too_long_names_the_messages(
     response = await http.post("/v1/chat/completions", json={**CHAT, "messages": messages})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages"
+
+
+# JSON may spell what Python cannot encode: a lone UTF-16 surrogate, a number past a float.
+SURROGATE_BODIES = [
+    ("/api/v1/text/generate", '{"prompt": "\\u0000hi\\ud800"}', "prompt"),
+    ("/api/v1/text/stream", '{"prompt": "hi", "stop_sequences": ["\\udfff"]}', "stop_sequences[0]"),
+    (
+        "/api/v1/text/structured",
+        '{"prompt": "hi", "guided_decoding": {"type": "choice", "choices": ["\\ud83d"]}}',
+        "guided_decoding.choices[0]",
+    ),
+    ("/api/v1/images/generate", '{"prompt": "x", "negative_prompt": "\\ud800"}', "negative_prompt"),
+    ("/api/v1/images/stream", '{"prompt": "\\ud800"}', "prompt"),
+    (
+        "/v1/chat/completions",
+        '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+        "messages[0].content",
+    ),
+    (
+        "/v1/chat/completions",
+        '{"model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", '
+        '"text": "\\ud800"}]}], "stream": true}',
+        "messages[0].content[0].text",
+    ),
+    ("/v1/completions", '{"model": "fake-model", "prompt": "x", "stop": "\\ud800"}', "stop"),
+    ("/v1/images/generations", '{"prompt": "\\udc00"}', "prompt"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ("/api/v1/text/generate", '{"prompt": "hi", "max_tokens": "\\ud800"}', "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), SURROGATE_BODIES)
+async def test_a_lone_surrogate_in_any_string_is_a_400_naming_the_field(
+    http: httpx.AsyncClient, engine: FakeTextEngine, path: str, body: str, field: str
+) -> None:
+    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    message = (
+        response.json()["error"]["message"]
+        if path.startswith(("/v1", "/tokenize"))
+        else response.json()["detail"]
+    )
+    assert message.startswith(f"{field}: holds a lone UTF-16 surrogate")
+    assert not engine.calls
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/v1/text/generate", '{"prompt": "hi", "max_tokens": 1e309}', 422),
+        ("/api/v1/text/generate", '{"prompt": "hi", "temperature": -1e309}', 400),
+        ("/api/v1/images/generate", '{"prompt": "x", "width": 1e309}', 422),
+        (
+            "/v1/chat/completions",
+            '{"model": "fake-model", "max_tokens": 1e309, "messages": []}',
+            400,
+        ),
+    ],
+)
+async def test_a_number_past_a_float_is_a_client_error_in_json(
+    http: httpx.AsyncClient, path: str, body: str, status: int
+) -> None:
+    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/api/v1/text/generate", 422), ("/v1/chat/completions", 400)]
+)
+async def test_a_body_nested_past_the_decoders_limit_is_malformed(
+    http: httpx.AsyncClient, path: str, status: int
+) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    response = await http.post(path, content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert "could not be parsed as JSON" in response.text

@@ -30,6 +30,13 @@ from fictures_ai.errors import FicturesError
 logger = logging.getLogger(__name__)
 
 
+FASTAPI_UNPARSABLE_BODY = "There was an error parsing the body"
+UNPARSABLE_BODY = (
+    "The body could not be parsed as JSON (nested too deeply, or not JSON at all); send one "
+    "JSON object with Content-Type: application/json."
+)
+
+
 def reply_for_path(path: str, reply: ErrorReply) -> JSONResponse:
     """``reply`` as a response in the shape of the surface ``path`` belongs to."""
     return openai_error(reply) if is_openai_path(path) else fictures_error(reply)
@@ -96,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = unserved_route_message(request.url.path, mode)
             if message is not None:
                 exc = StarletteHTTPException(404, message)
+        elif exc.status_code == 400 and exc.detail == FASTAPI_UNPARSABLE_BODY:
+            # FastAPI's answer when decoding the body fails other than as bad JSON (nesting
+            # deeper than the decoder's recursion limit): a malformed body, 422 on Fictures'.
+            status = 400 if is_openai_path(request.url.path) else 422
+            exc = StarletteHTTPException(status, UNPARSABLE_BODY)
         if is_openai_path(request.url.path):
             return JSONResponse(
                 error_body(str(exc.detail), exc.status_code),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,4 +38,19 @@ def fictures_validation_error(exc: RequestValidationError) -> JSONResponse:
         else:
             detail = "; ".join(validation_message(error) for error in errors)
         return JSONResponse({"detail": detail}, status_code=400)
-    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with what JSON cannot carry made printable: the errors quote the input, which
+    may hold a number too large for a float (``1e309`` parses as infinity) or a lone
+    surrogate."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value

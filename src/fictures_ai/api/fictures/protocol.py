@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.api.unicode_text import check_unicode_text
 from fictures_ai.config import GenerationMode
 from fictures_ai.engines.base import (
     MAX_SEED,
@@ -55,6 +56,11 @@ class ErrorResponse(BaseModel):
 class _Request(BaseModel):
     # Strict types: "top_p": false or "max_tokens": "12" is a malformed body (422), not 0/12.
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode_text(cls, data: Any) -> Any:
+        return check_unicode_text(data)
 
 
 class _TextSampling(_Request):

@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.api.unicode_text import check_unicode_text
 from fictures_ai.engines.base import (
     MAX_SEED,
     ChatMessage,
@@ -42,6 +43,11 @@ MAX_TEXT_SEED = 2**63 - 1
 class _Request(BaseModel):
     # Unknown fields are ignored as OpenAI does; known ones must have their JSON type.
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode_text(cls, data: Any) -> Any:
+        return check_unicode_text(data)
 
 
 class _Response(BaseModel):
