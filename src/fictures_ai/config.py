@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from platformdirs import user_cache_dir
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -421,6 +422,48 @@ class Settings(BaseSettings):
         # repr(settings) (a debugger, a log line, a traceback) shows credentials masked.
         for name, value in super().__repr_args__():
             yield name, _shown(name, value) if name else value
+
+
+RETIRED_NAMES = {
+    f"VLLM_{name}": f"TEXT_{name}"
+    for name in (
+        "DTYPE",
+        "ENFORCE_EAGER",
+        "CPU_KV_CACHE_MB",
+        "TRUST_REMOTE_CODE",
+        "MAX_NUM_BATCHED_TOKENS",
+        "STRUCTURED_OUTPUTS_BACKEND",
+        "DISABLE_ANY_WHITESPACE",
+    )
+}
+"""Names this server read before its settings left vLLM's namespace (0.1 → TEXT_...), and are
+not aliases: left to vLLM, which does not know them."""
+
+
+def setting_name_warnings(
+    environ: Mapping[str, str], env_file: Path | None = Path(".env")
+) -> list[str]:
+    """What to tell an operator about the names in ``environ`` and ``env_file``: a retired
+    ``VLLM_...`` name that is no longer read (the setting silently keeps its default), and an
+    original name set beside its new one (the new one wins)."""
+    names = {name.upper() for name in environ}
+    if env_file is not None and env_file.is_file():
+        names |= {name.upper() for name in dotenv_values(env_file)}
+    warnings = [
+        f"{old} is no longer read by this server (set {new} instead); it is left to vLLM, "
+        "which does not know it"
+        for old, new in RETIRED_NAMES.items()
+        if old in names and new not in names
+    ]
+    for field, info in Settings.model_fields.items():
+        if not isinstance(info.validation_alias, AliasChoices):
+            continue
+        aliases = [str(choice).upper() for choice in info.validation_alias.choices]
+        given = [alias for alias in aliases if alias in names]
+        if field.upper() in given and len(given) > 1:
+            ignored = ", ".join(alias for alias in given if alias != field.upper())
+            warnings.append(f"{field.upper()} and {ignored} are both set: {field.upper()} is used")
+    return warnings
 
 
 def describe_settings_error(exc: ValidationError) -> str:

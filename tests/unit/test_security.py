@@ -17,6 +17,7 @@ from fictures_ai.config import Settings
 from fictures_ai.engines.base import TextGenerationParams, TextPrompt
 from fictures_ai.services.keys.local_store import ApiKeyService
 from fictures_ai.services.rate_limit import InMemoryRateLimiter
+from tests.support import WEATHER_TOOL
 from tests.unit.conftest import make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine, json_events
 
@@ -66,8 +67,8 @@ async def test_the_11th_request_in_a_minute_is_429_with_retry_after(
 async def test_a_request_is_charged_once_its_body_is_valid_and_its_model_known(
     limited: tuple[httpx.AsyncClient, str],
 ) -> None:
-    # The body is parsed once, by the route: what it refuses (a bad value, an unknown model)
-    # never reaches the budget.
+    # The body is parsed once, by the route: what it refuses before generating (a bad value,
+    # an unknown model, tools without a parser) never reaches the budget.
     client, key = limited
     headers = {"Authorization": f"Bearer {key}"}
     for _ in range(12):
@@ -79,6 +80,17 @@ async def test_a_request_is_charged_once_its_body_is_valid_and_its_model_known(
             headers=headers,
         )
         assert unknown.status_code == 404
+        no_parser = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [WEATHER_TOOL],
+                "tool_choice": "auto",
+            },
+            headers=headers,
+        )
+        assert no_parser.status_code == 400
     admitted = await client.post(GENERATE, json={"prompt": "x"}, headers=headers)
     assert admitted.status_code == 200
     assert admitted.headers["x-ratelimit-remaining-requests"] == "9"

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from fictures_ai.cli import build_parser
 from fictures_ai.cli.serve import add_settings_flags, settings_from
-from fictures_ai.config import Settings, describe_settings_error
+from fictures_ai.config import Settings, describe_settings_error, setting_name_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,3 +181,25 @@ def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.generation_mode == "image"
     assert settings.database_url is None
+
+
+def test_names_this_server_no_longer_reads_are_reported(tmp_path: Path) -> None:
+    # 0.1 read VLLM_DTYPE, VLLM_ENFORCE_EAGER...: an upgraded .env must not lose them silently.
+    env_file = tmp_path / ".env"
+    env_file.write_text("VLLM_ENFORCE_EAGER=false\n")
+    warnings = setting_name_warnings({"VLLM_DTYPE": "float32"}, env_file)
+    assert warnings == [
+        "VLLM_DTYPE is no longer read by this server (set TEXT_DTYPE instead); it is left to "
+        "vLLM, which does not know it",
+        "VLLM_ENFORCE_EAGER is no longer read by this server (set TEXT_ENFORCE_EAGER instead); "
+        "it is left to vLLM, which does not know it",
+    ]
+    assert setting_name_warnings({"VLLM_DTYPE": "float32", "TEXT_DTYPE": "auto"}, None) == []
+
+
+def test_an_original_name_beside_its_new_one_is_reported() -> None:
+    warnings = setting_name_warnings({"VLLM_MAX_NUM_SEQS": "abc", "TEXT_MAX_NUM_SEQS": "8"}, None)
+    assert warnings == [
+        "TEXT_MAX_NUM_SEQS and VLLM_MAX_NUM_SEQS are both set: TEXT_MAX_NUM_SEQS is used"
+    ]
+    assert setting_name_warnings({"VLLM_MAX_NUM_SEQS": "4"}, None) == []

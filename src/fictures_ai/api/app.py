@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,7 +38,7 @@ from fictures_ai.api.openai.router import models_router as openai_models_router
 from fictures_ai.api.openai.router import text_router as openai_text_router
 from fictures_ai.api.openai.router import tokenizer_router
 from fictures_ai.api.playground.router import router as playground_router
-from fictures_ai.config import Settings
+from fictures_ai.config import Settings, setting_name_warnings
 from fictures_ai.observability import Observability
 from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
@@ -166,6 +167,8 @@ def create_app(
         changed = settings.non_default_items()
         if changed:
             logger.info("Settings changed from their defaults: %s", changed)
+        for warning in setting_name_warnings(os.environ):
+            logger.warning("Settings: %s", warning)
         tasks: list[asyncio.Task[None]] = []
         if services.api_keys is None:
             logger.warning(

@@ -164,11 +164,12 @@ async def generate_text(
 
     With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
     """
-    await caller.admit(model=service.check_model(body.model))
+    model = service.check_model(body.model)
     prompt = body.to_prompt(services.settings.text_prompt_format)
+    params = body.to_generation_params()
+    await caller.admit(model=model)
     result = await cancel_on_disconnect(
-        request,
-        service.generate(prompt, body.to_generation_params(), request_id=current_request_id()),
+        request, service.generate(prompt, params, request_id=current_request_id())
     )
     return TextGenerationResponse(
         text=result.text,
@@ -189,12 +190,11 @@ async def stream_text(
     body: TextGenerationRequest, caller: Caller, service: TextService, services: ServicesDep
 ) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
-    await caller.admit(model=service.check_model(body.model))
-    chunks = service.stream(
-        body.to_prompt(services.settings.text_prompt_format),
-        body.to_generation_params(),
-        request_id=current_request_id(),
-    )
+    model = service.check_model(body.model)
+    prompt = body.to_prompt(services.settings.text_prompt_format)
+    params = body.to_generation_params()
+    await caller.admit(model=model)
+    chunks = service.stream(prompt, params, request_id=current_request_id())
     return await stream_events(chunks, TextEventEncoder(service.model_name))
 
 
@@ -207,13 +207,12 @@ async def generate_structured_text(
     services: ServicesDep,
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
-    await caller.admit(model=service.check_model(body.model))
+    model = service.check_model(body.model)
     prompt = body.to_prompt(services.settings.text_prompt_format)
+    params = body.to_generation_params()
+    await caller.admit(model=model)
     outcome = await cancel_on_disconnect(
-        request,
-        service.generate_structured(
-            prompt, body.to_generation_params(), request_id=current_request_id()
-        ),
+        request, service.generate_structured(prompt, params, request_id=current_request_id())
     )
     return StructuredGenerationResponse(
         output=outcome.result.text,
@@ -231,8 +230,10 @@ async def generate_image(
 ) -> ImageGenerationResponse:
     """Render one image of exactly the requested size; a client that disconnects frees its
     queue place or stops the render."""
-    await caller.admit(model=service.check_model(body.model), images=1)
-    image = await cancel_on_disconnect(request, service.generate(body.to_generation_params()))
+    model = service.check_model(body.model)
+    params = body.to_generation_params()
+    await caller.admit(model=model, images=1)
+    image = await cancel_on_disconnect(request, service.generate(params))
     return ImageGenerationResponse(
         image_url=png_data_url(image.png),
         model=service.info().name,
@@ -254,8 +255,10 @@ async def stream_image(
     body: ImageGenerationRequest, caller: Caller, service: ImageService
 ) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
-    await caller.admit(model=service.check_model(body.model), images=1)
-    renders = service.stream(body.to_generation_params())
+    model = service.check_model(body.model)
+    params = body.to_generation_params()
+    await caller.admit(model=model, images=1)
+    renders = service.stream(params)
     # Started at once: the render may wait long in the queue; its errors are events.
     return await stream_events(
         renders, ImageEventEncoder(service.info().name), wait_for_first=False

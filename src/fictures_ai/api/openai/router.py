@@ -176,13 +176,13 @@ async def create_chat_completion(
     parser for auto.
     """
     model = service.check_model(body.model)
-    await caller.admit(model=model)
     plan = body.tool_plan()
     params = body.to_generation_params(plan)
     parsers = await _tool_call_parsers(service, plan, len(params))
     if parsers and not parsers[0].skip_special_tokens:
         params = [replace(choice, skip_special_tokens=False) for choice in params]
     prompts = [TextPrompt(messages=body.to_messages(), tools=plan.tools)]
+    await caller.admit(model=model)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     try:
@@ -228,9 +228,9 @@ async def create_completion(
 ) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
     model = service.check_model(body.model)
-    await caller.admit(model=model)
     params = body.to_generation_params()
     prompts = body.prompts()
+    await caller.admit(model=model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     count = len(prompts) * len(params)
