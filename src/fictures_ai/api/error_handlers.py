@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 FASTAPI_UNPARSABLE_BODY = "There was an error parsing the body"
 UNPARSABLE_BODY = (
-    "The body could not be parsed as JSON (nested too deeply, or not JSON at all); send one "
-    "JSON object with Content-Type: application/json."
+    "The body could not be parsed as JSON (not UTF-8, or nested too deeply); send one JSON "
+    "object, UTF-8 encoded, with Content-Type: application/json."
 )
 
 
@@ -104,10 +104,13 @@ def install_error_handlers(app: FastAPI) -> None:
             if message is not None:
                 exc = StarletteHTTPException(404, message)
         elif exc.status_code == 400 and exc.detail == FASTAPI_UNPARSABLE_BODY:
-            # FastAPI's answer when decoding the body fails other than as bad JSON (nesting
-            # deeper than the decoder's recursion limit): a malformed body, 422 on Fictures'.
-            status = 400 if is_openai_path(request.url.path) else 422
-            exc = StarletteHTTPException(status, UNPARSABLE_BODY)
+            # FastAPI's answer when decoding the body fails other than as bad JSON (bytes that
+            # are not UTF-8, nesting past the decoder's limit): a malformed body, which the
+            # Fictures surface answers 422 in its validation-error shape.
+            if not is_openai_path(request.url.path):
+                error = {"type": "json_invalid", "loc": ["body"], "msg": UNPARSABLE_BODY}
+                return JSONResponse({"detail": [error]}, status_code=422)
+            exc = StarletteHTTPException(400, UNPARSABLE_BODY)
         if is_openai_path(request.url.path):
             return JSONResponse(
                 error_body(str(exc.detail), exc.status_code),
