@@ -213,6 +213,61 @@ class StoreContract:
         # Failed checks under another pepper rewrote nothing.
         assert await peppered.verify(key) is not None
 
+    async def test_the_log_says_why_peppered_keys_are_refused(
+        self, open_service: Callable[..., ApiKeyService], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        peppered = open_service(pepper=PEPPER)
+        info, key = peppered.create("peppered", "stories:read")
+        peppered.create("revoked", "stories:read")
+        peppered.revoke("revoked")
+        caplog.set_level(logging.INFO, logger=local_store.__name__)
+
+        def logged() -> list[tuple[int, str]]:
+            records = [r for r in caplog.records if r.name == local_store.__name__]
+            caplog.clear()
+            return [(record.levelno, record.getMessage()) for record in records]
+
+        # Without the pepper: one warning at start-up (the revoked key is not counted)...
+        unpeppered = open_service()
+        unpeppered.prepare()
+        ((level, start_up),) = logged()
+        assert level == logging.WARNING
+        assert start_up.startswith("API_KEY_PEPPER is not set, but 1 active API key(s) in ")
+        assert "cannot verify (each gets 401) until API_KEY_PEPPER is set" in start_up
+        # ... and each refusal says why, as a warning: the set-up is wrong, not the key.
+        assert await unpeppered.verify(key) is None
+        assert logged() == [
+            (
+                logging.WARNING,
+                f"Rejected API key {info.display_prefix}: "
+                "the key's hash needs API_KEY_PEPPER, which is not set",
+            )
+        ]
+        # Another pepper cannot be told from a wrong key: no start-up warning, info per key.
+        other = open_service(pepper=OTHER_PEPPER)
+        other.prepare()
+        assert logged() == []
+        assert await other.verify(key) is None
+        assert logged() == [
+            (
+                logging.INFO,
+                f"Rejected API key {info.display_prefix}: "
+                "the secret does not match (or API_KEY_PEPPER changed since the key was made)",
+            )
+        ]
+        # `keys check` prints the reason itself; the log stays quiet.
+        assert (await unpeppered.check(key)).reason is not None
+        assert logged() == []
+
+    async def test_no_pepper_warning_without_peppered_keys(
+        self, open_service: Callable[..., ApiKeyService], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        _, key = open_service().create("plain", "stories:read")
+        caplog.set_level(logging.INFO, logger=local_store.__name__)
+        open_service().prepare()
+        assert await open_service().verify(other_secret(key)) is None
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
     @pytest.mark.parametrize(("pepper", "scheme"), [(None, "$sha256$"), (PEPPER, "$hmac-sha256$")])
     async def test_an_argon2_row_is_migrated_on_its_first_verification(
         self,
@@ -321,7 +376,7 @@ class StoreContract:
         info, key = service.create("soon-gone", "stories:write")
         assert await service.verify(key) is not None  # now cached
 
-        revoked = service.revoke(info.name)
+        revoked, _ = service.revoke(info.name)
 
         assert revoked.revoked_at is not None
         assert await service.verify(key) is None
@@ -360,12 +415,14 @@ class StoreContract:
         by_prefix, _ = service.create("by-prefix", "stories:read")
         by_name, key = service.create("by-name", "stories:read")
 
-        assert service.revoke(str(by_id.id)).id == by_id.id
-        assert service.revoke(by_prefix.display_prefix).id == by_prefix.id
-        assert service.revoke("by-name").id == by_name.id
-        # Again: a no-op that keeps the first revocation time.
-        again = service.revoke("by-name")
-        assert again.revoked_at == service.revoke(str(by_name.id)).revoked_at
+        assert service.revoke(str(by_id.id))[0].id == by_id.id
+        assert service.revoke(by_prefix.display_prefix)[0].id == by_prefix.id
+        first, newly = service.revoke("by-name")
+        assert (first.id, newly) == (by_name.id, True)
+        # Again: a no-op that keeps the first revocation time, and says so.
+        again, newly = service.revoke("by-name")
+        assert (again.revoked_at, newly) == (first.revoked_at, False)
+        assert service.revoke(str(by_name.id)) == (again, False)
         assert all(info.revoked for info in service.list())
         with pytest.raises(ApiKeyNotFoundError, match="nobody"):
             service.revoke("nobody")
@@ -380,7 +437,7 @@ class StoreContract:
             service.create("team", "stories:write")
         service.revoke("team")
         renewed, _ = service.create("team", "stories:write")  # a revoked name is free again
-        assert service.revoke("team").id == renewed.id
+        assert service.revoke("team")[0].id == renewed.id
         for bad in ("", "   ", "123", "a" * 65, "-lead", "semi;colon", "new\nline"):
             with pytest.raises(ValueError, match="Invalid key name"):
                 service.create(bad, "stories:read")
@@ -703,7 +760,7 @@ def test_name_that_is_also_another_keys_prefix_is_ambiguous(tmp_path: Path) -> N
         service.create(first.prefix, "stories:read")  # a name that reads like a prefix
         with pytest.raises(InvalidRequestError, match="give the id"):
             service.revoke(first.prefix)
-        assert service.revoke(first.display_prefix).id == first.id
+        assert service.revoke(first.display_prefix)[0].id == first.id
     finally:
         service.close()
 
@@ -751,6 +808,11 @@ def test_cli_list_and_revoke(
 
     assert run_cli("keys", "revoke", "a") == 0
     assert "Revoked API key 'a'" in capsys.readouterr().out
+    # Again: done already, so still exit 0, but it says so rather than claim to revoke it.
+    assert run_cli("keys", "revoke", "a") == 0
+    again = capsys.readouterr().out
+    assert again.startswith(f"API key 'a' ({key[:12]}, id 1) was already revoked at ")
+    assert again.rstrip().endswith("; nothing changed.")
     assert run_cli("keys", "list") == 0
     table = capsys.readouterr().out.splitlines()
 

@@ -10,15 +10,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fictures_ai import __version__
 from fictures_ai.cli.generate import add_generate_commands, generate_image, generate_text
 from fictures_ai.cli.keys import add_key_commands, run_key_command
 from fictures_ai.cli.serve import add_models_commands, add_serve_command, prepare_models, serve
 
+DESCRIPTION = (
+    "Fictures AI Server: text (vLLM) and image (diffusers) generation over HTTP. Run the "
+    "server, manage its API keys, prepare the bundled text model, or ask a running server to "
+    "generate. 'fictures-ai COMMAND --help' tells more of each command."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fictures-ai``."""
-    parser = argparse.ArgumentParser(prog="fictures-ai", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fictures-ai", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # The metavar names the choices in "arguments are required" (the dest would show).
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,keys,models,generate}"
+    )
     add_serve_command(commands)
     add_key_commands(commands)
     add_models_commands(commands)

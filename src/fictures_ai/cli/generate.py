@@ -20,22 +20,35 @@ API_KEY_HELP = f"API key sent as 'Authorization: Bearer' [env {API_KEY_ENV}]."
 def add_generate_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``generate text|image`` to a parser's subcommands (``dest="kind"``)."""
     generate = subparsers.add_parser("generate", help="Ask a running server to generate.")
-    generate_kinds = generate.add_subparsers(dest="kind", required=True)
+    generate_kinds = generate.add_subparsers(dest="kind", required=True, metavar="{text,image}")
     text = generate_kinds.add_parser("text", help="Generate text.")
     text.add_argument("prompt")
     text.add_argument("--stream", action="store_true", help="Print tokens as they arrive.")
-    text.add_argument("--max-tokens", type=int, default=256)
-    text.add_argument("--temperature", type=float, default=0.7)
+    text.add_argument(
+        "--max-tokens", type=int, default=256, help="Most tokens to generate (default: 256)."
+    )
+    text.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="Sampling temperature: 0 always picks the likeliest token, higher varies more "
+        "(default: 0.7).",
+    )
     text.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
     text.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=API_KEY_HELP)
     image = generate_kinds.add_parser("image", help="Render an image into a PNG file.")
     image.add_argument("prompt")
     image.add_argument("-o", "--output", required=True, help="PNG file to write.")
-    image.add_argument("--negative-prompt")
-    image.add_argument("--width", type=int, default=1344)
-    image.add_argument("--height", type=int, default=768)
-    image.add_argument("--steps", type=int, default=30, help="Denoising steps.")
-    image.add_argument("--guidance-scale", type=float, default=7.5)
+    image.add_argument("--negative-prompt", help="What the image should not show.")
+    image.add_argument("--width", type=int, default=1344, help="Width in pixels (default: 1344).")
+    image.add_argument("--height", type=int, default=768, help="Height in pixels (default: 768).")
+    image.add_argument("--steps", type=int, default=30, help="Denoising steps (default: 30).")
+    image.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="How closely to follow the prompt (default: 7.5).",
+    )
     image.add_argument("--seed", type=int, help="Same seed, same image (random if unset).")
     image.add_argument("--url", default=DEFAULT_URL, help="Server base URL.")
     image.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=API_KEY_HELP)

@@ -2,7 +2,9 @@
 
 ``keys create`` prints what it made and then the key alone on the last line of stdout, so that
 scripts can take it with ``tail -n 1``; the key is never shown again. Every subcommand works on
-``--database-url``, else ``DATABASE_URL``, else the SQLite file in the user data dir.
+``--database-url``, else ``DATABASE_URL``, else the SQLite file in the user data dir, and hashes
+with ``API_KEY_PEPPER``, as the server does. ``keys revoke`` of a key already revoked says so and
+changes nothing (exit 0: the key is revoked).
 
 ``keys check KEY`` asks the stores the server would ask (the web app's too, with
 ``API_KEY_STORE=fictures`` or ``--fictures-database-url``) and says which one accepts the key,
@@ -37,18 +39,41 @@ DATABASE_URL_ENV = "DATABASE_URL"
 FICTURES_DATABASE_URL_ENV = "FICTURES_DATABASE_URL"
 EXIT_REFUSED = 3
 
+SERVER_SETTINGS_NOTE = (
+    "Like the server, these commands read DATABASE_URL and API_KEY_PEPPER (environment or "
+    ".env); give them the server's values: with another database they see other keys, and with "
+    "another pepper, or none, the keys they make do not verify on the server."
+)
+EXIT_CODES = (
+    "Exit status: 0 done, 1 a key database failed, 2 bad input, 3 the key is refused (check)."
+)
+
 
 def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``keys create|list|revoke`` to a parser's subcommands (``dest="keys_command"``)."""
+    """Add ``keys create|list|revoke|check`` to a parser's subcommands
+    (``dest="keys_command"``)."""
     keys = subparsers.add_parser(
-        "keys", help="Manage API keys.", description="Create, list and revoke API keys."
+        "keys",
+        help="Manage API keys.",
+        description=(
+            "Create, list and revoke the server's own API keys, and check any key as the "
+            f"server would. {SERVER_SETTINGS_NOTE}"
+        ),
+        epilog=EXIT_CODES,
     )
-    commands = keys.add_subparsers(dest="keys_command", required=True)
+    # The metavar names the choices in "arguments are required" (the dest would show).
+    commands = keys.add_subparsers(
+        dest="keys_command", required=True, metavar="{create,list,revoke,check}"
+    )
 
     create = commands.add_parser(
         "create",
         help="Create a key and print it (shown once).",
-        description="Create an API key. The key is printed alone on the last line, once.",
+        description=(
+            "Create an API key. The key is printed alone on the last line, once. "
+            f"{SERVER_SETTINGS_NOTE}"
+        ),
+        epilog=EXIT_CODES,
     )
     create.add_argument("--name", required=True, help="A unique name among active keys.")
     create.add_argument(
@@ -62,9 +87,23 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="Comma-separated models the key may use (default: every model).",
     )
 
-    list_keys = commands.add_parser("list", help="List the keys (never their secrets).")
+    list_keys = commands.add_parser(
+        "list",
+        help="List the keys (never their secrets).",
+        description=f"List the server's own API keys, revoked ones too. {SERVER_SETTINGS_NOTE}",
+        epilog=EXIT_CODES,
+    )
 
-    revoke = commands.add_parser("revoke", help="Revoke a key (within seconds everywhere).")
+    revoke = commands.add_parser(
+        "revoke",
+        help="Revoke a key (within seconds everywhere).",
+        description=(
+            "Revoke an API key: it stops working at once here and within API_KEY_CACHE_S "
+            "seconds on running servers. Revoking a revoked key says so and changes nothing. "
+            f"{SERVER_SETTINGS_NOTE}"
+        ),
+        epilog=EXIT_CODES,
+    )
     revoke.add_argument(
         "key", metavar="KEY_ID_OR_NAME", help="The key's id, prefix (fai_xxxxxxxx) or name."
     )
@@ -74,8 +113,10 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="Say which store accepts a key, with what scopes (changes nothing).",
         description=(
             "Check a key as the server would: say which store accepts it (local: the server's "
-            "own keys; fictures: the web app's) and with what scopes, or why it is refused."
+            "own keys; fictures: the web app's) and with what scopes, or why it is refused. "
+            f"{SERVER_SETTINGS_NOTE}"
         ),
+        epilog=EXIT_CODES,
     )
     check.add_argument("key", metavar="KEY", help="The whole key (fai_... or fic_...).")
     check.add_argument(
@@ -125,8 +166,14 @@ def run_key_command(args: argparse.Namespace) -> int:
         elif args.keys_command == "list":
             _print_table(service.list())
         elif args.keys_command == "revoke":
-            info = service.revoke(args.key)
-            print(f"Revoked API key '{info.name}' ({info.display_prefix}, id {info.id}).")
+            info, newly = service.revoke(args.key)
+            if newly:
+                print(f"Revoked API key '{info.name}' ({info.display_prefix}, id {info.id}).")
+            else:
+                print(
+                    f"API key '{info.name}' ({info.display_prefix}, id {info.id}) was already "
+                    f"revoked at {_moment(info.revoked_at)}; nothing changed."
+                )
         else:  # argparse only lets the known commands through
             raise AssertionError(args.keys_command)
     except (ValueError, InvalidRequestError, KeyStoreSchemaError) as exc:

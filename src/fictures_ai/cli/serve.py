@@ -23,7 +23,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 def add_models_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``models prepare`` to a parser's subcommands (``dest="models_command"``)."""
     models = subparsers.add_parser("models", help="Manage local models.")
-    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands = models.add_subparsers(
+        dest="models_command", required=True, metavar="{prepare}"
+    )
     models_commands.add_parser(
         "prepare", help="Convert the bundled text model now (otherwise done on first use)."
     )

@@ -64,6 +64,11 @@ class KeyHasher:
         self._pepper = pepper.encode() if pepper is not None else None
 
     @property
+    def peppered(self) -> bool:
+        """Whether ``API_KEY_PEPPER`` is set (new hashes are HMAC-SHA-256)."""
+        return self._pepper is not None
+
+    @property
     def scheme(self) -> str:
         """The scheme new hashes are written in."""
         return HMAC_SHA256 if self._pepper is not None else SHA256
@@ -96,11 +101,16 @@ class KeyHasher:
         that is not should have its row rewritten with :meth:`hash`."""
         return scheme_of(stored) == self.scheme
 
+    def lacks_pepper_for(self, stored: str) -> bool:
+        """Whether ``stored`` can never match here because it needs the pepper and none is set
+        (a set-up error, not a wrong key)."""
+        return scheme_of(stored) == HMAC_SHA256 and self._pepper is None
+
     def mismatch_reason(self, stored: str) -> str:
         """Why a key that does not match ``stored`` was refused, as far as can be told (for
-        people: the CLI and logs)."""
+        people: the CLI and logs; it never quotes the key, the hash or the pepper)."""
         scheme = scheme_of(stored)
-        if scheme == HMAC_SHA256 and self._pepper is None:
+        if self.lacks_pepper_for(stored):
             return "the key's hash needs API_KEY_PEPPER, which is not set"
         if scheme == HMAC_SHA256:
             return "the secret does not match (or API_KEY_PEPPER changed since the key was made)"

@@ -52,7 +52,7 @@ from fictures_ai.database import (
 )
 from fictures_ai.errors import InvalidRequestError
 from fictures_ai.services.keys.base import KeyStore, KeyStoreSchemaError
-from fictures_ai.services.keys.hashing import KeyHasher, scheme_of
+from fictures_ai.services.keys.hashing import HMAC_SHA256, KeyHasher, scheme_of
 from fictures_ai.services.keys.info import ApiKeyInfo, KeyCheck, KeyId, aware
 from fictures_ai.services.keys.key_format import KEY_PREFIX, display_prefix, new_key, split_key
 from fictures_ai.services.keys.scopes import parse_models, parse_scopes
@@ -239,9 +239,10 @@ class ApiKeyService(KeyStore):
         with self._sessions() as session:
             return [row.to_info() for row in session.scalars(query)]
 
-    def revoke(self, ident: str) -> ApiKeyInfo:
+    def revoke(self, ident: str) -> tuple[ApiKeyInfo, bool]:
         """Revoke the key with this id, prefix (``abcd1234`` or ``fai_abcd1234``, or the whole
-        key) or active name, and return it; revoking a revoked key changes nothing.
+        key) or active name; return it and whether this call revoked it (False: it already was,
+        and revoking it again changed nothing).
 
         Takes effect at once in this process and within ``cache_ttl_s`` in the others. Raises
         ``ApiKeyNotFoundError`` when nothing matches and ``InvalidRequestError`` when ``ident``
@@ -250,14 +251,15 @@ class ApiKeyService(KeyStore):
         self.prepare()
         with self._sessions.begin() as session:
             row = self._find(session, ident.strip())
-            if row.revoked_at is None:
+            newly = row.revoked_at is None
+            if newly:
                 row.revoked_at = _now()
                 logger.info("Revoked API key '%s' (fai_%s)", row.name, row.prefix)
             else:
                 logger.info("API key '%s' (fai_%s) was already revoked", row.name, row.prefix)
             info = row.to_info()
         self.forget(info.prefix)
-        return info
+        return info, newly
 
     # The store's side of verification (worker threads)
 
@@ -278,8 +280,16 @@ class ApiKeyService(KeyStore):
             stored = row.key_hash
             if checked_hash is None or stored != checked_hash:
                 if not self._hasher.matches(stored, presented):
-                    logger.info("Rejected a wrong secret for API key fai_%s", prefix)
-                    return KeyCheck(info=None, reason=self._hasher.mismatch_reason(stored))
+                    reason = self._hasher.mismatch_reason(stored)
+                    if rewrite:  # a request's check; `keys check` prints the reason itself
+                        # A missing pepper refuses every peppered key: the operator's to fix.
+                        level = (
+                            logging.WARNING
+                            if self._hasher.lacks_pepper_for(stored)
+                            else logging.INFO
+                        )
+                        logger.log(level, "Rejected API key fai_%s: %s", prefix, reason)
+                    return KeyCheck(info=None, reason=reason)
                 if rewrite and not self._hasher.is_current(stored):
                     # The migration from earlier versions' argon2id, in place: only a key that
                     # matched rewrites its row, so a guess can never change a hash.
@@ -334,6 +344,29 @@ class ApiKeyService(KeyStore):
             )
         if legacy == set(_COLUMNS):
             self._take_over_legacy_keys()
+        if not self._hasher.peppered:
+            self._warn_of_peppered_keys()
+
+    def _warn_of_peppered_keys(self) -> None:
+        """Say once, at start-up, that keys hashed with a pepper cannot verify without one
+        (otherwise each is only refused, one request at a time)."""
+        with self._sessions() as session:
+            peppered = session.scalar(
+                select(func.count())
+                .select_from(_ApiKeyRow)
+                .where(
+                    _ApiKeyRow.key_hash.startswith(f"${HMAC_SHA256}$", autoescape=True),
+                    _ApiKeyRow.revoked_at.is_(None),
+                )
+            )
+        if peppered:
+            logger.warning(
+                "API_KEY_PEPPER is not set, but %d active API key(s) in %s are hashed with it: "
+                "they cannot verify (each gets 401) until API_KEY_PEPPER is set to the value "
+                "they were made with",
+                peppered,
+                self.description,
+            )
 
     def _take_over_legacy_keys(self) -> None:
         """Copy the keys of a pre-0.2 ``api_keys`` table of ours, once, when ours is empty.
