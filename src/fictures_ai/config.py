@@ -26,7 +26,7 @@ from sqlalchemy.exc import ArgumentError
 
 from fictures_ai.database import SUPPORTED_BACKENDS, parse_database_url
 from fictures_ai.observability.logs import LogFormat
-from fictures_ai.redaction import mask_credentials, mask_setting
+from fictures_ai.redaction import MASK, mask_credentials, mask_setting
 from fictures_ai.shared import (
     BUNDLED_TEXT_MODEL,
     CpuOffload,
@@ -48,6 +48,9 @@ ApiKeyStoreKind = Literal["local", "fictures"]
 SECRET: dict[str, Any] = {"secret": True}
 """``json_schema_extra`` of a setting that may hold a credential: its value is only ever shown
 masked (start-up log, ``repr``, error messages)."""
+WHOLE_SECRET: dict[str, Any] = {"secret": "whole"}
+"""``json_schema_extra`` of a setting that is a credential through and through, never a URL
+(the pepper): its value is always shown as ``***``, even when it looks like a URL."""
 
 
 class Settings(BaseSettings):
@@ -129,7 +132,7 @@ class Settings(BaseSettings):
             "Secret key (32+ characters) of the HMAC-SHA-256 the server's own keys are stored "
             "as; changing it invalidates every one of them; unset: plain SHA-256."
         ),
-        json_schema_extra=SECRET,
+        json_schema_extra=WHOLE_SECRET,
     )
     api_key_store: ApiKeyStoreKind = Field(
         "local",
@@ -492,4 +495,7 @@ def _shown(name: str, value: Any) -> Any:
     any string cleared of what looks like a credential."""
     if not isinstance(value, str):
         return value
-    return mask_setting(value) if name in Settings.secret_fields() else mask_credentials(value)
+    if name not in Settings.secret_fields():
+        return mask_credentials(value)
+    extra = Settings.model_fields[name].json_schema_extra
+    return MASK if extra == WHOLE_SECRET else mask_setting(value)

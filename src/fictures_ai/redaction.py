@@ -1,7 +1,8 @@
 """Credentials kept out of what is logged or printed: URL passwords and secret parameters masked.
 
 The settings that hold credentials (``Settings.secret_fields()``: the database, Redis and OTLP
-URLs, the API key pepper) go through :func:`mask_setting` wherever their values are shown;
+URLs) go through :func:`mask_setting` wherever their values are shown, but for a setting that is
+a secret as a whole (the API key pepper), shown as :data:`MASK` even when it looks like a URL;
 messages that may quote one (a driver's error, an exception's text) go through
 :func:`mask_credentials`.
 

@@ -50,8 +50,9 @@ def encoded(setting: str) -> str:
 
 
 def pepper() -> str:
-    """An API_KEY_PEPPER long enough to be accepted, holding its canary."""
-    return CANARIES["API_KEY_PEPPER"] + "-" + "0123456789abcdef" * 2
+    """An API_KEY_PEPPER long enough to be accepted, holding its canary, and shaped like a URL
+    (a URL's host and path are shown: the pepper must be hidden whole)."""
+    return "https://" + CANARIES["API_KEY_PEPPER"] + "-" + "0123456789abcdef" * 2
 
 
 def unreachable_database(setting: str) -> str:
@@ -222,6 +223,8 @@ def test_the_cli_shows_no_credential_in_output_or_errors(key_database: str) -> N
     written.cli("keys", "list", "--database-url", f"postgresql://u:{db}@x@h/db", env={}, code=2)
     written.cli("keys", "list", env={"DATABASE_URL": f"postgresql://u:x@{db}:1@h/db"}, code=2)
     written.cli("models", "prepare", env={"DATABASE_URL": f"host=h password={db}"}, code=2)
+    short_pepper = {"API_KEY_PEPPER": "x://" + CANARIES["API_KEY_PEPPER"]}  # too short, URL-like
+    assert "API_KEY_PEPPER='***'" in written.cli("keys", "list", env=short_pepper, code=2)
     invalid = {
         "DATABASE_URL": db,
         "FICTURES_DATABASE_URL": web_app.replace("postgresql", "mysql"),

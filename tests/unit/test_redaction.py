@@ -150,6 +150,31 @@ def test_the_start_up_line_and_repr_mask_every_credential() -> None:
 
 
 @pytest.mark.parametrize(
+    "pepper",
+    [
+        f"https://averyveryveryverylongsecretpepper-{CANARY}",
+        f"x://{CANARY}" + "0" * 32,
+        f"postgresql://u:x@h/{CANARY}" + "0" * 32,
+    ],
+)
+def test_the_pepper_is_hidden_whole_even_when_it_looks_like_a_url(pepper: str) -> None:
+    # mask_setting would show a URL's host and path: the pepper has none, it is all secret.
+    settings = Settings(_env_file=None, api_key_pepper=pepper)  # type: ignore[call-arg]
+    assert settings.non_default_items()["api_key_pepper"] == "***"
+    assert "api_key_pepper='***'" in repr(settings)
+    assert CANARY not in repr(settings)
+
+
+def test_a_too_short_pepper_that_looks_like_a_url_is_refused_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("API_KEY_PEPPER", f"x://{CANARY}")
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    assert describe_settings_error(caught.value).startswith("API_KEY_PEPPER='***': ")
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [
         ("DATABASE_URL", f"mysql://u:{CANARY}@db/keys"),
@@ -160,6 +185,7 @@ def test_the_start_up_line_and_repr_mask_every_credential() -> None:
         ("OTLP_ENDPOINT", f"http://otel:{CANARY}@collector:port"),
         ("OTLP_ENDPOINT", f"grpc://otel:{CANARY}@collector"),
         ("API_KEY_PEPPER", CANARY),  # too short
+        ("API_KEY_PEPPER", f"x://{CANARY}"),  # too short, and shaped like a URL
     ],
 )
 def test_invalid_credential_settings_are_refused_without_showing_them(
