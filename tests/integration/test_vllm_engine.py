@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
     ChatMessage,
     StructuredOutputKind,
@@ -22,7 +23,8 @@ from fictures_ai.engines.base import (
     ToolDefinition,
 )
 from fictures_ai.engines.vllm_engine import VllmTextEngine, _VllmToolCallParser
-from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
+from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from fictures_ai.services.engine_factory import text_engine_options
 from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
 from fictures_ai.shared import PromptFormat
 
@@ -365,3 +367,10 @@ def test_a_tool_call_parser_that_does_not_fit_the_tokenizer_fails_loudly(
     with pytest.raises(RuntimeError, match="python_tag"):
         _VllmToolCallParser("llama3_json", tokenizer, (), model="x")
     assert _VllmToolCallParser("pythonic", tokenizer, (), model="x").skip_special_tokens
+
+
+async def test_a_kv_cache_too_small_for_the_context_says_which_settings_to_change() -> None:
+    # vLLM's engine core logs the reason and raises "Engine core initialization failed".
+    settings = Settings(_env_file=None, text_cpu_kv_cache_mb=16)  # type: ignore[call-arg]
+    with pytest.raises(ModelLoadError, match="TEXT_CPU_KV_CACHE_MB=16 too small for"):
+        await VllmTextEngine.load(text_engine_options(settings))

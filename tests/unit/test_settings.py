@@ -153,6 +153,9 @@ def test_serve_flags_mirror_the_settings() -> None:
     for info in Settings.model_fields.values():
         assert " ".join(str(info.description).split()) in shown
     assert "option_strings" not in shown  # what argparse printed for "10% slower"
+    # Each flag names the variables it stands for, original names included.
+    assert "[env TEXT_MAX_NUM_SEQS or VLLM_MAX_NUM_SEQS]" in shown
+    assert "[env GENERATION_MODE or AI_SERVER_GENERATION_MODE]" in shown
 
 
 def test_non_default_settings_mask_secrets() -> None:

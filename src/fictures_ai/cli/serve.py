@@ -7,7 +7,7 @@ import enum
 import sys
 import typing
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from fictures_ai.config import Settings, describe_settings_error
 from fictures_ai.observability.logs import configure_logging
@@ -36,7 +36,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         # argparse reads help as a %-format: "~10% slower" would print the action's dict.
-        help_text = f"{info.description} [env {name.upper()}]".replace("%", "%%")
+        names = [name.upper()]
+        if isinstance(info.validation_alias, AliasChoices):
+            names = [str(choice).upper() for choice in info.validation_alias.choices]
+        help_text = f"{info.description} [env {' or '.join(names)}]".replace("%", "%%")
         annotation = info.annotation
         if annotation is bool:
             parser.add_argument(

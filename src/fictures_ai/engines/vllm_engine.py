@@ -92,6 +92,21 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
     )
 
 
+def _load_hint(options: VllmEngineOptions) -> str:
+    """What to check when vLLM's engine core fails to start: its reason is in the engine
+    core's log, not in the exception. On the CPU the usual one is a KV cache too small for one
+    request of the whole context."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return ""
+    return (
+        f" (the engine's log above gives the reason; on the CPU it is usually a KV cache of "
+        f"TEXT_CPU_KV_CACHE_MB={options.cpu_kv_cache_mb} too small for "
+        f"TEXT_MAX_MODEL_LEN={options.max_model_len} tokens: raise the first or lower the second)"
+    )
+
+
 class VllmTextEngine(TextEngine):
     """A ``TextEngine`` over vLLM's ``AsyncLLM``."""
 
@@ -124,7 +139,8 @@ class VllmTextEngine(TextEngine):
             llm = AsyncLLM.from_engine_args(build_engine_args(options, source))
         except Exception as exc:  # vLLM raises many types here (OSError, ValueError, Runtime)
             raise ModelLoadError(
-                f"vLLM could not load the text model '{name}': {exc}", model=name
+                f"vLLM could not load the text model '{name}': {exc}{_load_hint(options)}",
+                model=name,
             ) from exc
         engine = cls(llm, name=name, source=source, tool_call_parser=parser)
         try:
