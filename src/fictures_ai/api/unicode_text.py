@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, model_validator
+
 
 def check_unicode_text(body: Any) -> Any:
     """Return ``body`` (a decoded JSON value) unchanged.
@@ -55,3 +57,13 @@ def _is_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class UnicodeTextBody(BaseModel):
+    """Base of the surfaces' request bodies: every string of the body is checked once, before
+    field validation (nested models need not, and do not, check again)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode_text(cls, data: Any) -> Any:
+        return check_unicode_text(data)

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from fictures_ai.api.json_schema import to_json_schema
-from fictures_ai.api.unicode_text import check_unicode_text
+from fictures_ai.api.unicode_text import UnicodeTextBody
 from fictures_ai.config import GenerationMode
 from fictures_ai.engines.base import (
     MAX_SEED,
@@ -57,13 +57,12 @@ class _Request(BaseModel):
     # Strict types: "top_p": false or "max_tokens": "12" is a malformed body (422), not 0/12.
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _check_unicode_text(cls, data: Any) -> Any:
-        return check_unicode_text(data)
+
+class _Body(_Request, UnicodeTextBody):
+    """A whole request body (its strings checked once, nested models included)."""
 
 
-class _TextSampling(_Request):
+class _TextSampling(_Body):
     prompt: str = Field(
         ...,
         min_length=1,
@@ -364,7 +363,7 @@ class RootResponse(BaseModel):
     endpoints: RootEndpoints = RootEndpoints()
 
 
-class ImageGenerationRequest(_Request):
+class ImageGenerationRequest(_Body):
     """Body of ``/api/v1/images/generate``."""
 
     prompt: str = Field(..., min_length=1, description="What to draw.")

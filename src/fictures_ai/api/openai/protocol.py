@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fictures_ai.api.json_schema import to_json_schema
-from fictures_ai.api.unicode_text import check_unicode_text
+from fictures_ai.api.unicode_text import UnicodeTextBody
 from fictures_ai.engines.base import (
     MAX_SEED,
     ChatMessage,
@@ -44,10 +44,9 @@ class _Request(BaseModel):
     # Unknown fields are ignored as OpenAI does; known ones must have their JSON type.
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _check_unicode_text(cls, data: Any) -> Any:
-        return check_unicode_text(data)
+
+class _Body(_Request, UnicodeTextBody):
+    """A whole request body (its strings checked once, nested models included)."""
 
 
 class _Response(BaseModel):
@@ -100,7 +99,7 @@ class StreamOptions(_Request):
     )
 
 
-class _Sampling(_Request):
+class _Sampling(_Body):
     """What chat and legacy completions share. OpenAI's reference marks every optional
     parameter nullable: ``null`` means the default, as leaving the field out does."""
 
@@ -658,7 +657,7 @@ class ModelList(_Response):
     data: list[Model]
 
 
-class ImageGenerationRequest(_Request):
+class ImageGenerationRequest(_Body):
     """Body of ``POST /v1/images/generations``. OpenAI's optional parameters are nullable
     (null: the default); those this server cannot honour are refused, not ignored."""
 
@@ -778,7 +777,7 @@ class ErrorResponse(_Response):
     error: ErrorDetail
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Body):
     """Body of ``POST /tokenize`` (vLLM's): a prompt, or chat messages to render first."""
 
     model: str | None = Field(None, description="The text model's id; default: the served one.")
@@ -822,7 +821,7 @@ class TokenizeResponse(_Response):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_Body):
     """Body of ``POST /detokenize`` (vLLM's)."""
 
     model: str | None = Field(None, description="The text model's id; default: the served one.")
