@@ -45,6 +45,9 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 GenerationMode = Literal["all", "text", "image"]
 ApiKeyStoreKind = Literal["local", "fictures"]
 
+ENV_FILE = Path(".env")
+"""The file settings are read from after the environment (in the working directory)."""
+
 SECRET: dict[str, Any] = {"secret": True}
 """``json_schema_extra`` of a setting that may hold a credential: its value is only ever shown
 masked (start-up log, ``repr``, error messages)."""
@@ -57,7 +60,7 @@ class Settings(BaseSettings):
     """Every setting of the server, with its default and a one-line description."""
 
     model_config = SettingsConfigDict(
-        env_file=".env",
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
@@ -444,7 +447,7 @@ not aliases: left to vLLM, which does not know them."""
 
 
 def setting_name_warnings(
-    environ: Mapping[str, str], env_file: Path | None = Path(".env")
+    environ: Mapping[str, str], env_file: Path | None = ENV_FILE
 ) -> list[str]:
     """What to tell an operator about the names in ``environ`` and ``env_file``: a retired
     ``VLLM_...`` name that is no longer read (the setting silently keeps its default), and an
