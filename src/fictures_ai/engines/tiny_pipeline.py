@@ -1,16 +1,22 @@
-"""A tiny Stable Diffusion XL pipeline with random weights, built offline for CPU machines.
+"""Tiny Stable Diffusion pipelines with random weights, built offline for CPU machines.
 
-This pipeline has the SDXL architecture (two CLIP text encoders, a UNet with SDXL's
-``text_time`` conditioning, a VAE with scale factor 8, an Euler scheduler) but its weights are
-random numbers drawn from a fixed seed. It runs the real diffusers code path end to end, fast
-enough for tests and for a laptop without a GPU, and it draws noise, not pictures. For real
-images set ``IMAGE_MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0`` on a machine with a GPU.
+Two architectures, both running the real diffusers code path end to end, fast enough for tests
+and for a laptop without a GPU, and both drawing noise, not pictures:
+
+- SDXL (``tiny-sdxl-random``): two CLIP text encoders, a UNet with SDXL's ``text_time``
+  conditioning, a VAE with scale factor 8, an Euler scheduler;
+- SD 1.5 (``tiny-sd15-random``): one CLIP text encoder whose hidden states the UNet attends to
+  (cross-attention width 32), the same kind of VAE, a PNDM scheduler.
+
+Their weights are random numbers drawn from a fixed seed. For real images set
+``IMAGE_MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0`` on a machine with a GPU.
 
 No file is downloaded: the tokenizer is a small byte-level BPE trained here on the short
-English text below, and the weights come from ``torch.manual_seed``. The folder is built once
-under the model cache directory (about 22 MB, 1-2 s once torch and diffusers are imported), keyed
-by a hash of this module and of the library versions that write it, and is byte-identical when
-rebuilt with the same versions.
+English text below, and the weights come from ``torch.manual_seed``. Each folder is built once
+under the model cache directory (about 22 MB for SDXL, 13 MB for SD 1.5; 1-2 s once torch and
+diffusers are imported), keyed by a hash of this module and of the library versions that write
+it, and is byte-identical when rebuilt with the same versions. :func:`build_cached_folder` is
+the build-once machinery, shared with the tiny LoRA of :mod:`fictures_ai.engines.tiny_image_lora`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -30,10 +37,17 @@ from filelock import FileLock
 logger = logging.getLogger(__name__)
 
 TINY_IMAGE_MODEL = "tiny-sdxl-random"
-"""The name the API reports for the tiny pipeline."""
+"""The name the API reports for the tiny SDXL pipeline."""
+
+TINY_SD15_IMAGE_MODEL = "tiny-sd15-random"
+"""The name the API reports for the tiny SD 1.5 pipeline."""
 
 TINY_PIPELINE_MARKER = ".fictures-tiny-pipeline"
-"""File written last into a finished tiny pipeline folder; its presence marks the folder."""
+"""File written last into a finished tiny pipeline folder; its presence marks the folder and
+its text is the pipeline's name (``TINY_IMAGE_MODEL`` or ``TINY_SD15_IMAGE_MODEL``)."""
+
+LIBRARIES_WRITING_PIPELINES = ("torch", "diffusers", "transformers", "tokenizers", "safetensors")
+"""The packages whose versions decide a tiny pipeline's bytes (part of its folder's key)."""
 
 _SEED = 20240229
 _MODEL_MAX_LENGTH = 77
@@ -78,45 +92,102 @@ def build_tiny_sdxl_pipeline(cache_dir: Path) -> Path:
 
     The folder is ``cache_dir/tiny-sdxl-<hash>`` and loads with
     ``StableDiffusionXLPipeline.from_pretrained`` or ``AutoPipelineForText2Image.from_pretrained``.
-    It is written to a temporary folder and renamed into place under a file lock, so concurrent
-    processes build it once and a crash never leaves a half-written pipeline behind. Blocking
+    Built as :func:`build_cached_folder` builds: once, atomically, under a file lock. Blocking
     (1-2 s): call it off the event loop.
     """
-    target = cache_dir / f"tiny-sdxl-{_recipe_hash()[:16]}"
-    if (target / TINY_PIPELINE_MARKER).is_file():
+    return build_cached_folder(
+        cache_dir / f"tiny-sdxl-{_recipe_hash()[:16]}",
+        marker=TINY_PIPELINE_MARKER,
+        marker_text=TINY_IMAGE_MODEL,
+        write=_write_sdxl_pipeline,
+        description="the tiny SDXL pipeline (random weights)",
+    )
+
+
+def build_tiny_sd15_pipeline(cache_dir: Path) -> Path:
+    """Return the folder of the tiny SD 1.5 pipeline, building it on first use.
+
+    The folder is ``cache_dir/tiny-sd15-<hash>`` and loads with
+    ``StableDiffusionPipeline.from_pretrained`` or ``AutoPipelineForText2Image.from_pretrained``.
+    Built as :func:`build_cached_folder` builds. Blocking (about 1 s): call it off the event
+    loop.
+    """
+    return build_cached_folder(
+        cache_dir / f"tiny-sd15-{_recipe_hash()[:16]}",
+        marker=TINY_PIPELINE_MARKER,
+        marker_text=TINY_SD15_IMAGE_MODEL,
+        write=_write_sd15_pipeline,
+        description="the tiny SD 1.5 pipeline (random weights)",
+    )
+
+
+def is_tiny_pipeline(source: str | Path) -> bool:
+    """Whether ``source`` is a folder built by :func:`build_tiny_sdxl_pipeline` or
+    :func:`build_tiny_sd15_pipeline`."""
+    return tiny_pipeline_name(source) is not None
+
+
+def tiny_pipeline_name(source: str | Path) -> str | None:
+    """The name of the tiny pipeline in folder ``source`` (``TINY_IMAGE_MODEL`` or
+    ``TINY_SD15_IMAGE_MODEL``), or None when ``source`` is not a tiny pipeline folder."""
+    try:
+        name = (Path(source) / TINY_PIPELINE_MARKER).read_text().strip()
+    except OSError:  # no marker (not a tiny pipeline), or not a folder at all (a hub id)
+        return None
+    # Folders written before the SD 1.5 pipeline existed hold the SDXL name too.
+    return name or TINY_IMAGE_MODEL
+
+
+def build_cached_folder(
+    target: Path,
+    *,
+    marker: str,
+    marker_text: str,
+    write: Callable[[Path], None],
+    description: str,
+) -> Path:
+    """Return ``target``, first calling ``write(staging)`` to build it when it is not there.
+
+    ``write`` fills an empty staging folder beside ``target``; then the file ``marker`` (holding
+    ``marker_text``) is written last and the folder renamed into place, all under a file lock
+    (``target`` + ``.lock``). So concurrent processes build it once, a crash never leaves a
+    half-written folder behind, and a folder with the marker is complete. ``target``'s name
+    should carry a hash of what decides its bytes (:func:`recipe_hash`), so a changed recipe
+    builds a new folder instead of reusing a stale one. ``description`` names the build in the
+    log.
+    """
+    if (target / marker).is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / TINY_PIPELINE_MARKER).is_file():
+        if (target / marker).is_file():
             return target
-        logger.info("Building the tiny SDXL pipeline (random weights) into %s", target)
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
-            staging = Path(tmp) / "pipeline"
-            _write_pipeline(staging)
-            (staging / TINY_PIPELINE_MARKER).write_text(f"{TINY_IMAGE_MODEL}\n")
+        logger.info("Building %s into %s", description, target)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+            staging = Path(tmp) / "build"
+            staging.mkdir()
+            write(staging)
+            (staging / marker).write_text(f"{marker_text}\n")
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
     return target
 
 
-def is_tiny_pipeline(source: str | Path) -> bool:
-    """Whether ``source`` is a folder built by :func:`build_tiny_sdxl_pipeline`."""
-    return (Path(source) / TINY_PIPELINE_MARKER).is_file()
+def recipe_hash(sources: Iterable[Path], packages: Iterable[str]) -> str:
+    """A hex SHA-256 of what decides a built folder's bytes: the source files holding the
+    recipe (dimensions, seeds, corpus) and the installed versions of ``packages``."""
+    recipe = {
+        "recipe": [hashlib.sha256(path.read_bytes()).hexdigest() for path in sources],
+        "versions": {name: version(name) for name in packages},
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def _recipe_hash() -> str:
-    """Hash what decides the folder's bytes: this recipe and the libraries that write it."""
-    recipe = {
-        # The module's own source holds the whole recipe (dimensions, seed, corpus), so any
-        # edit to it gives a new folder instead of silently reusing a stale one.
-        "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "versions": {
-            name: version(name)
-            for name in ("torch", "diffusers", "transformers", "tokenizers", "safetensors")
-        },
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    # The module's own source holds the whole recipe of both pipelines, so any edit to it gives
+    # new folders instead of silently reusing stale ones.
+    return recipe_hash([Path(__file__)], LIBRARIES_WRITING_PIPELINES)
 
 
 def _train_merges() -> list[tuple[str, str]]:
@@ -212,19 +283,11 @@ def _build_tokenizer() -> Any:
     )
 
 
-def _write_pipeline(destination: Path) -> None:
-    """Create the seeded random pipeline and save it as safetensors into ``destination``."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _text_config(tokenizer: Any) -> Any:
+    """The tiny CLIP text encoder's configuration (hidden size 32, 5 layers, 4 heads)."""
+    from transformers import CLIPTextConfig
 
-    tokenizer = _build_tokenizer()
-    text_config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=32,
         intermediate_size=37,
@@ -238,6 +301,33 @@ def _write_pipeline(destination: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _tiny_vae(*, sample_size: int, scaling_factor: float) -> Any:
+    """A four-level VAE (scale factor 2**3 = 8, as SDXL's and SD 1.5's) with few channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(  # type: ignore[no-untyped-call]
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _write_sdxl_pipeline(destination: Path) -> None:
+    """Create the seeded random SDXL pipeline and save it as safetensors into ``destination``."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _build_tokenizer()
+    text_config = _text_config(tokenizer)
     # One seed for the whole build, and the modules created in a fixed order, so every rebuild
     # draws the same weights; fork_rng keeps the caller's global random state untouched.
     with torch.random.fork_rng(devices=[]):
@@ -262,28 +352,18 @@ def _write_pipeline(destination: Path) -> None:
             projection_class_embeddings_input_dim=6 * 8 + 32,
             cross_attention_dim=64,  # both text encoders' hidden states concatenated
         )
-        vae = AutoencoderKL(  # type: ignore[no-untyped-call]
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16, 32, 32),  # four levels: scale factor 2**3 = 8, as SDXL
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
-        scheduler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            prediction_type="epsilon",
-            interpolation_type="linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-            use_karras_sigmas=False,
-        )
+        vae = _tiny_vae(sample_size=1024, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=False,
+    )
     pipeline: Any = StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
         vae=vae,
         text_encoder=text_encoder,
@@ -292,5 +372,51 @@ def _write_pipeline(destination: Path) -> None:
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=scheduler,
+    )
+    pipeline.save_pretrained(str(destination), safe_serialization=True)
+
+
+def _write_sd15_pipeline(destination: Path) -> None:
+    """Create the seeded random SD 1.5 pipeline and save it as safetensors into
+    ``destination``: SD 1.5's layout (one text encoder whose hidden states the UNet attends to,
+    no added conditioning, no safety checker) at the tiny pipeline's sizes."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 15)  # not the SDXL draws: a different model
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
+        unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=64,  # 512 px / 8, SD 1.5's default resolution
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32,  # the one text encoder's hidden size
+        )
+        vae = _tiny_vae(sample_size=512, scaling_factor=0.18215)
+    scheduler = PNDMScheduler(  # type: ignore[no-untyped-call]
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(str(destination), safe_serialization=True)
