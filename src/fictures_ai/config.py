@@ -114,6 +114,23 @@ class Settings(BaseSettings):
         Path(user_cache_dir("fictures-ai")) / "models",
         description="Where converted and generated models are cached (outside the repository).",
     )
+    models_file: Path | None = Field(
+        None,
+        description=(
+            "A YAML file declaring the models to serve (names, sources, LoRA adapters, load "
+            "policy, defaults; see docs/models.md). Unset: one text and one image model from "
+            "the TEXT_ and IMAGE_ settings."
+        ),
+    )
+    model_memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Memory the loaded models may use together (GiB; RAM on a CPU, GPU memory on "
+            "CUDA), measured after each load; idle models are unloaded, least recently used "
+            "first, to stay under it. Unset: no budget."
+        ),
+    )
 
     # Security and limits
     require_api_key: bool = Field(

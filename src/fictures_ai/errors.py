@@ -11,6 +11,7 @@ Exception tree::
     ├── AuthenticationError            no key, or an unknown or revoked one (401)
     ├── PermissionDeniedError          the key lacks the scope or the model (403)
     ├── ModelNotFoundError             the request names a model this server does not serve (404)
+    ├── ConflictError                  the model is busy, loading, pinned, or the name taken (409)
     ├── RequestTooLargeError           the body is over MAX_REQUEST_BYTES (413)
     ├── TooManyRequestsError           try again later; carries ``retry_after`` and headers (429)
     │   ├── RateLimitedError           the key's per-minute budget is spent
@@ -129,6 +130,15 @@ class ModelNotFoundError(FicturesError):
         self.model = model
         self.kind = kind
         self.available = available
+
+
+class ConflictError(FicturesError):
+    """The request conflicts with the model's current state (requests in flight, a load under
+    way, a name already taken); it may succeed once that changes."""
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        self.model = model
 
 
 class ServiceUnavailableError(FicturesError):

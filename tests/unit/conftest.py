@@ -19,6 +19,7 @@ from fictures_ai.config import Settings
 from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.keys.base import KeyStore
 from fictures_ai.services.keys.stores import KeyStores
+from fictures_ai.services.models.registry import ModelRegistry, RegisteredModel
 from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 from tests.support import free_port
@@ -50,14 +51,14 @@ def make_services(
     async def load_image() -> FakeImageEngine:
         return image_engine
 
-    text: TextGenerationService | None = TextGenerationService(
+    text = TextGenerationService(
         model_name="fake-model",
         max_model_len=engine.max_model_len,
         loader=loader or load,
         max_pending=settings.text_max_pending,
         timeout_s=settings.request_timeout_s,
     )
-    image: ImageGenerationService | None = ImageGenerationService(
+    image = ImageGenerationService(
         model_name="fake-image-model",
         device="cpu",
         max_concurrency=settings.image_max_concurrency,
@@ -65,18 +66,54 @@ def make_services(
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
     )
+    models = []
+    if settings.serves_text:
+        models.append(
+            RegisteredModel(
+                name="fake-model",
+                kind="text",
+                source="fake",
+                service=text,
+                default=True,
+                capacity=settings.text_max_num_seqs,
+                max_model_len=engine.max_model_len,
+            )
+        )
+    if settings.serves_images:
+        models.append(
+            RegisteredModel(
+                name="fake-image-model",
+                kind="image",
+                source="fake",
+                service=image,
+                default=True,
+                capacity=settings.image_max_concurrency,
+                device="cpu",
+            )
+        )
     stores = None
     if api_keys is not None:
         stores = KeyStores(api_keys if isinstance(api_keys, list) else [api_keys])
-    services = Services(
-        settings=settings,
-        text=text if settings.serves_text else None,
-        image=image if settings.serves_images else None,
-        api_keys=stores,
-    )
+    services = Services(settings=settings, models=ModelRegistry(models), api_keys=stores)
     if rate_limiter is not None:
         services = dataclasses.replace(services, rate_limiter=rate_limiter)
     return services
+
+
+def text_of(services: Services) -> TextGenerationService:
+    """The default text model's service of ``services``."""
+    model = services.models.default("text")
+    assert model is not None
+    assert isinstance(model.service, TextGenerationService)
+    return model.service
+
+
+def image_of(services: Services) -> ImageGenerationService:
+    """The default image model's service of ``services``."""
+    model = services.models.default("image")
+    assert model is not None
+    assert isinstance(model.service, ImageGenerationService)
+    return model.service
 
 
 @pytest.fixture

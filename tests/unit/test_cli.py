@@ -53,7 +53,7 @@ def test_keys_help_names_every_command_and_the_settings_it_reads(
     [
         ((), "{serve,keys,models,generate}"),
         (("keys",), "{create,list,revoke,check}"),
-        (("models",), "{prepare}"),
+        (("models",), "{prepare,list,load,unload,add,remove}"),
         (("generate",), "{text,image}"),
     ],
 )

@@ -28,20 +28,20 @@ async def test_ready_before_any_load_because_the_models_are_loadable(
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ready"
-    assert body["models"]["text"] == {
+    assert body["models"]["fake-model"] == {
         "name": "fake-model",
         "state": "not_loaded",
         "ready": True,
         "reason": None,
     }
-    assert body["models"]["image"]["state"] == "not_loaded"
+    assert body["models"]["fake-image-model"]["state"] == "not_loaded"
 
 
 async def test_ready_once_loaded_and_healthy(client: httpx.AsyncClient) -> None:
     await client.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 1})
     body = (await client.get("/health/ready")).json()
     assert body["status"] == "ready"
-    assert body["models"]["text"]["state"] == "ready"
+    assert body["models"]["fake-model"]["state"] == "loaded"
 
 
 async def test_not_ready_after_a_failed_load_says_which_model_and_why() -> None:
@@ -57,10 +57,10 @@ async def test_not_ready_after_a_failed_load_says_which_model_and_why() -> None:
     assert response.headers["Retry-After"] == "30"
     body = response.json()
     assert body["status"] == "not_ready"
-    assert body["models"]["text"]["ready"] is False
-    assert body["models"]["text"]["state"] == "failed"
-    assert "CUDA out of memory" in body["models"]["text"]["reason"]
-    assert body["models"]["image"]["ready"] is True
+    assert body["models"]["fake-model"]["ready"] is False
+    assert body["models"]["fake-model"]["state"] == "failed"
+    assert "CUDA out of memory" in body["models"]["fake-model"]["reason"]
+    assert body["models"]["fake-image-model"]["ready"] is True
     # The contract's /health stays 200 whatever happens.
     assert contract_health.status_code == 200
 
@@ -72,9 +72,9 @@ async def test_not_ready_when_a_loaded_engine_fails_its_health_check(
     engine.dead = True
     response = await client.get("/health/ready")
     assert response.status_code == 503
-    text = response.json()["models"]["text"]
+    text = response.json()["models"]["fake-model"]
     assert (text["state"], text["ready"], text["reason"]) == (
-        "ready",
+        "loaded",
         False,
         "The fake engine is dead.",
     )
@@ -94,7 +94,7 @@ async def test_not_ready_when_the_health_check_hangs(
     monkeypatch.setattr(health, "HEALTH_CHECK_TIMEOUT_S", 0.05)
     response = await client.get("/health/ready")
     assert response.status_code == 503
-    assert "did not answer" in response.json()["models"]["text"]["reason"]
+    assert "did not answer" in response.json()["models"]["fake-model"]["reason"]
 
 
 async def test_health_adds_recent_requests_and_gpu_fields(

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import image_of, make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, json_events
 
 GENERATE = "/api/v1/images/generate"
@@ -166,6 +166,14 @@ async def test_image_models_and_health_report_the_image_model(
         "device": "cpu",
         "initialized": False,
         "notice": None,
+        "state": "not_loaded",
+        "reason": None,
+        "memory_bytes": None,
+        "last_used_at": None,
+        "in_flight": 0,
+        "parent": None,
+        "aliases": [],
+        "default": True,
     }
     await client.post(GENERATE, json={"prompt": "x", "width": 256, "height": 256})
     models = (await client.get("/api/v1/images/models")).json()["models"]
@@ -182,11 +190,11 @@ async def test_renders_beyond_the_concurrency_wait_in_a_queue() -> None:
     body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 10}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         requests = [asyncio.create_task(c.post(GENERATE, json=body)) for _ in range(3)]
-        await wait_until(lambda: services.image.info().waiting == 2)
-        assert services.image.info().running == 1
+        await wait_until(lambda: image_of(services).info().waiting == 2)
+        assert image_of(services).info().running == 1
         responses = await asyncio.gather(*requests)
     assert all(response.status_code == 200 for response in responses)
-    assert services.image.info().waiting == 0
+    assert image_of(services).info().waiting == 0
 
 
 async def test_settings_allow_more_renders_at_once() -> None:
@@ -197,8 +205,8 @@ async def test_settings_allow_more_renders_at_once() -> None:
     body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 10}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         requests = [asyncio.create_task(c.post(GENERATE, json=body)) for _ in range(3)]
-        await wait_until(lambda: services.image.info().running == 2)
-        assert services.image.info().waiting == 1
+        await wait_until(lambda: image_of(services).info().running == 2)
+        assert image_of(services).info().waiting == 1
         await asyncio.gather(*requests)
 
 

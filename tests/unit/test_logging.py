@@ -23,7 +23,7 @@ from fictures_ai.observability.logs import (
     TextFormatter,
     configure_logging,
 )
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import make_services, text_of, wait_until
 from tests.unit.fake_engines import FakeTextEngine
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -182,7 +182,7 @@ async def test_concurrent_requests_with_one_id_get_distinct_engine_ids(
     engine: FakeTextEngine,
 ) -> None:
     engine.token_delay = 0.02
-    service = make_services(engine).text
+    service = text_of(make_services(engine))
     prompt, params = TextPrompt(text="x"), TextGenerationParams(max_tokens=3)
 
     async def run() -> None:

@@ -16,7 +16,7 @@ from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
 from fictures_ai.errors import ModelLoadError
 from fictures_ai.observability.metrics import ITL_BUCKETS, BulkHistogram, RequestWindow
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import make_services, text_of, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 IMAGE = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_inference_steps": 2}
@@ -175,7 +175,7 @@ async def test_engine_up_state_and_load_figures_follow_the_model() -> None:
         request = asyncio.create_task(
             c.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 1})
         )
-        await wait_until(lambda: app.state.services.text.info().waiting_for_load == 1)
+        await wait_until(lambda: text_of(app.state.services).info().waiting_for_load == 1)
         text = await scrape(c)
         assert value(text, "fictures_requests_waiting_for_model_load", engine="text") == 1
         assert value(text, "fictures_engine_state", engine="text", state="loading") == 1
@@ -183,7 +183,7 @@ async def test_engine_up_state_and_load_figures_follow_the_model() -> None:
         assert (await request).status_code == 200
         text = await scrape(c)
         assert value(text, "fictures_engine_up", engine="text", model="fake-model") == 1
-        assert value(text, "fictures_engine_state", engine="text", state="ready") == 1
+        assert value(text, "fictures_engine_state", engine="text", state="loaded") == 1
         assert value(text, "fictures_requests_waiting_for_model_load", engine="text") == 0
         assert value(text, "fictures_model_load_seconds", engine="text") >= 0
 
@@ -224,15 +224,15 @@ async def test_a_stream_closed_early_counts_as_aborted_with_its_tokens() -> None
 
     services = make_services()
     metrics = Metrics(version="test")
-    services.text.instrument(metrics)
-    stream = services.text.stream(TextPrompt(text="x"), TextGenerationParams(max_tokens=5))
+    text_of(services).instrument(metrics)
+    stream = text_of(services).stream(TextPrompt(text="x"), TextGenerationParams(max_tokens=5))
     await anext(stream)
     await anext(stream)
     await stream.aclose()  # what Starlette does when the client goes away
     text = metrics.exposition(None)[0].decode()
     assert value(text, "fictures_text_requests_total", finish_reason="abort") == 1
     assert value(text, "fictures_generation_tokens_total") == 2
-    assert services.text.info().running == 0
+    assert text_of(services).info().running == 0
 
 
 async def test_every_app_has_its_own_registry() -> None:
@@ -294,7 +294,7 @@ def test_the_engine_states_in_metrics_are_the_loader_states() -> None:
         if family.name == "fictures_engine_state"
         for _, labels, _ in (sample[:3] for sample in family.samples)
     }
-    assert states == {"not_loaded", "loading", "ready", "failed"}
+    assert states == {"not_loaded", "loading", "loaded", "unloading", "failed"}
 
 
 def test_a_bulk_histogram_scrapes_like_a_histogram_fed_one_value_at_a_time() -> None:

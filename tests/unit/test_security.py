@@ -18,7 +18,7 @@ from fictures_ai.engines.base import TextGenerationParams, TextPrompt
 from fictures_ai.services.keys.local_store import ApiKeyService
 from fictures_ai.services.rate_limit import InMemoryRateLimiter
 from tests.support import WEATHER_TOOL
-from tests.unit.conftest import make_services, wait_until
+from tests.unit.conftest import image_of, make_services, text_of, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine, json_events
 
 GENERATE = "/api/v1/text/generate"
@@ -214,9 +214,9 @@ async def test_images_beyond_the_queue_bound_are_429() -> None:
     body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 10}
     async with client_for(app) as client:
         running = asyncio.create_task(client.post("/api/v1/images/generate", json=body))
-        await wait_until(lambda: services.image.info().running == 1)
+        await wait_until(lambda: image_of(services).info().running == 1)
         queued = asyncio.create_task(client.post("/api/v1/images/generate", json=body))
-        await wait_until(lambda: services.image.info().waiting == 1)
+        await wait_until(lambda: image_of(services).info().waiting == 1)
         refused = await client.post("/api/v1/images/generate", json=body)
         assert (await running).status_code == 200
         assert (await queued).status_code == 200
@@ -258,11 +258,13 @@ async def test_a_dead_engine_is_restarted_by_the_supervisor() -> None:
         return engines.pop(0)
 
     services = make_services(first, loader=loader)
-    await services.text.initialize()
-    supervisor = asyncio.create_task(services.text.supervise(0.01))
+    await text_of(services).initialize()
+    supervisor = asyncio.create_task(text_of(services).supervise(0.01))
     first.dead = True
-    await wait_until(lambda: services.text.info().initialized and not engines)
+    await wait_until(lambda: text_of(services).info().initialized and not engines)
     supervisor.cancel()
     assert first.shut_down
-    result = await services.text.generate(TextPrompt(text="x"), TextGenerationParams(max_tokens=2))
+    result = await text_of(services).generate(
+        TextPrompt(text="x"), TextGenerationParams(max_tokens=2)
+    )
     assert result.completion_tokens == 2

@@ -35,10 +35,20 @@ async def test_health_reports_the_text_model_before_and_after_loading(
         "framework": "vLLM",
         "max_tokens": 8192,
         "initialized": False,
+        "state": "not_loaded",
+        "reason": None,
+        "memory_bytes": None,
+        "last_used_at": None,
+        "in_flight": 0,
+        "parent": None,
+        "aliases": [],
+        "default": True,
     }
     await client.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 1})
-    after = (await client.get("/health")).json()
-    assert after["models"]["text"]["initialized"] is True
+    after = (await client.get("/health")).json()["models"]["text"]
+    assert after["initialized"] is True
+    assert after["state"] == "loaded"
+    assert after["last_used_at"] is not None
 
 
 async def test_models_lists_text_generation(client: httpx.AsyncClient) -> None:
@@ -59,6 +69,14 @@ async def test_text_models_report_their_status(client: httpx.AsyncClient) -> Non
                 "framework": "vLLM",
                 "max_tokens": 8192,
                 "status": "not_loaded",
+                "state": "not_loaded",
+                "reason": None,
+                "memory_bytes": None,
+                "last_used_at": None,
+                "in_flight": 0,
+                "parent": None,
+                "aliases": [],
+                "default": True,
             }
         ]
     }

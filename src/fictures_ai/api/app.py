@@ -8,7 +8,6 @@ metrics and access line (``api/middleware.py``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from fictures_ai import __version__
 from fictures_ai.api.body_limit import BodySizeLimitMiddleware
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.error_handlers import InternalErrorMiddleware, install_error_handlers
+from fictures_ai.api.fictures.model_admin import admin_router
 from fictures_ai.api.fictures.router import (
     DESCRIPTION,
     image_router,
@@ -42,57 +42,23 @@ from fictures_ai.config import Settings, setting_name_warnings
 from fictures_ai.observability import Observability
 from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
-from fictures_ai.observability.metrics import EngineSnapshot, Metrics, RequestWindow
+from fictures_ai.observability.metrics import Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
-from fictures_ai.services.engine_factory import (
-    create_image_engine,
-    create_text_engine,
-    image_device,
-    image_engine_options,
-    image_model_display_name,
-    image_model_notice,
-    text_engine_options,
-)
-from fictures_ai.services.image_generation import ImageGenerationService
 from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.keys.base import KeyStoreSchemaError
 from fictures_ai.services.keys.stores import KeyStores, open_key_stores
-from fictures_ai.services.model_loader import LoadState, ModelLoadInfo
+from fictures_ai.services.models.registry import build_model_registry
 from fictures_ai.services.rate_limit import create_rate_limiter
-from fictures_ai.services.text_generation import TextGenerationService
 
 logger = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings) -> Services:
-    """The production services: engines chosen by the factory from the settings.
+    """The production services: the models from ``MODELS_FILE`` or the settings.
 
-    Only the half of text and images that ``GENERATION_MODE`` serves is built. Raises
-    ``ValueError`` for settings that cannot work on this machine.
+    Only the kinds ``GENERATION_MODE`` serves are built. Raises ``ModelsFileError`` or
+    ``ValueError`` for a models file or settings that cannot work on this machine.
     """
-    text = None
-    if settings.serves_text:
-        text_options = text_engine_options(settings)
-        text = TextGenerationService(
-            model_name=text_options.display_name,
-            max_model_len=text_options.max_model_len,
-            loader=functools.partial(create_text_engine, text_options),
-            max_pending=settings.text_max_pending,
-            timeout_s=settings.request_timeout_s,
-        )
-    image = None
-    if settings.serves_images:
-        image_options = image_engine_options(settings)
-        device = image_device(image_options)
-        image = ImageGenerationService(
-            model_name=image_model_display_name(image_options, device),
-            device=device,
-            max_concurrency=image_options.max_concurrency,
-            loader=functools.partial(create_image_engine, image_options),
-            max_queue=settings.image_max_queue,
-            timeout_s=settings.request_timeout_s,
-            notice=image_model_notice(image_options, device),
-        )
     rate_limiter = create_rate_limiter(
         redis_url=settings.redis_url,
         requests_per_minute=settings.rate_limit_per_minute,
@@ -101,8 +67,7 @@ def build_services(settings: Settings) -> Services:
     )
     return Services(
         settings=settings,
-        text=text,
-        image=image,
+        models=build_model_registry(settings),
         api_keys=build_key_stores(settings) if settings.require_api_key else None,
         rate_limiter=rate_limiter,
         image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s),
@@ -178,16 +143,16 @@ def create_app(
         else:
             await _prepare_key_stores(services.api_keys, settings)
             tasks.append(asyncio.create_task(services.api_keys.record_usage(), name="key usage"))
-        served = services.generation()
-        tasks += [
+        logger.info(
+            "Serving %s",
+            ", ".join(f"{model.name} ({model.kind})" for model in services.models.models()),
+        )
+        # In the background: /health must answer while models preload.
+        tasks.append(
             asyncio.create_task(
-                service.supervise(settings.engine_health_interval_s), name=f"supervise {name}"
+                services.models.run(settings.engine_health_interval_s), name="models"
             )
-            for name, service in served.items()
-        ]
-        if settings.preload_models:
-            # In the background: /health must answer while the model loads.
-            tasks.append(asyncio.create_task(_preload(services), name="preload models"))
+        )
         try:
             yield
         finally:
@@ -195,8 +160,7 @@ def create_app(
                 task.cancel()
             # The key stores write their last batch of last-use times as their task ends.
             await asyncio.gather(*tasks, return_exceptions=True)
-            for service in served.values():
-                await service.shutdown()
+            await services.models.shutdown()
             await services.rate_limiter.close()
             if services.api_keys is not None:
                 services.api_keys.close()
@@ -228,12 +192,13 @@ def create_app(
     app.include_router(system_router)
     app.include_router(health_router)
     app.include_router(models_router)
+    app.include_router(admin_router)
     app.include_router(openai_models_router)
-    if services.text is not None:
+    if "text" in services.models.kinds():
         app.include_router(text_router)
         app.include_router(openai_text_router)
         app.include_router(tokenizer_router)
-    if services.image is not None:
+    if "image" in services.models.kinds():
         app.include_router(image_router)
         app.include_router(openai_image_router)
     app.include_router(playground_router)
@@ -262,11 +227,8 @@ def _build_observability(
 ) -> Observability:
     """The app's registry (the services record into it from now on), window and tracing."""
     metrics = Metrics(version=__version__)
-    capacity = {"text": settings.text_max_num_seqs, "image": settings.image_max_concurrency}
-    for kind, service in services.generation().items():
-        service.instrument(metrics)
-        metrics.engine_capacity.labels(kind).set(capacity[kind])
-    metrics.watch(engines=functools.partial(_engine_snapshots, services), gpus=gpu_memory)
+    services.models.instrument(metrics)
+    metrics.watch(engines=services.models.engine_snapshots, gpus=gpu_memory)
     return Observability(
         metrics=metrics,
         window=RequestWindow(window_s=settings.health_window_s),
@@ -275,48 +237,8 @@ def _build_observability(
     )
 
 
-def _engine_snapshots(services: Services) -> list[EngineSnapshot]:
-    snapshots = []
-    if services.text is not None:
-        text = services.text.info()
-        # vLLM queues inside its scheduler: waiting text requests count as running.
-        snapshots.append(
-            _snapshot("text", text, name=text.name, running=text.running, waiting=None)
-        )
-    if services.image is not None:
-        image = services.image.info()
-        snapshots.append(
-            _snapshot("image", image, name=image.name, running=image.running, waiting=image.waiting)
-        )
-    return snapshots
-
-
-def _snapshot(
-    engine: str, info: ModelLoadInfo, *, name: str, running: int, waiting: int | None
-) -> EngineSnapshot:
-    return EngineSnapshot(
-        engine=engine,
-        model=name,
-        state=info.state.value,
-        states=[state.value for state in LoadState],
-        running=running,
-        waiting=waiting,
-        waiting_for_load=info.waiting_for_load,
-        load_seconds=info.load_seconds,
-        load_failures=info.load_failures,
-    )
-
-
 async def _shutdown_tracing(provider: TracerProvider | None) -> None:
     # The SDK provider flushes its batch of spans on shutdown (a blocking export).
     shutdown = getattr(provider, "shutdown", None)
     if shutdown is not None:
         await asyncio.to_thread(shutdown)
-
-
-async def _preload(services: Services) -> None:
-    for service in services.generation().values():
-        try:
-            await service.initialize()
-        except Exception:
-            logger.warning("Preloading a model failed; requests will retry the load")

@@ -14,6 +14,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fictures_ai.api.errors import (
@@ -103,6 +104,12 @@ def install_error_handlers(app: FastAPI) -> None:
             message = unserved_route_message(request.url.path, mode)
             if message is not None:
                 exc = StarletteHTTPException(404, message)
+        elif exc.status_code == 405:
+            # Starlette names only the first route of the path in Allow; a path several
+            # routers serve (GET /api/v1/models lists, POST registers) has more methods.
+            exc = StarletteHTTPException(
+                405, exc.detail, headers={"Allow": ", ".join(_allowed_methods(request))}
+            )
         elif exc.status_code == 400 and exc.detail == FASTAPI_UNPARSABLE_BODY:
             # FastAPI's answer when decoding the body fails other than as bad JSON (bytes that
             # are not UTF-8, nesting past the decoder's limit): a malformed body, which the
@@ -118,3 +125,14 @@ def install_error_handlers(app: FastAPI) -> None:
                 headers=exc.headers,
             )
         return await http_exception_handler(request, exc)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match is not Match.NONE and route_methods:
+            methods.update(route_methods)
+    return sorted(methods)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from fictures_ai.errors import (
     AuthenticationError,
+    ConflictError,
     FicturesError,
     GenerationTimeoutError,
     InvalidRequestError,
@@ -36,6 +37,7 @@ _STATUS: tuple[tuple[type[FicturesError], int], ...] = (
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
     (ModelNotFoundError, 404),
+    (ConflictError, 409),
     (RequestTooLargeError, 413),
     (TooManyRequestsError, 429),
     (ServiceUnavailableError, 503),
@@ -69,6 +71,7 @@ ERROR_DESCRIPTIONS = {
     401: "No API key, or an unknown one",
     403: "The API key lacks the scope or the model",
     404: "Unknown model",
+    409: "The model's state forbids this now (busy, loading, name taken)",
     413: "Request body too large",
     429: "Rate limited or queue full (see Retry-After)",
     500: "Generation failed",

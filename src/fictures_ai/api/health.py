@@ -20,10 +20,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fictures_ai.api.dependencies import GenerationService, Services, get_services
+from fictures_ai.api.dependencies import Services, get_services
 from fictures_ai.errors import FicturesError
 from fictures_ai.observability import Observability
 from fictures_ai.services.model_loader import LoadState
+from fictures_ai.services.models.registry import GenerationService
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ReadyResponse(BaseModel):
 
     status: Literal["ready", "not_ready"]
     models: dict[str, ModelReadiness]
+    """By model name: every model with an engine of its own (adapters run on their base's)."""
 
 
 @health_router.get("/health/live", response_model=LiveResponse)
@@ -80,15 +82,15 @@ async def check_liveness() -> LiveResponse:
 async def check_readiness(services: ServicesDep) -> JSONResponse:
     """200 when every model is loaded or loadable and loaded engines are healthy, else 503.
 
-    A model that has not been loaded yet (or is loading for the first time) counts as ready:
-    the first request loads it. A failed load, a reload after a failure (a dead engine being
-    restarted) or a failing engine health check does not.
+    A model that is not loaded (never yet, or unloaded) or is loading for the first time
+    counts as ready: the next request loads it. A failed load, a reload after a failure (a dead
+    engine being restarted) or a failing engine health check does not.
     """
-    served = services.generation()
-    readiness = await asyncio.gather(*(_readiness(service) for service in served.values()))
+    served = [model.service for model in services.models.bases()]
+    readiness = await asyncio.gather(*(_readiness(service) for service in served))
     body = ReadyResponse(
         status="ready" if all(model.ready for model in readiness) else "not_ready",
-        models=dict(zip(served, readiness, strict=True)),
+        models={model.name: model for model in readiness},
     )
     if body.status == "ready":
         return JSONResponse(body.model_dump())
@@ -110,7 +112,7 @@ async def _readiness(service: GenerationService) -> ModelReadiness:
             ready=False,
             reason=info.last_error or "the last load failed",
         )
-    if info.state is not LoadState.READY:
+    if info.state is not LoadState.LOADED:
         return ModelReadiness(name=name, state=info.state.value, ready=True)
     try:
         await asyncio.wait_for(service.check_health(), HEALTH_CHECK_TIMEOUT_S)

@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from fictures_ai import __version__
 from fictures_ai.cli.generate import add_generate_commands, generate_image, generate_text
 from fictures_ai.cli.keys import add_key_commands, run_key_command
-from fictures_ai.cli.serve import add_models_commands, add_serve_command, prepare_models, serve
+from fictures_ai.cli.models import add_models_commands, run_models_command
+from fictures_ai.cli.serve import add_serve_command, serve
 
 DESCRIPTION = (
     "Fictures AI Server: text (vLLM) and image (diffusers) generation over HTTP. Run the "
-    "server, manage its API keys, prepare the bundled text model, or ask a running server to "
-    "generate. 'fictures-ai COMMAND --help' tells more of each command."
+    "server, manage its API keys, prepare the bundled text model, manage a running server's "
+    "models, or ask it to generate. 'fictures-ai COMMAND --help' tells more of each command."
 )
 
 
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "models":
-        return prepare_models()
+        return run_models_command(args)
     if args.command == "keys":
         return run_key_command(args)
     if args.kind == "image":

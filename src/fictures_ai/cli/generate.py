@@ -54,7 +54,8 @@ def add_generate_commands(subparsers: argparse._SubParsersAction[argparse.Argume
     image.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=API_KEY_HELP)
 
 
-def _client(args: argparse.Namespace, timeout: httpx.Timeout) -> httpx.Client:
+def client_for(args: argparse.Namespace, timeout: httpx.Timeout) -> httpx.Client:
+    """An HTTP client for ``args.url`` sending ``args.api_key`` (if any) as a bearer token."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     return httpx.Client(base_url=args.url, timeout=timeout, headers=headers)
 
@@ -62,18 +63,18 @@ def _client(args: argparse.Namespace, timeout: httpx.Timeout) -> httpx.Client:
 def generate_text(args: argparse.Namespace) -> int:
     """Send a prompt to a running server and print the answer."""
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
-    with _client(args, httpx.Timeout(600.0, connect=5.0)) as client:
+    with client_for(args, httpx.Timeout(600.0, connect=5.0)) as client:
         try:
             if not args.stream:
                 response = client.post("/api/v1/text/generate", json=body)
                 if response.is_error:
-                    return _report_http_error(response)
+                    return report_http_error(response)
                 print(response.json()["text"])
                 return 0
             with client.stream("POST", "/api/v1/text/stream", json=body) as stream:
                 if stream.is_error:
                     stream.read()
-                    return _report_http_error(stream)
+                    return report_http_error(stream)
                 for line in stream.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -107,13 +108,13 @@ def generate_image(args: argparse.Namespace) -> int:
     timeout = httpx.Timeout(3600.0, connect=5.0)
     try:
         with (
-            _client(args, timeout) as client,
+            client_for(args, timeout) as client,
             client.stream("POST", "/api/v1/images/stream", json=body) as stream,
             tqdm(total=args.steps, unit="step", desc="rendering", file=sys.stderr) as bar,
         ):
             if stream.is_error:
                 stream.read()
-                return _report_http_error(stream)
+                return report_http_error(stream)
             for line in stream.iter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -141,7 +142,8 @@ def generate_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_http_error(response: httpx.Response) -> int:
+def report_http_error(response: httpx.Response) -> int:
+    """Print the server's error (its ``detail``) to stderr and return exit status 1."""
     try:
         detail = response.json().get("detail", response.text)
     except ValueError:

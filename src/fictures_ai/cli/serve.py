@@ -1,4 +1,4 @@
-"""``fictures-ai serve`` (flags generated from the settings) and ``fictures-ai models prepare``."""
+"""``fictures-ai serve``, its flags generated from the settings."""
 
 from __future__ import annotations
 
@@ -18,17 +18,6 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     """Add ``serve``, with one flag per setting, to a parser's subcommands."""
     serve_command = subparsers.add_parser("serve", help="Run the HTTP server.")
     add_settings_flags(serve_command)
-
-
-def add_models_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``models prepare`` to a parser's subcommands (``dest="models_command"``)."""
-    models = subparsers.add_parser("models", help="Manage local models.")
-    models_commands = models.add_subparsers(
-        dest="models_command", required=True, metavar="{prepare}"
-    )
-    models_commands.add_parser(
-        "prepare", help="Convert the bundled text model now (otherwise done on first use)."
-    )
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fictures_ai.api.app import create_app
+    from fictures_ai.services.models.spec import ModelsFileError
 
     try:
         settings = settings_from(args)
@@ -79,6 +69,9 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     try:
         app = create_app(settings)
+    except ModelsFileError as exc:
+        print(f"Invalid models file: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"Invalid settings: {mask_credentials(str(exc))}", file=sys.stderr)
         return 2
@@ -89,19 +82,4 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
-
-
-def prepare_models() -> int:
-    """Convert the bundled text model into the cache and print its folder."""
-    from fictures_ai.engines.bundled_model import prepare_bundled_model
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
-        return 2
-    # People read this command's output: plain text, not the server's JSON lines.
-    configure_logging(level=settings.log_level, log_format="text")
-    print(prepare_bundled_model(settings.model_cache_dir))
     return 0

@@ -103,6 +103,10 @@ class EngineSnapshot:
     waiting_for_load: int
     load_seconds: float | None
     load_failures: int
+    memory_bytes: int | None = None
+    """What the loaded engine costs (measured after its load); None when not loaded."""
+    last_used: float | None = None
+    """When a request last used the model (Unix time, seconds)."""
 
 
 class Metrics:
@@ -160,7 +164,7 @@ class Metrics:
         self.queue_wait = Histogram(
             "fictures_queue_wait_seconds",
             "Time a request waited before its engine started on it (model load, render slot).",
-            ["engine"],
+            ["engine", "model"],
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
@@ -180,8 +184,9 @@ class Metrics:
         self.engine_capacity = Gauge(
             "fictures_engine_capacity",
             "Requests an engine works on at once (text: TEXT_MAX_NUM_SEQS, image: "
-            "IMAGE_MAX_CONCURRENCY); more running requests than this wait in a queue.",
-            ["engine"],
+            "IMAGE_MAX_CONCURRENCY, or the model's options); more running requests than this "
+            "wait in a queue.",
+            ["engine", "model"],
             registry=registry,
         )
         Info("fictures_build", "Version of the server.", registry=registry).info(
@@ -195,7 +200,7 @@ class Metrics:
             inter_token_latency=self.inter_token_latency.labels(model),
             prompt_tokens=self.prompt_tokens.labels(model),
             generation_tokens=self.generation_tokens.labels(model),
-            queue_wait=self.queue_wait.labels("text"),
+            queue_wait=self.queue_wait.labels("text", model),
             finished={reason: self.text_requests.labels(model, reason) for reason in TEXT_OUTCOMES},
         )
 
@@ -203,7 +208,7 @@ class Metrics:
         """The image instruments for ``model``; its series appear (at zero) from now on."""
         return ImageMetrics(
             render_seconds=self.image_render.labels(model),
-            queue_wait=self.queue_wait.labels("image"),
+            queue_wait=self.queue_wait.labels("image", model),
             finished={
                 outcome: self.image_renders.labels(model, outcome) for outcome in IMAGE_OUTCOMES
             },
@@ -351,19 +356,24 @@ class _StateCollector:
     def collect(self) -> Iterator[Metric]:
         families = self._families()
         up, state, running, waiting, load_waiting, load_seconds, load_failures = families[:7]
+        memory, last_used = families[7:9]
         for snapshot in self._engines():
-            engine, model = snapshot.engine, snapshot.model
-            up.add_metric([engine, model], 1.0 if snapshot.state == "ready" else 0.0)
+            labels = [snapshot.engine, snapshot.model]
+            up.add_metric(labels, 1.0 if snapshot.state == "loaded" else 0.0)
             for name in snapshot.states:
-                state.add_metric([engine, model, name], 1.0 if name == snapshot.state else 0.0)
-            running.add_metric([engine], snapshot.running)
+                state.add_metric([*labels, name], 1.0 if name == snapshot.state else 0.0)
+            running.add_metric(labels, snapshot.running)
             if snapshot.waiting is not None:
-                waiting.add_metric([engine], snapshot.waiting)
-            load_waiting.add_metric([engine], snapshot.waiting_for_load)
+                waiting.add_metric(labels, snapshot.waiting)
+            load_waiting.add_metric(labels, snapshot.waiting_for_load)
             if snapshot.load_seconds is not None:
-                load_seconds.add_metric([engine, model], snapshot.load_seconds)
-            load_failures.add_metric([engine, model], snapshot.load_failures)
-        used, total, allocated = families[7:]
+                load_seconds.add_metric(labels, snapshot.load_seconds)
+            load_failures.add_metric(labels, snapshot.load_failures)
+            if snapshot.memory_bytes is not None:
+                memory.add_metric(labels, snapshot.memory_bytes)
+            if snapshot.last_used is not None:
+                last_used.add_metric(labels, snapshot.last_used)
+        used, total, allocated = families[9:]
         for gpu in self._gpus() or ():
             device = str(gpu.index)
             used.add_metric([device, gpu.name], gpu.used_bytes)
@@ -378,29 +388,31 @@ class _StateCollector:
         return [
             GaugeMetricFamily(
                 "fictures_engine_up",
-                "1 when the engine is loaded and serving, else 0 (not loaded, loading, failed).",
+                "1 when the engine is loaded and serving, else 0 (not loaded, loading, "
+                "unloading, failed).",
                 labels=engine_model,
             ),
             GaugeMetricFamily(
                 "fictures_engine_state",
-                "1 for the engine's current load state (not_loaded, loading, ready, failed).",
+                "1 for the engine's current load state (not_loaded, loading, loaded, "
+                "unloading, failed).",
                 labels=[*engine_model, "state"],
             ),
             GaugeMetricFamily(
                 "fictures_requests_running",
                 "Requests handed to the engine and not finished (text: includes the requests "
                 "vLLM's scheduler holds waiting).",
-                labels=["engine"],
+                labels=engine_model,
             ),
             GaugeMetricFamily(
                 "fictures_requests_waiting",
                 "Requests queued in the server for an engine slot (image render queue).",
-                labels=["engine"],
+                labels=engine_model,
             ),
             GaugeMetricFamily(
                 "fictures_requests_waiting_for_model_load",
                 "Requests waiting for their model to finish loading.",
-                labels=["engine"],
+                labels=engine_model,
             ),
             GaugeMetricFamily(
                 "fictures_model_load_seconds",
@@ -410,6 +422,17 @@ class _StateCollector:
             CounterMetricFamily(
                 "fictures_model_load_failures",
                 "Model loads that failed (a later request retries).",
+                labels=engine_model,
+            ),
+            GaugeMetricFamily(
+                "fictures_model_memory_bytes",
+                "What a loaded model costs: RAM (process tree) on a CPU, GPU memory on CUDA, "
+                "measured across its load.",
+                labels=engine_model,
+            ),
+            GaugeMetricFamily(
+                "fictures_model_last_used_timestamp_seconds",
+                "When a request last used the model (Unix time).",
                 labels=engine_model,
             ),
             GaugeMetricFamily(

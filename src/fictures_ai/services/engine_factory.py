@@ -7,10 +7,15 @@ diffusers take seconds to import, and a server that serves one half never needs 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from fictures_ai.config import Settings
 from fictures_ai.engines.options import DiffusersEngineOptions, VllmEngineOptions
+from fictures_ai.shared import BUNDLED_TINY_SDXL
 
 if TYPE_CHECKING:
     from fictures_ai.engines.base import ImageEngine, TextEngine
@@ -86,6 +91,14 @@ def image_device(options: DiffusersEngineOptions) -> str:
     return device
 
 
+def default_image_source(device: str) -> str:
+    """What an unset ``IMAGE_MODEL_NAME`` means on ``device``: SDXL base on a GPU, the tiny
+    offline pipeline (``BUNDLED_TINY_SDXL``) on a CPU."""
+    from fictures_ai.engines.diffusers_engine import DEFAULT_GPU_IMAGE_MODEL
+
+    return DEFAULT_GPU_IMAGE_MODEL if device == "cuda" else BUNDLED_TINY_SDXL
+
+
 def image_model_display_name(options: DiffusersEngineOptions, device: str) -> str:
     """The name the API reports for the image model, known without loading it."""
     from fictures_ai.engines.diffusers_engine import DEFAULT_GPU_IMAGE_MODEL, describe_source
@@ -103,3 +116,33 @@ def image_model_notice(options: DiffusersEngineOptions, device: str) -> str | No
 
     is_tiny = image_model_display_name(options, device) == TINY_IMAGE_MODEL
     return TINY_PIPELINE_NOTICE if is_tiny else None
+
+
+_NOT_OPTIONS = frozenset({"model", "served_model_name", "cache_dir"})
+"""Option fields a models file sets through its own keys (source, name), not ``options``."""
+
+OptionsT = TypeVar("OptionsT", VllmEngineOptions, DiffusersEngineOptions)
+
+
+def override_options(options: OptionsT, overrides: Mapping[str, Any]) -> OptionsT:
+    """``options`` with ``overrides`` (a models file's ``options``: the settings' names without
+    their ``TEXT_``/``IMAGE_`` prefix), type-checked as the settings are.
+
+    Raises ``ValueError`` naming the option (``options.max_model_len: ...``) for an unknown
+    name or a value of the wrong type.
+    """
+    allowed = sorted(field.name for field in fields(options) if field.name not in _NOT_OPTIONS)
+    for name in overrides:
+        if name not in allowed:
+            raise ValueError(
+                f"options.{name}: not an engine option of this kind; the options are "
+                f"{', '.join(allowed)}"
+            )
+    merged = {**{field.name: getattr(options, field.name) for field in fields(options)}}
+    merged.update(overrides)
+    try:
+        return TypeAdapter(type(options)).validate_python(merged)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ValueError(f"options.{where}: {error['msg']}") from None

@@ -31,12 +31,7 @@ from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceU
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
-from fictures_ai.services.model_loader import (
-    LOAD_RETRY_AFTER_S,
-    LazyModel,
-    ModelLoadInfo,
-    check_model_name,
-)
+from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +87,15 @@ class ImageGenerationService:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
         self._metrics = metrics.image(self._model.name)
 
-    def check_model(self, requested: str | None) -> str:
-        """The model a request names (None: the served one); ``ModelNotFoundError`` when this
-        service does not serve it."""
-        return check_model_name(requested, self.info().name, kind="image")
+    @property
+    def model(self) -> LazyModel[ImageEngine]:
+        """The lazily loaded pipeline (its state, load and unload)."""
+        return self._model
+
+    @property
+    def model_name(self) -> str:
+        """The name the API reports for the model (known before it loads)."""
+        return self._model.name
 
     def info(self) -> ImageServiceInfo:
         """Describe the model and the queue without loading anything."""
@@ -103,7 +103,7 @@ class ImageGenerationService:
         model = engine.model_info() if engine is not None else None
         lazy = self._model
         return ImageServiceInfo(
-            name=model.name if model else self._model.name,
+            name=self._model.name,
             device=model.device if model else self._device,
             initialized=engine is not None,
             notice=model.notice if model else self._notice,
@@ -126,7 +126,7 @@ class ImageGenerationService:
         await self._model.supervise(interval_s, broken=ServiceUnavailableError)
 
     async def initialize(self) -> None:
-        """Load the pipeline now (used when models are preloaded at start-up)."""
+        """Load the pipeline now (preloaded at start-up, or an admin's load)."""
         await self._model.get()
 
     async def generate(
@@ -144,9 +144,18 @@ class ImageGenerationService:
         request = current_request()
         if request is not None:
             request.fields.update(width=params.width, height=params.height)
-        metrics = self._metrics
         arrived = time.perf_counter()
-        engine = await self._model.get()
+        async with self._model.use() as engine:
+            return await self._render(engine, params, progress, arrived)
+
+    async def _render(
+        self,
+        engine: ImageEngine,
+        params: ImageGenerationParams,
+        progress: ProgressCallback | None,
+        arrived: float,
+    ) -> GeneratedImage:
+        metrics = self._metrics
         if (
             self._max_queue is not None
             and self._slots.locked()

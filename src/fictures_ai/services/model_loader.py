@@ -4,6 +4,10 @@ The first caller starts the load; concurrent callers wait for the same load; a f
 reported as ``ModelLoadError`` (with ``retry_after``) and the next caller tries again. The load
 runs in its own task, so a client that disconnects while waiting never cancels it.
 
+Requests hold the engine with ``use()``: while any does, the model is never unloaded. An
+``unload()`` frees an idle engine; a request that arrives during it waits, and the model loads
+again for it.
+
 It also counts what the metrics read at scrape time: callers waiting for the load, failed
 loads, and the last load's duration; each wait is a ``queue.model_load`` span of the request.
 """
@@ -15,11 +19,12 @@ import contextvars
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from fictures_ai.errors import FicturesError, ModelLoadError, ModelNotFoundError
+from fictures_ai.errors import ConflictError, FicturesError, ModelLoadError
 from fictures_ai.observability.tracing import child_span
 
 logger = logging.getLogger(__name__)
@@ -42,7 +47,8 @@ class LoadState(enum.StrEnum):
 
     NOT_LOADED = "not_loaded"
     LOADING = "loading"
-    READY = "ready"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
     FAILED = "failed"
 
 
@@ -57,16 +63,12 @@ class ModelLoadInfo:
     load_failures: int = 0
     last_error: str | None = None
     """Why the model is not available, when its state is ``failed`` (or it is reloading)."""
-
-
-def check_model_name(requested: str | None, served: str, *, kind: str) -> str:
-    """``served`` when ``requested`` is None (the default model) or names it.
-
-    Raises ``ModelNotFoundError`` (listing ``served`` as the ``kind`` models) for another name.
-    """
-    if requested is not None and requested != served:
-        raise ModelNotFoundError(requested, kind=kind, available=[served])
-    return served
+    in_flight: int = 0
+    """Requests holding the engine now (waiting for its load included)."""
+    last_used: float | None = None
+    """When a request last held the engine (Unix time, seconds), None if none has."""
+    memory_bytes: int | None = None
+    """What the loaded engine costs, measured after its load (see ``services.models.memory``)."""
 
 
 class LazyModel(Generic[EngineT]):
@@ -86,6 +88,16 @@ class LazyModel(Generic[EngineT]):
         self.load_failures = 0
         self.waiting = 0
         """Callers waiting for the load to finish now."""
+        self.in_flight = 0
+        """Requests inside ``use()`` now."""
+        self.last_used: float | None = None
+        self.idle_since = time.monotonic()
+        """When the last request left ``use()`` (monotonic clock): the idle-time reference."""
+        self.memory_bytes: int | None = None
+        """Set by whoever measures loads (the model registry); None while not loaded."""
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last request in flight leaves ``use()``."""
+        self._unload_task: asyncio.Task[None] | None = None
 
     def load_info(self) -> dict[str, Any]:
         """The ``ModelLoadInfo`` fields as keywords, for the services' info objects."""
@@ -96,8 +108,40 @@ class LazyModel(Generic[EngineT]):
                 load_seconds=self.load_seconds,
                 load_failures=self.load_failures,
                 last_error=self.last_error,
+                in_flight=self.in_flight,
+                last_used=self.last_used,
+                memory_bytes=self.memory_bytes,
             )
         )
+
+    def wrap_loader(
+        self,
+        wrapper: Callable[[Callable[[], Awaitable[EngineT]]], Callable[[], Awaitable[EngineT]]],
+    ) -> None:
+        """Load through ``wrapper(loader)`` from now on (the registry measures loads, keeps
+        them within its memory budget and adds adapters to the fresh engine)."""
+        self._loader = wrapper(self._loader)
+
+    @property
+    def idle(self) -> bool:
+        """Loaded and held by no request: what an unload may take."""
+        return self._engine is not None and self.in_flight == 0 and self.waiting == 0
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[EngineT]:
+        """Hold the engine (loading it if needed) for the length of the block; the model is
+        not unloaded meanwhile. Raises what :meth:`get` raises."""
+        self.in_flight += 1
+        self.last_used = time.time()
+        try:
+            yield await self.get()
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.time()
+            if self.in_flight == 0:
+                self.idle_since = time.monotonic()
+                if self.on_idle is not None:
+                    self.on_idle()
 
     @property
     def engine(self) -> EngineT | None:
@@ -126,6 +170,9 @@ class LazyModel(Generic[EngineT]):
         return self._load_task
 
     async def _load(self) -> EngineT:
+        unloading = self._unload_task
+        if unloading is not None:  # a request arrived while the model unloaded: load it again
+            await asyncio.shield(unloading)
         self.state = LoadState.LOADING
         started = time.perf_counter()
         try:
@@ -147,7 +194,8 @@ class LazyModel(Generic[EngineT]):
             ) from exc
         self.load_seconds = time.perf_counter() - started
         self._engine = engine
-        self.state = LoadState.READY
+        self.idle_since = time.monotonic()
+        self.state = LoadState.LOADED
         self.last_error = None
         logger.info("Loaded %s in %.1f s", self.name, self.load_seconds)
         return engine
@@ -184,12 +232,59 @@ class LazyModel(Generic[EngineT]):
         self._load_task = None
         self.state = LoadState.FAILED
         self.last_error = reason
+        self.memory_bytes = None
         if engine is not None:
             logger.warning("Discarding %s: %s", self.name, reason)
             try:
                 await engine.shutdown()
             except Exception:
                 logger.warning("Shutting down the broken %s failed", self.name, exc_info=True)
+
+    async def unload(self) -> bool:
+        """Shut the engine down and free its memory; the next request loads it again.
+
+        Returns False when nothing was loaded. Raises ``ConflictError`` while requests hold
+        the engine or a load is under way (a model in use is never unloaded).
+        """
+        if self._unload_task is not None:
+            await asyncio.shield(self._unload_task)
+            return True
+        if self._load_task is not None and self._engine is None:
+            raise ConflictError(
+                f"The model '{self.name}' is loading; unload it once it has loaded.",
+                model=self.name,
+            )
+        if self._engine is None:
+            return False
+        if not self.idle:
+            raise ConflictError(
+                f"The model '{self.name}' has {self.in_flight} requests in flight; it is "
+                "unloaded only when idle. Try again once they have finished.",
+                model=self.name,
+            )
+        engine, self._engine = self._engine, None
+        self._load_task = None
+        self.state = LoadState.UNLOADING
+        # In its own task: the caller (an admin request, the budget) leaving must not stop it
+        # half-way, and requests arriving meanwhile wait for it.
+        self._unload_task = asyncio.create_task(
+            self._shutdown_engine(engine), name=f"unload {self.name}", context=contextvars.Context()
+        )
+        await asyncio.shield(self._unload_task)
+        return True
+
+    async def _shutdown_engine(self, engine: EngineT) -> None:
+        started = time.perf_counter()
+        try:
+            await engine.shutdown()
+        except Exception:
+            logger.warning("Shutting down %s failed", self.name, exc_info=True)
+        finally:
+            self.memory_bytes = None
+            self._unload_task = None
+            if self.state is LoadState.UNLOADING:
+                self.state = LoadState.NOT_LOADED
+        logger.info("Unloaded %s in %.1f s", self.name, time.perf_counter() - started)
 
     async def shutdown(self) -> None:
         """Release the engine (waiting for a load in progress to finish first)."""
@@ -199,8 +294,11 @@ class LazyModel(Generic[EngineT]):
                 await task
             except Exception:
                 logger.debug("Load of %s failed during shutdown", self.name)
+        if self._unload_task is not None:
+            await asyncio.shield(self._unload_task)
         engine, self._engine = self._engine, None
         self._load_task = None
         self.state = LoadState.NOT_LOADED
+        self.memory_bytes = None
         if engine is not None:
             await engine.shutdown()

@@ -13,11 +13,13 @@ and one histogram observation; everything else happens once per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +48,7 @@ from fictures_ai.errors import (
 from fictures_ai.observability.context import LoggedPrompt, RequestContext, current_request
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
-from fictures_ai.services.model_loader import (
-    LOAD_RETRY_AFTER_S,
-    LazyModel,
-    ModelLoadInfo,
-    check_model_name,
-)
+from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +110,7 @@ class TextGenerationService:
         self._configured_max_model_len = max_model_len
         self._metrics: TextMetrics | None = None
         self._active_ids: set[str] = set()
+        self._adapter_requests: Counter[int] = Counter()
         self._tasks: set[asyncio.Future[None]] = set()
 
     def instrument(self, metrics: Metrics) -> None:
@@ -120,15 +118,18 @@ class TextGenerationService:
         self._metrics = metrics.text(self._model.name)
 
     @property
+    def model(self) -> LazyModel[TextEngine]:
+        """The lazily loaded engine (its state, load and unload)."""
+        return self._model
+
+    @property
     def model_name(self) -> str:
         """The name the API reports for the model (known before it loads)."""
-        engine = self._model.engine
-        return engine.model_info().name if engine is not None else self._model.name
+        return self._model.name
 
-    def check_model(self, requested: str | None) -> str:
-        """The model a request names (None: the served one); ``ModelNotFoundError`` when this
-        service does not serve it."""
-        return check_model_name(requested, self.model_name, kind="text")
+    def adapter_requests(self, adapter_id: int) -> int:
+        """Requests running through the LoRA adapter ``adapter_id`` now."""
+        return self._adapter_requests[adapter_id]
 
     def info(self) -> TextServiceInfo:
         """Describe the model without loading it."""
@@ -165,7 +166,7 @@ class TextGenerationService:
         await self._model.supervise(interval_s, broken=EngineDeadError)
 
     async def initialize(self) -> None:
-        """Load the model now (used when models are preloaded at start-up)."""
+        """Load the model now (preloaded at start-up, or an admin's load)."""
         await self._model.get()
 
     def _admit(self) -> None:
@@ -207,10 +208,37 @@ class TextGenerationService:
             GenerationError: the engine failed otherwise.
         """
         self._admit()
+        adapter = params.lora.id if params.lora is not None else None
+        if adapter is not None:
+            self._adapter_requests[adapter] += 1
+        arrived = time.perf_counter()
+        try:
+            async with (
+                self._model.use() as engine,
+                # Closed here, not left to the garbage collector: its bookkeeping (metrics,
+                # tokens of the access line) must be done when this stream ends.
+                contextlib.aclosing(
+                    self._stream(engine, prompt, params, request_id, arrived)
+                ) as chunks,
+            ):
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            if adapter is not None:
+                self._adapter_requests[adapter] -= 1
+                if not self._adapter_requests[adapter]:
+                    del self._adapter_requests[adapter]
+
+    async def _stream(
+        self,
+        engine: TextEngine,
+        prompt: TextPrompt,
+        params: TextGenerationParams,
+        request_id: str | None,
+        arrived: float,
+    ) -> AsyncGenerator[TextChunk, None]:
         request = current_request()
         metrics = self._metrics
-        arrived = time.perf_counter()
-        engine = await self._model.get()
         started = time.perf_counter()
         if metrics is not None:
             metrics.queue_wait.observe(started - arrived)
@@ -366,8 +394,8 @@ class TextGenerationService:
         Raises ``ModelLoadError`` when the model cannot load, ``InvalidRequestError`` when the
         chat template refuses the messages.
         """
-        engine = await self._model.get()
-        return await engine.tokenize(prompt)
+        async with self._model.use() as engine:
+            return await engine.tokenize(prompt)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of ``token_ids``.
@@ -375,23 +403,23 @@ class TextGenerationService:
         Raises ``InvalidRequestError`` for ids outside the vocabulary, ``ModelLoadError`` when
         the model cannot load.
         """
-        engine = await self._model.get()
-        return await engine.detokenize(token_ids)
+        async with self._model.use() as engine:
+            return await engine.detokenize(token_ids)
 
     async def check_structured(self, spec: StructuredOutputSpec) -> None:
         """Raise ``InvalidRequestError`` when the engine cannot enforce ``spec`` (compiled off
         the event loop: a grammar compile can take a while); ``ModelLoadError`` when the model
         cannot load."""
-        engine = await self._model.get()
-        await asyncio.to_thread(engine.check_structured, spec)
+        async with self._model.use() as engine:
+            await asyncio.to_thread(engine.check_structured, spec)
 
     async def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser:
         """The model's parser for tool calls it writes on its own (``tool_choice: auto``).
 
         Raises ``InvalidRequestError`` when the server has none (``TEXT_TOOL_CALL_PARSER``).
         """
-        engine = await self._model.get()
-        parser = engine.tool_call_parser(tools)
+        async with self._model.use() as engine:
+            parser = engine.tool_call_parser(tools)
         if parser is None:
             raise InvalidRequestError(
                 'tool_choice "auto" with tools needs a tool-call parser for the model, and '

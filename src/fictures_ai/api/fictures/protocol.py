@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.api.model_views import LoraWeight, ModelStateFields
 from fictures_ai.api.unicode_text import UnicodeTextBody
 from fictures_ai.config import GenerationMode
 from fictures_ai.engines.base import (
@@ -252,8 +253,8 @@ class StructuredGenerationResponse(BaseModel):
     is_valid: bool
 
 
-class TextModelInfo(BaseModel):
-    """TEXT_INFO of the contract."""
+class TextModelInfo(ModelStateFields):
+    """TEXT_INFO of the contract, with the model's state."""
 
     name: str
     type: Literal["text-generation"] = "text-generation"
@@ -262,8 +263,8 @@ class TextModelInfo(BaseModel):
     initialized: bool
 
 
-class ImageModelInfo(BaseModel):
-    """IMAGE_INFO of the contract."""
+class ImageModelInfo(ModelStateFields):
+    """IMAGE_INFO of the contract, with the model's state."""
 
     name: str
     type: Literal["image-generation"] = "image-generation"
@@ -328,7 +329,7 @@ class ModelsResponse(BaseModel):
     image_generation: list[ImageModelInfo]
 
 
-class TextModelEntry(BaseModel):
+class TextModelEntry(ModelStateFields):
     """One entry of ``/api/v1/text/models``."""
 
     id: str
@@ -384,6 +385,11 @@ class ImageGenerationRequest(_Body):
         min_length=1,
         description="The image model (see /api/v1/models); default: the server's.",
     )
+    loras: list[LoraWeight] | None = Field(
+        None,
+        max_length=8,
+        description="LoRA adapters declared on the model's base, with their weights.",
+    )
 
     def to_generation_params(self) -> ImageGenerationParams:
         """The engine's parameters; a request without a seed gets a random one (> 0)."""
@@ -408,7 +414,7 @@ class ImageGenerationResponse(BaseModel):
     seed: int
 
 
-class ImageModelEntry(BaseModel):
+class ImageModelEntry(ModelStateFields):
     """One entry of ``/api/v1/images/models``."""
 
     id: str

@@ -4,18 +4,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 
 from fictures_ai import __version__
 from fictures_ai.api.auth import Client, require_scope
-from fictures_ai.api.dependencies import (
-    Services,
-    get_image_service,
-    get_services,
-    get_text_service,
-)
+from fictures_ai.api.dependencies import Services, get_models, get_services
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
 from fictures_ai.api.fictures.encoding import ImageEventEncoder, TextEventEncoder, png_data_url
@@ -42,11 +37,12 @@ from fictures_ai.api.fictures.protocol import (
     contract_finish_reason,
 )
 from fictures_ai.api.health import ObservabilityDep
+from fictures_ai.api.model_views import requested_loras, state_fields, with_model_defaults
 from fictures_ai.api.sse import EventStreamResponse, sse_response_doc, stream_events
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.observability.gpu import gpu_memory
-from fictures_ai.services.image_generation import ImageGenerationService
-from fictures_ai.services.text_generation import TextGenerationService
+from fictures_ai.services.model_loader import LoadState
+from fictures_ai.services.models.registry import ModelRegistry, ModelStatus
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +54,38 @@ models_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 text_router = APIRouter(prefix="/api/v1/text", tags=["text"], responses=_ERRORS)
 image_router = APIRouter(prefix="/api/v1/images", tags=["images"], responses=_ERRORS)
 
-TextService = Annotated[TextGenerationService, Depends(get_text_service)]
-ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
+ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 # Model listings: any valid key (api-contract.md, "Authentication").
 listing_access = [Depends(require_scope(None))]
 # Generation: the route admits the request once the body is parsed (model, images).
 Caller = Annotated[Client, Depends(require_scope("stories:write", admit=False))]
 
+TEXT_DEFAULT_FIELDS = {"stop": ("stop_sequences",)}
+"""A text model's defaults (models file) by the Fictures requests' field names."""
 
-def _text_info(service: TextGenerationService) -> TextModelInfo:
-    info = service.info()
+
+def _text_info(status: ModelStatus) -> TextModelInfo:
     return TextModelInfo(
-        name=info.name, max_tokens=info.max_model_len, initialized=info.initialized
+        name=status.name,
+        max_tokens=status.max_model_len or 0,
+        initialized=status.state is LoadState.LOADED,
+        **state_fields(status),
     )
 
 
-def _image_info(service: ImageGenerationService) -> ImageModelInfo:
-    info = service.info()
+def _image_info(status: ModelStatus) -> ImageModelInfo:
     return ImageModelInfo(
-        name=info.name, device=info.device, initialized=info.initialized, notice=info.notice
+        name=status.name,
+        device=status.device or "",
+        initialized=status.state is LoadState.LOADED,
+        notice=status.notice,
+        **state_fields(status),
     )
+
+
+def _contract_status(status: ModelStatus) -> Literal["initialized", "not_loaded"]:
+    return "initialized" if status.state is LoadState.LOADED else "not_loaded"
 
 
 @system_router.get("/", response_model=RootResponse)
@@ -91,13 +98,16 @@ async def describe_server() -> RootResponse:
 async def check_health(services: ServicesDep, observability: ObservabilityDep) -> HealthResponse:
     """Answers at once, also while models load; ``initialized`` says whether they have.
 
-    A model of the half that ``generation_mode`` leaves out is not listed. Beyond the
+    ``models`` holds the default model of each kind (``/api/v1/models`` lists them all); a
+    kind that ``generation_mode`` leaves out is not listed. Beyond the
     contract's fields: recent request latency and error rate, and GPU memory when this process
     uses CUDA (``gpu`` is null otherwise).
     """
+    registry = services.models
+    text, image = registry.default("text"), registry.default("image")
     models = HealthModels(
-        text=_text_info(services.text) if services.text is not None else None,
-        image=_image_info(services.image) if services.image is not None else None,
+        text=_text_info(registry.status(text)) if text is not None else None,
+        image=_image_info(registry.status(image)) if image is not None else None,
     )
     recent = observability.window.summary()
     gpus = gpu_memory()
@@ -131,49 +141,52 @@ async def check_health(services: ServicesDep, observability: ObservabilityDep) -
     "/models", response_model=ModelsResponse, dependencies=listing_access, tags=["models"]
 )
 async def list_models(services: ServicesDep) -> ModelsResponse:
-    """Every model this server serves (an empty list for a half it does not serve)."""
+    """Every model this server serves, adapters included, with its state (an empty list for
+    a kind it does not serve)."""
+    registry = services.models
     return ModelsResponse(
         generation_mode=services.settings.generation_mode,
-        text_generation=[_text_info(services.text)] if services.text is not None else [],
-        image_generation=[_image_info(services.image)] if services.image is not None else [],
+        text_generation=[_text_info(status) for status in registry.statuses("text")],
+        image_generation=[_image_info(status) for status in registry.statuses("image")],
     )
 
 
 @text_router.get("/models", response_model=TextModelsResponse, dependencies=listing_access)
-async def list_text_models(service: TextService) -> TextModelsResponse:
-    """The text models, with whether each is loaded."""
-    info = service.info()
-    entry = TextModelEntry(
-        id=info.name,
-        name=info.name,
-        max_tokens=info.max_model_len,
-        status="initialized" if info.initialized else "not_loaded",
+async def list_text_models(models: ModelsDep) -> TextModelsResponse:
+    """The text models, with their state (``status``: the contract's loaded or not)."""
+    return TextModelsResponse(
+        models=[
+            TextModelEntry(
+                id=status.name,
+                name=status.name,
+                max_tokens=status.max_model_len or 0,
+                status=_contract_status(status),
+                **state_fields(status),
+            )
+            for status in models.statuses("text")
+        ]
     )
-    return TextModelsResponse(models=[entry])
 
 
 @text_router.post("/generate", response_model=TextGenerationResponse)
 async def generate_text(
-    body: TextGenerationRequest,
-    request: Request,
-    caller: Caller,
-    service: TextService,
-    services: ServicesDep,
+    body: TextGenerationRequest, request: Request, caller: Caller, services: ServicesDep
 ) -> TextGenerationResponse:
     """Generate text and return it whole; a client that disconnects aborts the generation.
 
     With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
     """
-    model = service.check_model(body.model)
+    target = services.models.text(body.model)
+    body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
-    params = body.to_generation_params()
-    await caller.admit(model=model)
+    params = target.params(body.to_generation_params())
+    await caller.admit(model=target.name)
     result = await cancel_on_disconnect(
-        request, service.generate(prompt, params, request_id=current_request_id())
+        request, target.service.generate(prompt, params, request_id=current_request_id())
     )
     return TextGenerationResponse(
         text=result.text,
-        model=service.model_name,
+        model=target.name,
         tokens_used=result.completion_tokens,
         finish_reason=contract_finish_reason(result.finish_reason) or "stop",
     )
@@ -187,37 +200,36 @@ async def generate_text(
     ),
 )
 async def stream_text(
-    body: TextGenerationRequest, caller: Caller, service: TextService, services: ServicesDep
+    body: TextGenerationRequest, caller: Caller, services: ServicesDep
 ) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
-    model = service.check_model(body.model)
+    target = services.models.text(body.model)
+    body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
-    params = body.to_generation_params()
-    await caller.admit(model=model)
-    chunks = service.stream(prompt, params, request_id=current_request_id())
-    return await stream_events(chunks, TextEventEncoder(service.model_name))
+    params = target.params(body.to_generation_params())
+    await caller.admit(model=target.name)
+    chunks = target.service.stream(prompt, params, request_id=current_request_id())
+    return await stream_events(chunks, TextEventEncoder(target.name))
 
 
 @text_router.post("/structured", response_model=StructuredGenerationResponse)
 async def generate_structured_text(
-    body: StructuredGenerationRequest,
-    request: Request,
-    caller: Caller,
-    service: TextService,
-    services: ServicesDep,
+    body: StructuredGenerationRequest, request: Request, caller: Caller, services: ServicesDep
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
-    model = service.check_model(body.model)
+    target = services.models.text(body.model)
+    body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
-    params = body.to_generation_params()
-    await caller.admit(model=model)
+    params = target.params(body.to_generation_params())
+    await caller.admit(model=target.name)
     outcome = await cancel_on_disconnect(
-        request, service.generate_structured(prompt, params, request_id=current_request_id())
+        request,
+        target.service.generate_structured(prompt, params, request_id=current_request_id()),
     )
     return StructuredGenerationResponse(
         output=outcome.result.text,
         parsed_output=outcome.parsed,
-        model=service.model_name,
+        model=target.name,
         tokens_used=outcome.result.completion_tokens,
         finish_reason=contract_finish_reason(outcome.result.finish_reason) or "stop",
         is_valid=outcome.is_valid,
@@ -226,17 +238,18 @@ async def generate_structured_text(
 
 @image_router.post("/generate", response_model=ImageGenerationResponse)
 async def generate_image(
-    body: ImageGenerationRequest, request: Request, caller: Caller, service: ImageService
+    body: ImageGenerationRequest, request: Request, caller: Caller, models: ModelsDep
 ) -> ImageGenerationResponse:
     """Render one image of exactly the requested size; a client that disconnects frees its
     queue place or stops the render."""
-    model = service.check_model(body.model)
-    params = body.to_generation_params()
-    await caller.admit(model=model, images=1)
-    image = await cancel_on_disconnect(request, service.generate(params))
+    target = models.image(body.model)
+    body = with_model_defaults(body, target.defaults)
+    params = target.params(body.to_generation_params(), requested_loras(body.loras))
+    await caller.admit(model=target.name, images=1)
+    image = await cancel_on_disconnect(request, target.service.generate(params))
     return ImageGenerationResponse(
         image_url=png_data_url(image.png),
-        model=service.info().name,
+        model=target.name,
         width=image.width,
         height=image.height,
         seed=image.seed,
@@ -252,28 +265,31 @@ async def generate_image(
     ),
 )
 async def stream_image(
-    body: ImageGenerationRequest, caller: Caller, service: ImageService
+    body: ImageGenerationRequest, caller: Caller, models: ModelsDep
 ) -> EventStreamResponse:
     """Render one image, reporting progress per step as server-sent events."""
-    model = service.check_model(body.model)
-    params = body.to_generation_params()
-    await caller.admit(model=model, images=1)
-    renders = service.stream(params)
+    target = models.image(body.model)
+    body = with_model_defaults(body, target.defaults)
+    params = target.params(body.to_generation_params(), requested_loras(body.loras))
+    await caller.admit(model=target.name, images=1)
+    renders = target.service.stream(params)
     # Started at once: the render may wait long in the queue; its errors are events.
-    return await stream_events(
-        renders, ImageEventEncoder(service.info().name), wait_for_first=False
-    )
+    return await stream_events(renders, ImageEventEncoder(target.name), wait_for_first=False)
 
 
 @image_router.get("/models", response_model=ImageModelsResponse, dependencies=listing_access)
-async def list_image_models(service: ImageService) -> ImageModelsResponse:
-    """The image models, with whether each is loaded."""
-    info = service.info()
-    entry = ImageModelEntry(
-        id=info.name,
-        name=info.name,
-        device=info.device,
-        status="initialized" if info.initialized else "not_loaded",
-        notice=info.notice,
+async def list_image_models(models: ModelsDep) -> ImageModelsResponse:
+    """The image models, with their state (``status``: the contract's loaded or not)."""
+    return ImageModelsResponse(
+        models=[
+            ImageModelEntry(
+                id=status.name,
+                name=status.name,
+                device=status.device or "",
+                status=_contract_status(status),
+                notice=status.notice,
+                **state_fields(status),
+            )
+            for status in models.statuses("image")
+        ]
     )
-    return ImageModelsResponse(models=[entry])

@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fictures_ai.api.json_schema import to_json_schema
+from fictures_ai.api.model_views import LoraWeight, ModelStateFields
 from fictures_ai.api.unicode_text import UnicodeTextBody
 from fictures_ai.engines.base import (
     MAX_SEED,
@@ -641,13 +642,17 @@ class CompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
-class Model(_Response):
-    """One entry of ``GET /v1/models``."""
+class Model(ModelStateFields, _Response):
+    """One entry of ``GET /v1/models``: OpenAI's fields, vLLM's ``root``, ``parent`` and
+    ``max_model_len``, and the model's kind and state."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "fictures-ai"
+    root: str | None = Field(None, description="What the model is made from (vLLM's root).")
+    max_model_len: int | None = Field(None, description="Context window of a text model.")
+    kind: Literal["text", "image"] | None = None
 
 
 class ModelList(_Response):
@@ -687,6 +692,9 @@ class ImageGenerationRequest(_Body):
     steps: int | None = Field(None, ge=1, le=100, description="Extension: denoising steps (30).")
     guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Extension (7.5).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Extension: image i: seed + i.")
+    loras: list[LoraWeight] | None = Field(
+        None, max_length=8, description="Extension: LoRA adapters of the model, with weights."
+    )
 
     @model_validator(mode="before")
     @classmethod

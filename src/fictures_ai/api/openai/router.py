@@ -21,14 +21,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from fictures_ai.api.auth import Client, require_scope
-from fictures_ai.api.dependencies import (
-    Services,
-    get_image_service,
-    get_services,
-    get_text_service,
-)
+from fictures_ai.api.dependencies import Services, get_models, get_services
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
+from fictures_ai.api.model_views import requested_loras, state_fields, with_model_defaults
 from fictures_ai.api.openai.encoding import (
     ChunkEncoder,
     chat_logprobs,
@@ -64,10 +60,10 @@ from fictures_ai.engines.base import (
     TextPrompt,
     ToolCallParser,
 )
-from fictures_ai.errors import InvalidRequestError, ModelNotFoundError
+from fictures_ai.errors import InvalidRequestError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
-from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.models.registry import ModelRegistry, ModelStatus
 from fictures_ai.services.text_generation import TextGenerationService
 from fictures_ai.services.tool_calls import (
     FirstCallParser,
@@ -85,38 +81,41 @@ image_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 tokenizer_router = APIRouter(tags=["openai"], responses=_ERRORS)
 """vLLM's ``/tokenize`` and ``/detokenize``, at vLLM's paths (outside ``/v1``)."""
 
-TextService = Annotated[TextGenerationService, Depends(get_text_service)]
-ImageService = Annotated[ImageGenerationService, Depends(get_image_service)]
 ServicesDep = Annotated[Services, Depends(get_services)]
+ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 # Model listings: any valid key (api-contract.md, "Authentication").
 listing_access = [Depends(require_scope(None))]
 # Generation: the route admits the request once the body is parsed (model, images).
 Caller = Annotated[Client, Depends(require_scope("stories:write", admit=False))]
 
+TEXT_DEFAULT_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
+"""A text model's defaults (models file) by the OpenAI requests' field names."""
+IMAGE_DEFAULT_FIELDS = {"num_inference_steps": ("steps",)}
+
+
+def _model_card(status: ModelStatus, created: int) -> Model:
+    return Model(
+        id=status.name,
+        created=created,
+        root=status.source,
+        max_model_len=status.max_model_len,
+        kind=status.kind,
+        **state_fields(status),
+    )
+
 
 @models_router.get("/models", response_model=ModelList, dependencies=listing_access)
-async def list_models(services: ServicesDep) -> ModelList:
-    """The text and image models this server serves (per ``GENERATION_MODE``)."""
+async def list_models(models: ModelsDep) -> ModelList:
+    """Every model this server serves (adapters with their ``parent``), with its state."""
     created = int(time.time())
-    names = []
-    if services.text is not None:
-        names.append(services.text.model_name)
-    if services.image is not None:
-        names.append(services.image.info().name)
-    return ModelList(data=[Model(id=name, created=created) for name in names])
+    return ModelList(data=[_model_card(status, created) for status in models.statuses()])
 
 
-@models_router.get("/models/{model}", response_model=Model, dependencies=listing_access)
-async def retrieve_model(model: str, services: ServicesDep) -> Model:
-    """One served model (``client.models.retrieve``); 404 ``model_not_found`` otherwise."""
-    served = {}
-    if services.text is not None:
-        served[services.text.model_name] = "text"
-    if services.image is not None:
-        served[services.image.info().name] = "image"
-    if model not in served:
-        raise ModelNotFoundError(model, kind="served", available=list(served))
-    return Model(id=model, created=int(time.time()))
+@models_router.get("/models/{model:path}", response_model=Model, dependencies=listing_access)
+async def retrieve_model(model: str, models: ModelsDep) -> Model:
+    """One served model, by name or alias (``client.models.retrieve``); 404
+    ``model_not_found`` otherwise."""
+    return _model_card(models.status(models.find(model)), int(time.time()))
 
 
 def _open_streams(
@@ -167,7 +166,7 @@ async def _tool_call_parsers(
 
 @text_router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, caller: Caller, service: TextService
+    body: ChatCompletionRequest, request: Request, caller: Caller, models: ModelsDep
 ) -> Any:
     """Chat with the text model; ``stream: true`` answers with server-sent events.
 
@@ -175,9 +174,11 @@ async def create_chat_completion(
     for ``tool_choice`` required or a named function, read by ``TEXT_TOOL_CALL_PARSER``'s
     parser for auto.
     """
-    model = service.check_model(body.model)
+    target = models.text(body.model)
+    body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
+    model, service = target.name, target.service
     plan = body.tool_plan()
-    params = body.to_generation_params(plan)
+    params = [target.params(choice) for choice in body.to_generation_params(plan)]
     parsers = await _tool_call_parsers(service, plan, len(params))
     if parsers and not parsers[0].skip_special_tokens:
         params = [replace(choice, skip_special_tokens=False) for choice in params]
@@ -224,11 +225,13 @@ async def create_chat_completion(
 
 @text_router.post("/completions", response_model=CompletionResponse)
 async def create_completion(
-    body: CompletionRequest, request: Request, caller: Caller, service: TextService
+    body: CompletionRequest, request: Request, caller: Caller, models: ModelsDep
 ) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
-    model = service.check_model(body.model)
-    params = body.to_generation_params()
+    target = models.text(body.model)
+    body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
+    model, service = target.name, target.service
+    params = [target.params(choice) for choice in body.to_generation_params()]
     prompts = body.prompts()
     await caller.admit(model=model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -266,19 +269,18 @@ async def create_completion(
 
 @image_router.post("/images/generations", response_model=ImagesResponse)
 async def create_image(
-    body: ImageGenerationRequest,
-    request: Request,
-    caller: Caller,
-    service: ImageService,
-    services: ServicesDep,
+    body: ImageGenerationRequest, request: Request, caller: Caller, services: ServicesDep
 ) -> ImagesResponse:
     """Render ``n`` images of exactly ``size``; answer with URLs (kept for a while) or base64
     PNGs."""
-    params = body.to_generation_params()
-    await caller.admit(model=service.check_model(body.model), images=len(params))
+    target = services.models.image(body.model)
+    body = with_model_defaults(body, target.defaults, IMAGE_DEFAULT_FIELDS)
+    loras = requested_loras(body.loras)
+    params = [target.params(choice, loras) for choice in body.to_generation_params()]
+    await caller.admit(model=target.name, images=len(params))
 
     async def render_all() -> list[GeneratedImage]:
-        return list(await asyncio.gather(*(service.generate(p) for p in params)))
+        return list(await asyncio.gather(*(target.service.generate(p) for p in params)))
 
     images = await cancel_on_disconnect(request, render_all())
     data = []
@@ -309,10 +311,10 @@ async def get_generated_image(token: str, services: ServicesDep) -> Response:
 
 
 @tokenizer_router.post("/tokenize", response_model=TokenizeResponse, dependencies=listing_access)
-async def tokenize(body: TokenizeRequest, service: TextService) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, models: ModelsDep) -> TokenizeResponse:
     """The token ids of a prompt or a conversation, as the generation routes count them (so a
     client can check a long story against the context window before sending it)."""
-    service.check_model(body.model)
+    service = models.text(body.model).service
     tokens = await service.tokenize(body.to_prompt())
     return TokenizeResponse(
         count=len(tokens), max_model_len=service.info().max_model_len, tokens=tokens
@@ -322,7 +324,7 @@ async def tokenize(body: TokenizeRequest, service: TextService) -> TokenizeRespo
 @tokenizer_router.post(
     "/detokenize", response_model=DetokenizeResponse, dependencies=listing_access
 )
-async def detokenize(body: DetokenizeRequest, service: TextService) -> DetokenizeResponse:
+async def detokenize(body: DetokenizeRequest, models: ModelsDep) -> DetokenizeResponse:
     """The text of token ids."""
-    service.check_model(body.model)
+    service = models.text(body.model).service
     return DetokenizeResponse(prompt=await service.detokenize(body.tokens))
