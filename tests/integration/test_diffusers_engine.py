@@ -1,8 +1,9 @@
-"""The diffusers engine against the tiny random-weight SDXL pipeline, built offline.
+"""The diffusers engine against the tiny random-weight pipelines (SDXL and SD 1.5) and the tiny
+SDXL LoRA, all built offline.
 
-One engine is loaded for the module with torch pinned to one thread (reproducible pixels and
-steady timings on a shared machine); renders use few steps and small sizes where the size does
-not matter.
+One engine per pipeline is loaded for the module with torch pinned to one thread (reproducible
+pixels and steady timings on a shared machine); renders use few steps and small sizes where the
+size does not matter.
 """
 
 from __future__ import annotations
@@ -23,16 +24,24 @@ import torch
 from PIL import Image
 
 from fictures_ai.config import Settings
-from fictures_ai.engines.base import GeneratedImage, ImageGenerationParams
+from fictures_ai.engines.base import GeneratedImage, ImageGenerationParams, ImageLora
 from fictures_ai.engines.diffusers_engine import (
     DiffusersImageEngine,
+    _AdapterGate,
+    _RenderCancelled,
     resolve_image_model,
     validate_image_options,
 )
 from fictures_ai.engines.options import DiffusersEngineOptions
-from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL, build_tiny_sdxl_pipeline
-from fictures_ai.errors import ModelLoadError, ServiceUnavailableError
+from fictures_ai.engines.tiny_image_lora import build_tiny_sdxl_lora
+from fictures_ai.engines.tiny_pipeline import (
+    TINY_IMAGE_MODEL,
+    TINY_SD15_IMAGE_MODEL,
+    build_tiny_sdxl_pipeline,
+)
+from fictures_ai.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from fictures_ai.services.engine_factory import image_engine_options
+from fictures_ai.shared import BUNDLED_TINY_SD15, BUNDLED_TINY_SDXL, BUNDLED_TINY_SDXL_LORA
 from tests.support import WEB_APP_SIZES
 
 pytestmark = pytest.mark.integration
@@ -396,3 +405,398 @@ async def test_render_threads_share_weights_but_not_per_call_state(
         assert getattr(first, name) is not getattr(second, name), name
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert getattr(first, name) is getattr(second, name), name
+
+
+# --- The tiny SD 1.5 pipeline, both pipelines side by side, LoRA adapters -------------------
+
+STYLE = ImageLora(name="style", path=BUNDLED_TINY_SDXL_LORA, weight=1.0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def sd15_engine(cache_dir: Path) -> AsyncIterator[DiffusersImageEngine]:
+    loaded = await DiffusersImageEngine.load(make_options(cache_dir, model=BUNDLED_TINY_SD15))
+    yield loaded
+    await loaded.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def lora_engine(cache_dir: Path) -> AsyncIterator[DiffusersImageEngine]:
+    """The tiny SDXL pipeline with two render threads, for the adapter tests (the module's
+    ``engine`` keeps no adapters)."""
+    options = make_options(cache_dir, model=BUNDLED_TINY_SDXL, max_concurrency=2)
+    loaded = await DiffusersImageEngine.load(options)
+    yield loaded
+    await loaded.shutdown()
+
+
+class Overlap:
+    """Progress callbacks that record how many renders were between their first and last
+    step at once (``peak``)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, step: int, total: int) -> None:
+        with self._lock:
+            if step == 1:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            if step == total:
+                self.running -= 1
+
+
+@pytest.mark.asyncio
+async def test_the_tiny_sd15_pipeline_renders(sd15_engine: DiffusersImageEngine) -> None:
+    image = await sd15_engine.generate(params(width=320, height=200))
+
+    assert decode(image).size == (320, 200)
+    assert (await sd15_engine.generate(params(width=320, height=200))).png == image.png
+    assert type(sd15_engine._pipeline).__name__ == "StableDiffusionPipeline"
+    info = sd15_engine.model_info()
+    assert info.name == TINY_SD15_IMAGE_MODEL
+    assert info.notice is not None
+    assert "random weights" in info.notice
+
+
+@pytest.mark.asyncio
+async def test_both_tiny_pipelines_loaded_side_by_side_render(
+    engine: DiffusersImageEngine, sd15_engine: DiffusersImageEngine
+) -> None:
+    sdxl_alone = await engine.generate(params(seed=11))
+    sd15_alone = await sd15_engine.generate(params(seed=11))
+
+    sdxl, sd15 = await asyncio.gather(
+        engine.generate(params(seed=11)), sd15_engine.generate(params(seed=11))
+    )
+
+    assert (sdxl.png, sd15.png) == (sdxl_alone.png, sd15_alone.png)
+    assert sdxl.png != sd15.png  # two models, not one under two names
+    assert engine.model_info().name == TINY_IMAGE_MODEL
+
+
+def test_bundled_sources_build_under_the_cache_dir(cache_dir: Path) -> None:
+    for source, name in (
+        (BUNDLED_TINY_SDXL, TINY_IMAGE_MODEL),
+        (BUNDLED_TINY_SD15, TINY_SD15_IMAGE_MODEL),
+    ):
+        resolved = resolve_image_model(make_options(cache_dir, model=source))
+
+        assert (resolved.name, resolved.is_tiny) == (name, True)
+        assert Path(resolved.source).parent == cache_dir
+        assert (Path(resolved.source) / "model_index.json").is_file()
+
+
+@pytest.mark.asyncio
+async def test_a_lora_changes_the_image_and_leaves_the_base_model_as_it_was(
+    lora_engine: DiffusersImageEngine,
+) -> None:
+    before = await lora_engine.generate(params())
+
+    styled = await lora_engine.generate(params(loras=(STYLE,)))
+    after = await lora_engine.generate(params())
+
+    assert styled.png != before.png
+    assert after.png == before.png
+    assert (await lora_engine.generate(params(loras=(STYLE,)))).png == styled.png
+    # The pixels move, not just a few bits: on average over 10 of 255 per channel.
+    assert mean_difference(styled, before) > 10
+
+
+@pytest.mark.asyncio
+async def test_a_lora_weight_scales_its_effect(lora_engine: DiffusersImageEngine) -> None:
+    base = await lora_engine.generate(params())
+    full = await lora_engine.generate(params(loras=(STYLE,)))
+
+    half = await lora_engine.generate(params(loras=(replace(STYLE, weight=0.5),)))
+    zero = await lora_engine.generate(params(loras=(replace(STYLE, weight=0.0),)))
+
+    assert half.png not in (full.png, base.png)
+    assert 0 < mean_difference(half, base) < mean_difference(full, base)
+    assert mean_difference(zero, base) < 1  # rounding only: the adapter adds nothing
+
+
+@pytest.mark.asyncio
+async def test_a_lora_render_and_a_base_render_at_once_match_their_sequential_renders(
+    lora_engine: DiffusersImageEngine,
+) -> None:
+    base = await lora_engine.generate(params(seed=21, num_inference_steps=4))
+    styled = await lora_engine.generate(params(seed=21, num_inference_steps=4, loras=(STYLE,)))
+    overlap = Overlap()
+
+    for first_styled in (True, False):
+        requests = [
+            params(seed=21, num_inference_steps=4, loras=(STYLE,)),
+            params(seed=21, num_inference_steps=4),
+        ]
+        if not first_styled:
+            requests.reverse()
+        images = await asyncio.gather(
+            *(lora_engine.generate(request, progress=overlap) for request in requests)
+        )
+        pairs = zip(requests, images, strict=True)
+        by_loras = {bool(request.loras): image.png for request, image in pairs}
+
+        assert by_loras == {True: styled.png, False: base.png}
+    assert overlap.peak == 1  # different adapters never share the modules
+
+
+@pytest.mark.asyncio
+async def test_renders_with_the_same_adapters_run_together(
+    lora_engine: DiffusersImageEngine,
+) -> None:
+    alone = await lora_engine.generate(params(seed=3, num_inference_steps=4, loras=(STYLE,)))
+    overlap = Overlap()
+
+    images = await asyncio.gather(
+        *(
+            lora_engine.generate(
+                params(seed=3, num_inference_steps=4, loras=(STYLE,)), progress=overlap
+            )
+            for _ in range(2)
+        )
+    )
+
+    assert overlap.peak == 2
+    assert all(image.png == alone.png for image in images)
+
+
+@pytest.mark.asyncio
+async def test_add_lora_loads_once_by_name(
+    lora_engine: DiffusersImageEngine, cache_dir: Path
+) -> None:
+    await lora_engine.add_lora(STYLE)
+    await lora_engine.add_lora(STYLE)  # again: a no-op
+
+    # The bundled name resolves to the file built under the engine's cache folder.
+    built = build_tiny_sdxl_lora(cache_dir)
+    assert built.parent.parent == cache_dir
+    by_file = ImageLora(name="style-file", path=str(built))
+    assert (await lora_engine.generate(params(loras=(by_file,)))).png == (
+        await lora_engine.generate(params(loras=(STYLE,)))
+    ).png
+    with pytest.raises(InvalidRequestError, match="already loaded from") as refused:
+        await lora_engine.add_lora(ImageLora(name="style", path=str(built)))
+    assert refused.value.param == "loras"
+    # Any name works, even those peft could not key layers by (a '.', a module attribute).
+    for name in ("style.v1.5", "to", "train"):
+        renamed = ImageLora(name=name, path=BUNDLED_TINY_SDXL_LORA)
+        assert (await lora_engine.generate(params(loras=(renamed,)))).png == (
+            await lora_engine.generate(params(loras=(STYLE,)))
+        ).png
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        (ImageLora(name="ghost", path="/nonexistent/lora.safetensors"), "no file or folder"),
+        (ImageLora(name="", path=BUNDLED_TINY_SDXL_LORA), "needs a name"),
+        (ImageLora(name="nan", path=BUNDLED_TINY_SDXL_LORA, weight=float("nan")), "finite"),
+    ],
+)
+async def test_an_adapter_that_cannot_be_used_is_refused_and_the_base_model_stays(
+    lora_engine: DiffusersImageEngine, lora: ImageLora, message: str
+) -> None:
+    base = await lora_engine.generate(params(seed=8))
+
+    with pytest.raises(InvalidRequestError, match=message) as refused:
+        await lora_engine.add_lora(lora)
+    assert refused.value.param == "loras"
+    with pytest.raises(InvalidRequestError, match=message):
+        await lora_engine.generate(params(seed=8, loras=(lora,)))
+
+    assert (await lora_engine.generate(params(seed=8))).png == base.png
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_lora_file_is_refused(
+    lora_engine: DiffusersImageEngine, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+
+    with pytest.raises(InvalidRequestError, match="cannot be used with the image model"):
+        await lora_engine.add_lora(ImageLora(name="broken", path=str(broken)))
+
+
+@pytest.mark.asyncio
+async def test_the_sdxl_lora_on_the_sd15_pipeline_is_refused_and_nothing_stays_behind(
+    sd15_engine: DiffusersImageEngine,
+) -> None:
+    base = await sd15_engine.generate(params(seed=9))
+    unet = sd15_engine._pipeline.unet  # the pipeline's modules are not public API
+    modules_before = [type(module) for module in unet.modules()]
+
+    with pytest.raises(InvalidRequestError, match="another architecture") as refused:
+        await sd15_engine.add_lora(STYLE)
+    assert refused.value.param == "loras"
+    assert "tiny-sd15-random" in str(refused.value)
+    with pytest.raises(InvalidRequestError, match="another architecture"):
+        await sd15_engine.generate(params(seed=9, loras=(STYLE,)))
+
+    assert [type(module) for module in unet.modules()] == modules_before  # no LoRA layers left
+    assert sd15_engine._pipeline.get_list_adapters() == {}
+    assert (await sd15_engine.generate(params(seed=9))).png == base.png
+
+
+@pytest.mark.asyncio
+async def test_a_render_cancelled_while_waiting_for_other_adapters_frees_its_turn(
+    lora_engine: DiffusersImageEngine,
+) -> None:
+    base = await lora_engine.generate(params(seed=4))
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+
+    def on_progress(step: int, total: int) -> None:
+        loop.call_soon_threadsafe(started.set)
+
+    styled = asyncio.create_task(
+        lora_engine.generate(
+            params(width=512, height=512, num_inference_steps=50, loras=(STYLE,)),
+            progress=on_progress,
+        )
+    )
+    await asyncio.wait_for(started.wait(), timeout=30)
+    waiting_steps: list[int] = []
+    waiting = asyncio.create_task(
+        lora_engine.generate(
+            params(seed=4), progress=lambda step, total: waiting_steps.append(step)
+        )
+    )
+    await asyncio.sleep(0.2)  # in the second render thread, in line behind the styled render
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, timeout=2)
+    assert not styled.done()
+    styled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await styled
+
+    assert waiting_steps == []
+    image = await asyncio.wait_for(lora_engine.generate(params(seed=4)), timeout=30)
+    assert image.png == base.png
+
+
+def mean_difference(first: GeneratedImage, second: GeneratedImage) -> float:
+    one = torch.frombuffer(bytearray(decode(first).tobytes()), dtype=torch.uint8).float()
+    two = torch.frombuffer(bytearray(decode(second).tobytes()), dtype=torch.uint8).float()
+    return float((one - two).abs().mean())
+
+
+# --- The gate that keeps renders with different adapters apart ------------------------------
+
+
+def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_gate_admits_in_arrival_order_and_a_waiting_key_is_not_overtaken() -> None:
+    gate = _AdapterGate()
+    events: list[str] = []
+
+    def render(key: str, label: str) -> None:
+        gate.enter(key, cancelled=threading.Event(), setup=lambda: events.append(f"setup {key}"))
+        events.append(label)
+        gate.leave()
+
+    gate.enter("a", cancelled=threading.Event(), setup=lambda: events.append("setup a"))
+    other = threading.Thread(target=render, args=("b", "b ran"))
+    other.start()
+    wait_until(lambda: len(gate._line) == 1)
+    # Key "a" is running, but "b" waits first: a later "a" queues behind it.
+    late = threading.Thread(target=render, args=("a", "late a ran"))
+    late.start()
+    wait_until(lambda: len(gate._line) == 2)
+    assert events == ["setup a"]
+
+    gate.leave()
+    other.join(timeout=5)
+    late.join(timeout=5)
+
+    assert events == ["setup a", "setup b", "b ran", "setup a", "late a ran"]
+
+
+def test_the_gate_lets_renders_with_the_running_key_join_without_setting_up_again() -> None:
+    gate = _AdapterGate()
+    setups: list[str] = []
+    gate.enter(("x", 1.0), cancelled=threading.Event(), setup=lambda: setups.append("x"))
+
+    joined = threading.Event()
+
+    def join() -> None:
+        gate.enter(("x", 1.0), cancelled=threading.Event(), setup=lambda: setups.append("again"))
+        joined.set()
+        gate.leave()
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    assert joined.wait(timeout=5)
+    thread.join(timeout=5)
+    gate.leave()
+
+    assert setups == ["x"]
+
+
+def test_a_render_cancelled_in_the_gates_line_leaves_it() -> None:
+    gate = _AdapterGate()
+    gate.enter("a", cancelled=threading.Event(), setup=lambda: None)
+    cancelled = threading.Event()
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            gate.enter("b", cancelled=cancelled, setup=lambda: outcome.append("setup"))
+        except _RenderCancelled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    wait_until(lambda: len(gate._line) == 1)
+    cancelled.set()
+    gate.interrupt()
+    thread.join(timeout=5)
+
+    assert outcome == ["cancelled"]
+    assert len(gate._line) == 0
+    gate.leave()
+    gate.enter("b", cancelled=threading.Event(), setup=lambda: outcome.append("setup b"))
+    gate.leave()
+    assert outcome == ["cancelled", "setup b"]
+
+
+def test_a_failed_setup_gives_the_turn_to_the_next_render() -> None:
+    gate = _AdapterGate()
+
+    def fail() -> None:
+        raise InvalidRequestError("does not fit", param="loras")
+
+    with pytest.raises(InvalidRequestError):
+        gate.enter("bad", cancelled=threading.Event(), setup=fail)
+
+    gate.enter("good", cancelled=threading.Event(), setup=lambda: None)
+    gate.leave()
+
+
+def test_closing_the_gate_fails_the_waiting_renders() -> None:
+    gate = _AdapterGate()
+    gate.enter("a", cancelled=threading.Event(), setup=lambda: None)
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            gate.enter("b", cancelled=threading.Event(), setup=lambda: None)
+        except _RenderCancelled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    wait_until(lambda: len(gate._line) == 1)
+    gate.close()
+    thread.join(timeout=5)
+
+    assert outcome == ["cancelled"]
