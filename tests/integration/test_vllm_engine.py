@@ -1,19 +1,29 @@
-"""The vLLM engine on the real bundled model: streaming, batching, stops, structure, abort."""
+"""The vLLM engine on the real bundled model: streaming, batching, stops, structure, abort,
+LoRA adapters."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import re
+import shutil
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
     ChatMessage,
+    LoraAdapter,
     StructuredOutputKind,
     StructuredOutputSpec,
     TextChunk,
@@ -22,11 +32,12 @@ from fictures_ai.engines.base import (
     ToolCall,
     ToolDefinition,
 )
-from fictures_ai.engines.vllm_engine import VllmTextEngine, _VllmToolCallParser
+from fictures_ai.engines.tiny_text_lora import build_tiny_text_lora
+from fictures_ai.engines.vllm_engine import VllmTextEngine, _VllmToolCallParser, vllm_lora_rank
 from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
 from fictures_ai.services.engine_factory import text_engine_options
 from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
-from fictures_ai.shared import PromptFormat
+from fictures_ai.shared import BUNDLED_TEXT_LORA, PromptFormat
 
 pytestmark = pytest.mark.integration
 
@@ -374,3 +385,241 @@ async def test_a_kv_cache_too_small_for_the_context_says_which_settings_to_chang
     settings = Settings(_env_file=None, text_cpu_kv_cache_mb=16)  # type: ignore[call-arg]
     with pytest.raises(ModelLoadError, match="TEXT_CPU_KV_CACHE_MB=16 too small for"):
         await VllmTextEngine.load(text_engine_options(settings))
+
+
+# LoRA adapters. vLLM loads an adapter inside its engine core: given a request naming an adapter
+# it cannot load (even a missing folder) the core dies; some wrong adapters it takes silently.
+
+_lora_ids = itertools.count(100)
+
+
+def _bundled_lora(name: str = "tiny") -> LoraAdapter:
+    return LoraAdapter(name, next(_lora_ids), BUNDLED_TEXT_LORA)
+
+
+def _copy_adapter(tmp_path: Path) -> Path:
+    folder = tmp_path / "adapter"
+    shutil.copytree(build_tiny_text_lora(tmp_path / "built"), folder)
+    return folder
+
+
+def _rewrite(
+    folder: Path,
+    tensors: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda t: t,
+    config: Callable[[dict[str, Any]], None] = lambda c: None,
+) -> Path:
+    weights = folder / "adapter_model.safetensors"
+    save_file(tensors(load_file(str(weights))), str(weights))
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    config(settings)
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def _missing_folder(tmp_path: Path) -> Path:
+    return tmp_path / "no-such-adapter"
+
+
+def _rank_32(tmp_path: Path) -> Path:
+    def widen(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.zeros(32, t.shape[1]) if "lora_A" in name else torch.zeros(t.shape[0], 32)
+            for name, t in tensors.items()
+        }
+
+    return _rewrite(_copy_adapter(tmp_path), widen, lambda c: c.update(r=32))
+
+
+def _narrower_inputs(tmp_path: Path) -> Path:  # vLLM alone takes it and pads with zeros
+    return _rewrite(
+        _copy_adapter(tmp_path),
+        lambda ts: {n: t[:, :512].clone() if "lora_A" in n else t for n, t in ts.items()},
+    )
+
+
+def _wider_outputs(tmp_path: Path) -> Path:  # vLLM alone: a request with it kills the core
+    return _rewrite(
+        _copy_adapter(tmp_path),
+        lambda ts: {n: torch.zeros(1024, 8) if "lora_B" in n else t for n, t in ts.items()},
+    )
+
+
+def _a_layer_the_model_lacks(tmp_path: Path) -> Path:  # vLLM alone ignores that layer
+    return _rewrite(
+        _copy_adapter(tmp_path),
+        lambda ts: {n.replace("layers.0.", "layers.99."): t for n, t in ts.items()},
+    )
+
+
+def _rank_other_than_the_config(tmp_path: Path) -> Path:  # vLLM alone takes it
+    return _rewrite(
+        _copy_adapter(tmp_path),
+        lambda ts: {n: t[:4].clone() if "lora_A" in n else t[:, :4].clone() for n, t in ts.items()},
+    )
+
+
+def _corrupt_weights(tmp_path: Path) -> Path:
+    folder = _copy_adapter(tmp_path)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x10" + bytes(7) + b"not a header")
+    return folder
+
+
+def _no_config(tmp_path: Path) -> Path:
+    folder = _copy_adapter(tmp_path)
+    (folder / "adapter_config.json").unlink()
+    return folder
+
+
+def _dora(tmp_path: Path) -> Path:
+    return _rewrite(_copy_adapter(tmp_path), config=lambda c: c.update(use_dora=True))
+
+
+def _gpt2_adapter(tmp_path: Path) -> Path:
+    """A PEFT LoRA of GPT-2 (another architecture: fused c_attn, hidden size 768)."""
+    folder = tmp_path / "gpt2-lora"
+    folder.mkdir()
+    prefix = "base_model.model.transformer.h.0.attn.c_attn"
+    tensors = {f"{prefix}.lora_A.weight": torch.zeros(8, 768)}
+    tensors[f"{prefix}.lora_B.weight"] = torch.zeros(2304, 8)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {
+        "base_model_name_or_path": "openai-community/gpt2",
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["c_attn"],
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_missing_folder, "is not a folder"),
+        (_rank_32, "its rank is 32, above this engine's max_lora_rank of 16. Raise TEXT_MAX_LORA"),
+        (_narrower_inputs, "k_proj map 512 inputs to 192 outputs, but that layer maps 576 to 192"),
+        (_wider_outputs, "map 576 inputs to 1024 outputs, but that layer maps 576 to 192"),
+        (_a_layer_the_model_lacks, "model.layers.99.self_attn.k_proj, which is not a linear"),
+        (_rank_other_than_the_config, "have rank 4, but adapter_config.json says 8"),
+        (_corrupt_weights, "adapter_model.safetensors is unreadable"),
+        (_no_config, "adapter_config.json is missing"),
+        (_dora, "DoRA"),
+        (_gpt2_adapter, "not a linear layer of it (the adapter was made for 'openai-community/gpt"),
+    ],
+)
+async def test_an_adapter_that_does_not_fit_is_refused_and_the_engine_serves_on(
+    lora_text_engine: VllmTextEngine,
+    tmp_path: Path,
+    make: Callable[[Path], Path],
+    problem: str,
+) -> None:
+    adapter = LoraAdapter("bad", next(_lora_ids), str(make(tmp_path)))
+    with pytest.raises(InvalidRequestError, match=re.escape(problem)) as refused:
+        await lora_text_engine.add_lora(adapter)
+    assert refused.value.param == "lora"
+    assert "'bad'" in refused.value.message
+    # Neither loaded nor servable, and the engine is unchanged.
+    assert adapter.id not in await lora_text_engine._llm.list_loras()
+    with pytest.raises(InvalidRequestError, match="is not loaded"):
+        await collect(lora_text_engine, STORY, TextGenerationParams(max_tokens=4, lora=adapter))
+    await lora_text_engine.check_health()
+    chunks = await collect(lora_text_engine, STORY, TextGenerationParams(max_tokens=4))
+    assert chunks[-1].completion_tokens == 4
+
+
+async def test_the_adapter_changes_greedy_output_and_leaves_the_base_model_alone(
+    lora_text_engine: VllmTextEngine,
+) -> None:
+    adapter = _bundled_lora()
+    greedy = TextGenerationParams(max_tokens=24, temperature=0.0)
+    before = "".join(c.delta for c in await collect(lora_text_engine, STORY, greedy))
+    await lora_text_engine.add_lora(adapter)
+    await lora_text_engine.add_lora(adapter)  # again: a no-op
+    assert adapter.id in await lora_text_engine._llm.list_loras()
+    with_adapter = "".join(
+        c.delta
+        for c in await collect(lora_text_engine, STORY, dataclasses.replace(greedy, lora=adapter))
+    )
+    after = "".join(c.delta for c in await collect(lora_text_engine, STORY, greedy))
+    assert with_adapter != before
+    assert re.search(r"[A-Za-z]{3}", with_adapter), with_adapter  # words, not noise
+    assert after == before
+    await lora_text_engine.remove_lora(adapter)
+
+
+async def test_a_removed_adapter_is_refused_and_unloaded(lora_text_engine: VllmTextEngine) -> None:
+    adapter = _bundled_lora()
+    await lora_text_engine.add_lora(adapter)
+    await lora_text_engine.remove_lora(adapter)
+    await lora_text_engine.remove_lora(adapter)  # again: a no-op
+    assert adapter.id not in await lora_text_engine._llm.list_loras()
+    with pytest.raises(InvalidRequestError, match="never added or has been removed") as refused:
+        await collect(lora_text_engine, STORY, TextGenerationParams(max_tokens=4, lora=adapter))
+    assert refused.value.param == "lora"
+    await lora_text_engine.check_health()
+
+
+async def test_removing_an_adapter_in_use_waits_for_its_requests(
+    lora_text_engine: VllmTextEngine,
+) -> None:
+    adapter = _bundled_lora()
+    await lora_text_engine.add_lora(adapter)
+    params = TextGenerationParams(max_tokens=12, ignore_eos=True, lora=adapter)
+    stream = lora_text_engine.generate(STORY, params, request_id=uuid.uuid4().hex)
+    first = await anext(stream)
+    await lora_text_engine.remove_lora(adapter)
+    with pytest.raises(InvalidRequestError, match="has been removed"):
+        await collect(lora_text_engine, STORY, params)
+    rest = [chunk async for chunk in stream]  # the running request ends normally
+    assert [first, *rest][-1].completion_tokens == 12
+    assert adapter.id not in await lora_text_engine._llm.list_loras()
+
+
+async def test_an_adapter_never_added_or_changed_on_disk_is_refused_before_vllm_sees_it(
+    lora_text_engine: VllmTextEngine, tmp_path: Path
+) -> None:
+    never_added = LoraAdapter("never", next(_lora_ids), str(_missing_folder(tmp_path)))
+    with pytest.raises(InvalidRequestError, match="is not loaded"):
+        await collect(lora_text_engine, STORY, TextGenerationParams(4, lora=never_added))
+    folder = _copy_adapter(tmp_path)
+    adapter = LoraAdapter("copied", next(_lora_ids), str(folder))
+    await lora_text_engine.add_lora(adapter)
+    shutil.rmtree(folder)
+    with pytest.raises(InvalidRequestError, match="changed or vanished since it was loaded"):
+        await collect(lora_text_engine, STORY, TextGenerationParams(4, lora=adapter))
+    await lora_text_engine.remove_lora(adapter)
+    await lora_text_engine.check_health()
+
+
+async def test_an_id_belongs_to_one_adapter(lora_text_engine: VllmTextEngine) -> None:
+    adapter = _bundled_lora("first")
+    await lora_text_engine.add_lora(adapter)
+    other = dataclasses.replace(adapter, name="second")
+    with pytest.raises(InvalidRequestError, match=f"id {adapter.id} is taken by 'first'"):
+        await lora_text_engine.add_lora(other)
+    with pytest.raises(InvalidRequestError, match="is not loaded"):
+        await collect(lora_text_engine, STORY, TextGenerationParams(4, lora=other))
+    await lora_text_engine.remove_lora(adapter)
+
+
+async def test_an_engine_without_lora_says_how_to_turn_it_on(text_engine: VllmTextEngine) -> None:
+    adapter = _bundled_lora()
+    with pytest.raises(InvalidRequestError, match="TEXT_ENABLE_LORA=true") as refused:
+        await text_engine.add_lora(adapter)
+    assert refused.value.param == "lora"
+    with pytest.raises(InvalidRequestError, match="LoRA adapters are off"):
+        await collect(text_engine, STORY, TextGenerationParams(max_tokens=4, lora=adapter))
+
+
+def test_max_lora_rank_becomes_a_slot_size_vllm_takes() -> None:
+    assert [vllm_lora_rank(rank) for rank in (1, 8, 9, 16, 20, 320, 321, 600)] == [
+        1,
+        8,
+        16,
+        16,
+        32,
+        320,
+        512,
+        512,
+    ]

