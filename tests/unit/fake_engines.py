@@ -15,7 +15,9 @@ from fictures_ai.engines.base import (
     GeneratedImage,
     ImageEngine,
     ImageGenerationParams,
+    ImageLora,
     ImageModelInfo,
+    LoraAdapter,
     ProgressCallback,
     StructuredOutputKind,
     TextChunk,
@@ -54,6 +56,8 @@ class FakeTextEngine(TextEngine):
     produced_tokens: int = 0
     vocabulary: list[str] = field(default_factory=list)
     writes_tool_calls: bool = False
+    loras: dict[int, LoraAdapter] = field(default_factory=dict)
+    """Adapters added (``add_lora``); a path with ``bad`` in it is refused."""
 
     def _script(self, params: TextGenerationParams) -> list[str]:
         spec = params.structured
@@ -73,6 +77,10 @@ class FakeTextEngine(TextEngine):
             params, prompt_tokens=prompt_tokens, max_model_len=self.max_model_len
         )
         pieces = self._script(params)
+        if params.lora is not None:
+            if params.lora.id not in self.loras:
+                raise InvalidRequestError(f"Unknown adapter {params.lora.name}", param="lora")
+            pieces = [f"[{params.lora.name}]", *pieces]
         done = False
         try:
             produced = ""
@@ -138,6 +146,14 @@ class FakeTextEngine(TextEngine):
         parser is configured writes them (``tool_choice: auto``)."""
         return RequiredToolCallParser() if self.writes_tool_calls else None
 
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        if "bad" in adapter.path:
+            raise InvalidRequestError(f"{adapter.path}: not a LoRA adapter", param="lora")
+        self.loras[adapter.id] = adapter
+
+    async def remove_lora(self, adapter: LoraAdapter) -> None:
+        self.loras.pop(adapter.id, None)
+
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
@@ -174,11 +190,20 @@ class FakeImageEngine(ImageEngine):
     completed: list[ImageGenerationParams] = field(default_factory=list)
     cancelled: list[ImageGenerationParams] = field(default_factory=list)
     shut_down: bool = False
+    loras: dict[str, ImageLora] = field(default_factory=dict)
+    """Adapters loaded (``add_lora`` or a render's ``loras``); ``bad`` paths are refused."""
+
+    async def add_lora(self, lora: ImageLora) -> None:
+        if "bad" in lora.path:
+            raise InvalidRequestError(f"{lora.path}: not a LoRA of this pipeline", param="loras")
+        self.loras[lora.name] = lora
 
     async def generate(
         self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
         self.calls.append(params)
+        for lora in params.loras:
+            await self.add_lora(lora)
         try:
             for step in range(params.num_inference_steps):
                 await asyncio.sleep(self.step_delay)
@@ -189,7 +214,8 @@ class FakeImageEngine(ImageEngine):
             raise
         if self.fail:
             raise GenerationError("The fake pipeline failed.")
-        key = f"{params.prompt}|{params.negative_prompt}|{params.seed}".encode()
+        loras = ",".join(f"{lora.name}:{lora.weight}" for lora in params.loras)
+        key = f"{params.prompt}|{params.negative_prompt}|{params.seed}|{loras}".encode()
         colour = tuple(hashlib.sha256(key).digest()[:3])
         buffer = io.BytesIO()
         Image.new("RGB", (params.width, params.height), colour).save(buffer, format="PNG")

@@ -111,10 +111,13 @@ def image_model_display_name(options: DiffusersEngineOptions, device: str) -> st
 
 def image_model_notice(options: DiffusersEngineOptions, device: str) -> str | None:
     """What the model info says before the image model loads: the tiny pipeline's warning."""
-    from fictures_ai.engines.diffusers_engine import TINY_PIPELINE_NOTICE
+    from fictures_ai.engines.diffusers_engine import TINY_PIPELINE_NOTICE, describe_source
     from fictures_ai.engines.tiny_pipeline import TINY_IMAGE_MODEL
 
-    is_tiny = image_model_display_name(options, device) == TINY_IMAGE_MODEL
+    if options.model:
+        is_tiny = describe_source(options.model).is_tiny
+    else:
+        is_tiny = image_model_display_name(options, device) == TINY_IMAGE_MODEL
     return TINY_PIPELINE_NOTICE if is_tiny else None
 
 
