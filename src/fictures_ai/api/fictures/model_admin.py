@@ -20,6 +20,7 @@ from fictures_ai.services.models.registry import ModelRegistry, ModelStatus
 
 logger = logging.getLogger(__name__)
 
+
 class ModelNameConvertor(Convertor[str]):
     """A model name in a path: slashes allowed (``Qwen/Qwen3-14B``), but not a trailing
     ``/load`` or ``/unload``, which are the routes' own (the models file refuses such names)."""

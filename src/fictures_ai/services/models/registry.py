@@ -628,8 +628,11 @@ class ModelRegistry:
 
     async def _reap(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # arrives as the event is set (the app's shutdown right after a request ends).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), REAP_INTERVAL_S)
+                async with asyncio.timeout(REAP_INTERVAL_S):
+                    await self._idle.wait()
             self._idle.clear()
             now = time.monotonic()
             for model in self.bases():
