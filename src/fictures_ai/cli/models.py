@@ -85,6 +85,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     answer = response.json()
     if args.models_command == "list":
         print(format_models(answer["data"]))
+        print("(* the default of its kind)")
     elif args.models_command == "remove":
         print(f"{args.name}: removed")
     else:
@@ -117,7 +118,7 @@ def format_models(models: list[dict[str, Any]]) -> str:
         "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]])
         for row in rows
     ]
-    return "\n".join(lines) + "\n(* the default of its kind)"
+    return "\n".join(lines)
 
 
 def prepare_models() -> int:

@@ -45,14 +45,18 @@ admin_router = APIRouter(
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 
 
-class ModelEntry(ModelStateFields):
-    """One model as the admin routes answer it."""
+class _ModelEntryFields(BaseModel):
+    """What a model is."""
 
     name: str
     kind: Literal["text", "image"]
     source: str = Field(description="Hub id, folder or bundled: name; an adapter's path.")
     max_tokens: int | None = Field(None, description="Context window of a text model.")
     device: str | None = Field(None, description="Device of an image model.")
+
+
+class ModelEntry(ModelStateFields, _ModelEntryFields):
+    """One model as the admin routes answer it: what it is, then its state."""
 
 
 class AdapterRegistration(UnicodeTextBody):

@@ -253,8 +253,8 @@ class StructuredGenerationResponse(BaseModel):
     is_valid: bool
 
 
-class TextModelInfo(ModelStateFields):
-    """TEXT_INFO of the contract, with the model's state."""
+class _TextModelInfoFields(BaseModel):
+    """TEXT_INFO's contract fields."""
 
     name: str
     type: Literal["text-generation"] = "text-generation"
@@ -263,8 +263,12 @@ class TextModelInfo(ModelStateFields):
     initialized: bool
 
 
-class ImageModelInfo(ModelStateFields):
-    """IMAGE_INFO of the contract, with the model's state."""
+class TextModelInfo(ModelStateFields, _TextModelInfoFields):
+    """TEXT_INFO of the contract, then the model's state (the contract's fields first)."""
+
+
+class _ImageModelInfoFields(BaseModel):
+    """IMAGE_INFO's contract fields."""
 
     name: str
     type: Literal["image-generation"] = "image-generation"
@@ -272,6 +276,10 @@ class ImageModelInfo(ModelStateFields):
     device: str
     initialized: bool
     notice: str | None = None
+
+
+class ImageModelInfo(ModelStateFields, _ImageModelInfoFields):
+    """IMAGE_INFO of the contract, then the model's state."""
 
 
 class HealthModels(BaseModel):
@@ -329,8 +337,8 @@ class ModelsResponse(BaseModel):
     image_generation: list[ImageModelInfo]
 
 
-class TextModelEntry(ModelStateFields):
-    """One entry of ``/api/v1/text/models``."""
+class _TextModelEntryFields(BaseModel):
+    """The contract's fields of a ``/api/v1/text/models`` entry."""
 
     id: str
     name: str
@@ -338,6 +346,10 @@ class TextModelEntry(ModelStateFields):
     framework: str = "vLLM"
     max_tokens: int
     status: Literal["initialized", "not_loaded"]
+
+
+class TextModelEntry(ModelStateFields, _TextModelEntryFields):
+    """One entry of ``/api/v1/text/models``."""
 
 
 class TextModelsResponse(BaseModel):
@@ -414,8 +426,8 @@ class ImageGenerationResponse(BaseModel):
     seed: int
 
 
-class ImageModelEntry(ModelStateFields):
-    """One entry of ``/api/v1/images/models``."""
+class _ImageModelEntryFields(BaseModel):
+    """The contract's fields of an ``/api/v1/images/models`` entry."""
 
     id: str
     name: str
@@ -424,6 +436,10 @@ class ImageModelEntry(ModelStateFields):
     device: str
     status: Literal["initialized", "not_loaded"]
     notice: str | None = None
+
+
+class ImageModelEntry(ModelStateFields, _ImageModelEntryFields):
+    """One entry of ``/api/v1/images/models``."""
 
 
 class ImageModelsResponse(BaseModel):

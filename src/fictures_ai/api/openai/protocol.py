@@ -642,9 +642,8 @@ class CompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
-class Model(ModelStateFields, _Response):
-    """One entry of ``GET /v1/models``: OpenAI's fields, vLLM's ``root``, ``parent`` and
-    ``max_model_len``, and the model's kind and state."""
+class _ModelCard(_Response):
+    """OpenAI's model object, with vLLM's ``root`` and ``max_model_len``."""
 
     id: str
     object: Literal["model"] = "model"
@@ -653,6 +652,11 @@ class Model(ModelStateFields, _Response):
     root: str | None = Field(None, description="What the model is made from (vLLM's root).")
     max_model_len: int | None = Field(None, description="Context window of a text model.")
     kind: Literal["text", "image"] | None = None
+
+
+class Model(ModelStateFields, _ModelCard):
+    """One entry of ``GET /v1/models``: OpenAI's fields, vLLM's ``root``, ``parent`` and
+    ``max_model_len``, and the model's kind and state."""
 
 
 class ModelList(_Response):
