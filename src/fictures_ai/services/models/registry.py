@@ -59,6 +59,7 @@ from fictures_ai.services.models.spec import (
     ModelKind,
     ModelsFileError,
     ModelSpec,
+    check_bundled,
     check_model_name,
     load_models_file,
 )
@@ -103,6 +104,8 @@ class RegisteredModel:
     notice: str | None = None
     measured_bytes: int | None = None
     """What the last load cost (bytes), kept after an unload to foresee the next one."""
+    lora_enabled: bool = False
+    """A text base model whose engine serves LoRA adapters (vLLM's ``enable_lora``)."""
 
     @property
     def lazy(self) -> LazyModel[Any]:
@@ -169,14 +172,18 @@ class ImageTarget:
         self, params: ImageGenerationParams, requested: Sequence[tuple[str, float]] = ()
     ) -> ImageGenerationParams:
         """``params`` with this model's adapters and the ``(name, weight)`` pairs a request
-        asked for (``loras``; a name given twice, or also this model's own adapter: the
-        request's weight wins).
+        asked for (``loras``; this model's own adapter named again: the request's weight wins).
 
         Raises ``InvalidRequestError`` (``loras[i].name``) for a name that is no adapter of
-        this model's base.
+        this model's base, or one listed twice.
         """
         chosen = {lora.name: lora for lora in self.loras}
         for index, (name, weight) in enumerate(requested):
+            if any(other == name for other, _ in requested[:index]):
+                raise InvalidRequestError(
+                    f"loras[{index}].name: '{name}' is listed twice; give each adapter once",
+                    param=f"loras[{index}].name",
+                )
             adapter = self.adapters.get(name)
             if adapter is None:
                 available = ", ".join(sorted(self.adapters)) or "none"
@@ -389,9 +396,14 @@ class ModelRegistry:
         """
         model = self.find(name)
         if model.base is not None:
+            removal = (
+                "it is declared in the models file"
+                if model.declared
+                else f"remove it with DELETE /api/v1/models/{model.name}"
+            )
             raise ConflictError(
-                f"'{model.name}' is an adapter on '{model.base.name}': unload the base model, "
-                "or remove the adapter (DELETE /api/v1/models/{name}).",
+                f"'{model.name}' is an adapter on '{model.base.name}', whose engine it shares: "
+                f"unload '{model.base.name}' to free the memory ({removal}).",
                 model=model.name,
             )
         if model.load == "pinned":
@@ -521,6 +533,17 @@ class ModelRegistry:
                 "file).",
                 param="base",
             )
+        if not parent.lora_enabled:
+            raise InvalidRequestError(
+                f"base: LoRA adapters are off for the text model '{parent.name}': set "
+                "'enable_lora: true' in its options in the models file (or TEXT_ENABLE_LORA=true "
+                "without one) and restart the server.",
+                param="base",
+            )
+        try:
+            check_bundled(lora, "text", "lora")
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="lora") from None
         if not (lora.startswith("bundled:") or Path(lora).is_absolute()):
             raise InvalidRequestError(
                 f"lora: '{lora}' must be an absolute path on the server, or a bundled: name.",
@@ -556,15 +579,16 @@ class ModelRegistry:
         declared in the models file, or one with requests in flight.
         """
         model = self.find(name)
-        if model.base is None or model.text_lora is None:
+        if model.base is None:
             raise ConflictError(
-                f"'{model.name}' is not a text adapter registered at run time; base models are "
-                "unloaded (POST /api/v1/models/{name}/unload), not removed.",
+                f"'{model.name}' is a base model: base models are unloaded "
+                f"(POST /api/v1/models/{model.name}/unload), not removed.",
                 model=model.name,
             )
-        if model.declared:
+        if model.declared or model.text_lora is None:
             raise ConflictError(
-                f"'{model.name}' is declared in the models file; remove it there.",
+                f"'{model.name}' is declared in the models file; remove it there (only adapters "
+                "registered at run time are removed here).",
                 model=model.name,
             )
         service = model.service
@@ -572,7 +596,7 @@ class ModelRegistry:
         busy = service.adapter_requests(model.text_lora.id)
         if busy:
             raise ConflictError(
-                f"'{model.name}' has {busy} requests in flight; remove it once they finish.",
+                f"'{model.name}' has requests in flight ({busy}); remove it once they finish.",
                 model=model.name,
             )
         self._remove(model)
@@ -753,6 +777,7 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
             defaults=dict(spec.defaults),
             capacity=text_options.max_num_seqs,
             max_model_len=text_options.max_model_len,
+            lora_enabled=text_options.enable_lora,
         )
     image_options = override_options(
         replace(image_engine_options(settings), model=spec.source or None), spec.options
@@ -801,5 +826,6 @@ def _adapter(spec: ModelSpec, base: RegisteredModel, adapter_id: int) -> Registe
     if spec.kind == "text":
         model.text_lora = LoraAdapter(name=spec.name, id=adapter_id, path=lora)
     else:
-        model.image_lora = ImageLora(name=spec.name, path=lora, weight=spec.lora_weight)
+        weight = 1.0 if spec.lora_weight is None else spec.lora_weight
+        model.image_lora = ImageLora(name=spec.name, path=lora, weight=weight)
     return model

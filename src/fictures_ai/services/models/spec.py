@@ -15,12 +15,42 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fictures_ai.shared import (
+    BUNDLED_TEXT_LORA,
+    BUNDLED_TEXT_MODEL,
+    BUNDLED_TINY_SD15,
+    BUNDLED_TINY_SDXL,
+    BUNDLED_TINY_SDXL_LORA,
+)
+
 ModelKind = Literal["text", "image"]
 LoadPolicy = Literal["lazy", "preload", "pinned"]
 """``lazy``: load on first use; ``preload``: load at start-up; ``pinned``: load at start-up and
 never unload (neither by ``keep_alive_s`` nor by the memory budget)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+BUNDLED_SOURCES: dict[str, tuple[str, ...]] = {
+    "text": (BUNDLED_TEXT_MODEL,),
+    "image": (BUNDLED_TINY_SDXL, BUNDLED_TINY_SD15),
+}
+"""The ``bundled:`` base models of each kind."""
+BUNDLED_LORAS: dict[str, tuple[str, ...]] = {
+    "text": (BUNDLED_TEXT_LORA,),
+    "image": (BUNDLED_TINY_SDXL_LORA,),
+}
+"""The ``bundled:`` adapters of each kind."""
+
+
+def check_bundled(value: str, kind: str, field: str) -> None:
+    """Raise ``ValueError`` for a ``bundled:`` name that is no ``kind`` model or adapter."""
+    known = (BUNDLED_LORAS if field == "lora" else BUNDLED_SOURCES)[kind]
+    if value.startswith("bundled:") and value not in known:
+        raise ValueError(
+            f"{field}: there is no {kind} {'adapter' if field == 'lora' else 'model'} "
+            f"'{value}'; the bundled ones are {', '.join(known)}"
+        )
 
 
 class ModelsFileError(ValueError):
@@ -69,8 +99,8 @@ class ModelSpec(BaseModel):
     source: str | None = Field(None, description="Hub id, local folder or bundled:... name.")
     base: str | None = Field(None, description="The model a LoRA adapter applies to.")
     lora: str | None = Field(None, description="The adapter: a local path or bundled:... name.")
-    lora_weight: float = Field(
-        1.0, ge=-10.0, le=10.0, description="Image adapters: their weight (diffusers' scale)."
+    lora_weight: float | None = Field(
+        None, ge=-10.0, le=10.0, description="Image adapters: their weight (default 1.0)."
     )
     default: bool = Field(False, description="The default of its kind (no `model` given).")
     load: LoadPolicy = "lazy"
@@ -115,6 +145,14 @@ class ModelSpec(BaseModel):
                     "load: an adapter is loaded and unloaded with its base model; set load and "
                     f"keep_alive_s on '{self.base}'"
                 )
+        if self.lora_weight is not None and (self.kind != "image" or self.lora is None):
+            raise ValueError(
+                "lora_weight: only an image adapter has a weight (a text adapter applies whole)"
+            )
+        for field in ("source", "lora"):
+            value = getattr(self, field)
+            if value is not None:
+                check_bundled(value, self.kind, field)
         if self.load == "pinned" and self.keep_alive_s is not None:
             raise ValueError("keep_alive_s: a pinned model is never unloaded; leave it out")
         try:
