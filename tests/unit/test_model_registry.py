@@ -677,6 +677,10 @@ async def test_a_load_that_cannot_fit_while_the_others_are_busy_is_a_503(
         assert refused.headers["Retry-After"] == "30"
         assert "would pass MODEL_MEMORY_BUDGET_GB=10.00" in refused.json()["detail"]
         assert "writer (6.00 GiB, 1 in flight)" in refused.json()["detail"]
+        # Refused for now, not broken: the model stays not_loaded and the server ready.
+        editor = (await http.get("/v1/models/editor")).json()
+        assert (editor["state"], editor["reason"]) == ("not_loaded", None)
+        assert (await http.get("/health/ready")).status_code == 200
         assert (await busy).status_code == 200
         later = await http.post("/api/v1/text/generate", json={"prompt": "x", "model": "editor"})
         assert later.status_code == 200
