@@ -25,6 +25,18 @@ from fictures_ai.services.text_generation import TextGenerationService
 from tests.support import free_port
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
+UNUSED_DEFAULT_MODEL = {
+    "state": "not_loaded",
+    "reason": None,
+    "memory_bytes": None,
+    "last_used_at": None,
+    "in_flight": 0,
+    "parent": None,
+    "aliases": [],
+    "default": True,
+}
+"""The state fields a listing gives the default model before any request used it."""
+
 
 def make_services(
     engine: FakeTextEngine | None = None,

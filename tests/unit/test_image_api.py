@@ -12,7 +12,7 @@ from PIL import Image
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
-from tests.unit.conftest import image_of, make_services, wait_until
+from tests.unit.conftest import UNUSED_DEFAULT_MODEL, image_of, make_services, wait_until
 from tests.unit.fake_engines import FakeImageEngine, json_events
 
 GENERATE = "/api/v1/images/generate"
@@ -166,14 +166,7 @@ async def test_image_models_and_health_report_the_image_model(
         "device": "cpu",
         "initialized": False,
         "notice": None,
-        "state": "not_loaded",
-        "reason": None,
-        "memory_bytes": None,
-        "last_used_at": None,
-        "in_flight": 0,
-        "parent": None,
-        "aliases": [],
-        "default": True,
+        **UNUSED_DEFAULT_MODEL,
     }
     await client.post(GENERATE, json={"prompt": "x", "width": 256, "height": 256})
     models = (await client.get("/api/v1/images/models")).json()["models"]

@@ -7,7 +7,7 @@ import httpx
 from fictures_ai import __version__
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
-from tests.unit.conftest import make_services
+from tests.unit.conftest import UNUSED_DEFAULT_MODEL, make_services
 
 
 async def test_root_describes_the_server(client: httpx.AsyncClient) -> None:
@@ -35,14 +35,7 @@ async def test_health_reports_the_text_model_before_and_after_loading(
         "framework": "vLLM",
         "max_tokens": 8192,
         "initialized": False,
-        "state": "not_loaded",
-        "reason": None,
-        "memory_bytes": None,
-        "last_used_at": None,
-        "in_flight": 0,
-        "parent": None,
-        "aliases": [],
-        "default": True,
+        **UNUSED_DEFAULT_MODEL,
     }
     await client.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 1})
     after = (await client.get("/health")).json()["models"]["text"]
@@ -69,14 +62,7 @@ async def test_text_models_report_their_status(client: httpx.AsyncClient) -> Non
                 "framework": "vLLM",
                 "max_tokens": 8192,
                 "status": "not_loaded",
-                "state": "not_loaded",
-                "reason": None,
-                "memory_bytes": None,
-                "last_used_at": None,
-                "in_flight": 0,
-                "parent": None,
-                "aliases": [],
-                "default": True,
+                **UNUSED_DEFAULT_MODEL,
             }
         ]
     }

@@ -14,17 +14,12 @@ byte-identical when rebuilt with the same versions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
-import tempfile
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
+from fictures_ai.engines.tiny_pipeline import build_cached_folder, recipe_hash
 from fictures_ai.shared import BUNDLED_TEXT_LORA
 
 logger = logging.getLogger(__name__)
@@ -61,39 +56,21 @@ def build_tiny_text_lora(cache_dir: Path) -> Path:
     """Return the folder of the bundled text LoRA adapter, building it on first use.
 
     The folder is ``cache_dir/tiny-smollm2-lora-<hash>``, a PEFT LoRA adapter that vLLM's
-    ``LoRARequest`` and PEFT's ``PeftModel.from_pretrained`` read. It is written to a temporary
-    folder and renamed into place under a file lock, so concurrent processes build it once and
-    a crash never leaves a half-written adapter behind. Blocking (well under a second once torch
-    is imported): call it off the event loop.
+    ``LoRARequest`` and PEFT's ``PeftModel.from_pretrained`` read. It is built as the tiny
+    pipelines are (``tiny_pipeline.build_cached_folder``: staged, renamed into place under a file
+    lock, so concurrent processes build it once and a crash never leaves half an adapter).
+    Blocking (well under a second once torch is imported): call it off the event loop.
     """
-    target = cache_dir / f"tiny-smollm2-lora-{_recipe_hash()[:16]}"
-    if (target / TINY_TEXT_LORA_MARKER).is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / TINY_TEXT_LORA_MARKER).is_file():
-            return target
-        logger.info("Building the bundled text LoRA adapter (random weights) into %s", target)
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
-            staging = Path(tmp) / "adapter"
-            staging.mkdir()
-            _write_adapter(staging)
-            (staging / TINY_TEXT_LORA_MARKER).write_text(f"{BUNDLED_TEXT_LORA}\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-    return target
-
-
-def _recipe_hash() -> str:
-    """Hash what decides the folder's bytes: this recipe and the libraries that write it."""
-    recipe = {
-        # The module's source holds the whole recipe (shapes, seed, scales), so an edit to it
-        # gives a new folder instead of silently reusing a stale one.
-        "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "versions": {name: version(name) for name in ("torch", "safetensors")},
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    # The module's source holds the whole recipe (shapes, seed, scales): an edit to it gives a
+    # new folder instead of silently reusing a stale one.
+    digest = recipe_hash([Path(__file__)], ("torch", "safetensors"))
+    return build_cached_folder(
+        cache_dir / f"tiny-smollm2-lora-{digest[:16]}",
+        marker=TINY_TEXT_LORA_MARKER,
+        marker_text=BUNDLED_TEXT_LORA,
+        write=_write_adapter,
+        description="the bundled text LoRA adapter (random weights)",
+    )
 
 
 def adapter_config() -> dict[str, Any]:

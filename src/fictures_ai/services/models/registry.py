@@ -747,18 +747,29 @@ def _specs_from_settings(settings: Settings) -> list[ModelSpec]:
 def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> RegisteredModel:
     """A base model with its own service and engine options (the settings', then the entry's
     ``options``); ``has_adapters``: the file declares adapters on it."""
+    common: dict[str, Any] = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "source": spec.source or "",
+        "aliases": tuple(spec.aliases),
+        "default": spec.default,
+        "load": spec.load,
+        "keep_alive_s": spec.keep_alive_s,
+        "defaults": dict(spec.defaults),
+    }
     if spec.kind == "text":
+        settings_options = text_engine_options(settings)
         text_options = override_options(
             replace(
-                text_engine_options(settings),
+                settings_options,
                 model=spec.source or "",
                 served_model_name=spec.name,
                 # vLLM serves adapters only with LoRA on: a base the file gives adapters has it.
-                enable_lora=text_engine_options(settings).enable_lora or has_adapters,
+                enable_lora=settings_options.enable_lora or has_adapters,
             ),
             spec.options,
         )
-        service: GenerationService = TextGenerationService(
+        text = TextGenerationService(
             model_name=spec.name,
             max_model_len=text_options.max_model_len,
             loader=functools.partial(create_text_engine, text_options),
@@ -766,15 +777,8 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
             timeout_s=settings.request_timeout_s,
         )
         return RegisteredModel(
-            name=spec.name,
-            kind="text",
-            source=spec.source or "",
-            service=service,
-            aliases=tuple(spec.aliases),
-            default=spec.default,
-            load=spec.load,
-            keep_alive_s=spec.keep_alive_s,
-            defaults=dict(spec.defaults),
+            **common,
+            service=text,
             capacity=text_options.max_num_seqs,
             max_model_len=text_options.max_model_len,
             lora_enabled=text_options.enable_lora,
@@ -783,28 +787,22 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
         replace(image_engine_options(settings), model=spec.source or None), spec.options
     )
     device = image_device(image_options)
-    service = ImageGenerationService(
+    notice = image_model_notice(image_options, device)
+    image = ImageGenerationService(
         model_name=spec.name,
         device=device,
         max_concurrency=image_options.max_concurrency,
         loader=functools.partial(create_image_engine, image_options),
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
-        notice=image_model_notice(image_options, device),
+        notice=notice,
     )
     return RegisteredModel(
-        name=spec.name,
-        kind="image",
-        source=spec.source or "",
-        service=service,
-        aliases=tuple(spec.aliases),
-        default=spec.default,
-        load=spec.load,
-        keep_alive_s=spec.keep_alive_s,
-        defaults=dict(spec.defaults),
+        **common,
+        service=image,
         capacity=image_options.max_concurrency,
         device=device,
-        notice=image_model_notice(image_options, device),
+        notice=notice,
     )
 
 
