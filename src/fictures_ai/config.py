@@ -297,7 +297,12 @@ class Settings(BaseSettings):
         1, ge=1, description="LoRA adapters in one engine batch at once (vLLM's max_loras)."
     )
     text_max_lora_rank: int = Field(
-        16, ge=1, description="The largest LoRA rank the engine accepts (vLLM's max_lora_rank)."
+        16,
+        ge=1,
+        description=(
+            "The largest LoRA rank the engine accepts (vLLM's max_lora_rank; vLLM sizes its "
+            "slots to the next of 8, 16, 32, 64, ...)."
+        ),
     )
 
     # Image generation (diffusers)
