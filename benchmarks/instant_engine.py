@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from fictures_ai.api.dependencies import Services
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
-    ImageEngine,
     TextChunk,
     TextEngine,
     TextGenerationParams,
     TextModelInfo,
     TextPrompt,
 )
-from fictures_ai.services.image_generation import ImageGenerationService
+from fictures_ai.services.models.registry import ModelRegistry, RegisteredModel
 from fictures_ai.services.text_generation import TextGenerationService
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -71,14 +70,12 @@ class InstantTextEngine(TextEngine):
 
 
 def build_instant_services(settings: Settings) -> Services:
-    """The app's real services over the instant text engine (no image model: 503 if asked)."""
+    """The app's real services over the instant text engine (text only: the HTTP-ceiling
+    benchmark serves no images)."""
     engine = InstantTextEngine()
 
     async def load_text() -> TextEngine:
         return engine
-
-    async def load_image() -> ImageEngine:
-        raise RuntimeError("the HTTP-ceiling benchmark serves no images")
 
     text = TextGenerationService(
         model_name=MODEL_NAME,
@@ -87,12 +84,13 @@ def build_instant_services(settings: Settings) -> Services:
         max_pending=settings.text_max_pending,
         timeout_s=settings.request_timeout_s,
     )
-    image = ImageGenerationService(
-        model_name="none",
-        device="cpu",
-        max_concurrency=1,
-        loader=load_image,
-        max_queue=settings.image_max_queue,
-        timeout_s=settings.request_timeout_s,
+    model = RegisteredModel(
+        name=MODEL_NAME,
+        kind="text",
+        source="none",
+        service=text,
+        default=True,
+        capacity=settings.text_max_num_seqs,
+        max_model_len=MAX_MODEL_LEN,
     )
-    return Services(settings=settings, text=text, image=image)
+    return Services(settings=settings, models=ModelRegistry([model]))

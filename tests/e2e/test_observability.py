@@ -64,7 +64,8 @@ def test_probes_answer(server: RunningServer) -> None:
     assert (live.status_code, live.json()) == (200, {"status": "alive"})
     ready = server.http.get(f"{server.url}/health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
-    assert ready.json()["models"]["text"]["state"] == "ready"  # loaded by the text tests
+    # By model name; loaded by the text tests.
+    assert ready.json()["models"]["SmolLM2-135M-Instruct"]["state"] == "loaded"
     health = server.http.get(f"{server.url}/health", timeout=5).json()
     assert health["requests"]["count"] >= 1
     assert health["gpu"] is None  # the CPU machine
