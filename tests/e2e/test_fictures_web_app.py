@@ -340,7 +340,9 @@ def test_the_openai_image_api_takes_any_size_too(
 
 def image_waiting(server: RunningServer) -> float:
     metrics = httpx.get(f"{server.url}/metrics").text
-    match = re.search(r'^fictures_requests_waiting\{engine="image"\} (\S+)$', metrics, re.M)
+    match = re.search(
+        r'^fictures_requests_waiting\{engine="image",model="[^"]+"\} (\S+)$', metrics, re.M
+    )
     assert match is not None
     return float(match.group(1))
 
