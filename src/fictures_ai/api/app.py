@@ -59,6 +59,7 @@ def build_services(settings: Settings) -> Services:
     Only the kinds ``GENERATION_MODE`` serves are built. Raises ``ModelsFileError`` or
     ``ValueError`` for a models file or settings that cannot work on this machine.
     """
+    models = build_model_registry(settings)  # first: a bad models file stops start-up at once
     rate_limiter = create_rate_limiter(
         redis_url=settings.redis_url,
         requests_per_minute=settings.rate_limit_per_minute,
@@ -67,7 +68,7 @@ def build_services(settings: Settings) -> Services:
     )
     return Services(
         settings=settings,
-        models=build_model_registry(settings),
+        models=models,
         api_keys=build_key_stores(settings) if settings.require_api_key else None,
         rate_limiter=rate_limiter,
         image_store=GeneratedImageStore(ttl_s=settings.image_url_ttl_s),

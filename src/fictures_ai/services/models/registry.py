@@ -219,12 +219,9 @@ class ModelRegistry:
         self._preload_all = preload_all
         self._load_lock = asyncio.Lock()
         self._idle = asyncio.Event()
-        self._adapter_ids = itertools.count(1)
-        for model in models:
-            if model.text_lora is not None:
-                self._adapter_ids = itertools.count(
-                    max(model.text_lora.id + 1, next(self._adapter_ids))
-                )
+        # Adapters registered at run time get ids after those of the models file.
+        declared = [model.text_lora.id for model in models if model.text_lora is not None]
+        self._adapter_ids = itertools.count(max(declared, default=0) + 1)
         self._reserved: set[str] = set()
         for model in self.bases():
             model.lazy.on_idle = self._idle.set
