@@ -25,13 +25,32 @@ Exception tree::
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FicturesError(Exception):
-    """Base class of every error the server raises on purpose."""
+    """Base class of every error the server raises on purpose.
+
+    Picklable with every attribute (``param``, ``retry_after``...), whatever the subclass's
+    constructor takes: errors raised in a Ray Serve model replica reach the ingress whole.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_error, (type(self), self.args, self.__dict__)
+
+
+def _rebuild_error(
+    cls: type[FicturesError], args: tuple[Any, ...], state: dict[str, Any]
+) -> FicturesError:
+    """``cls`` with ``args`` and attributes ``state``, without calling its constructor."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRequestError(FicturesError):

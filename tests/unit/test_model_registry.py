@@ -20,9 +20,9 @@ from fictures_ai.api.dependencies import Services
 from fictures_ai.cli import main
 from fictures_ai.config import Settings
 from fictures_ai.engines.options import DiffusersEngineOptions, VllmEngineOptions
+from fictures_ai.services import engine_factory
 from fictures_ai.services.keys.local_store import ApiKeyService
 from fictures_ai.services.keys.stores import KeyStores
-from fictures_ai.services.models import registry as registry_module
 from fictures_ai.services.models.memory import GIB, MemoryProbe
 from fictures_ai.services.models.registry import ModelRegistry
 from fictures_ai.services.models.spec import ModelsFileError, load_models_file
@@ -118,8 +118,8 @@ def ledger(monkeypatch: pytest.MonkeyPatch) -> Ledger:
         _sized(ledger, options.model or "", engine)
         return engine
 
-    monkeypatch.setattr(registry_module, "create_text_engine", create_text)
-    monkeypatch.setattr(registry_module, "create_image_engine", create_image)
+    monkeypatch.setattr(engine_factory, "create_text_engine", create_text)
+    monkeypatch.setattr(engine_factory, "create_image_engine", create_image)
     monkeypatch.setattr(MemoryProbe, "for_this_machine", classmethod(lambda cls: FakeProbe(ledger)))
     return ledger
 

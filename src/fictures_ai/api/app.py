@@ -44,6 +44,7 @@ from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.observability.metrics import Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
+from fictures_ai.services.engine_factory import EngineLoaders
 from fictures_ai.services.image_store import GeneratedImageStore
 from fictures_ai.services.keys.base import KeyStoreSchemaError
 from fictures_ai.services.keys.stores import KeyStores, open_key_stores
@@ -53,13 +54,15 @@ from fictures_ai.services.rate_limit import create_rate_limiter
 logger = logging.getLogger(__name__)
 
 
-def build_services(settings: Settings) -> Services:
-    """The production services: the models from ``MODELS_FILE`` or the settings.
+def build_services(settings: Settings, engines: EngineLoaders | None = None) -> Services:
+    """The production services: the models from ``MODELS_FILE`` or the settings, their engines
+    from ``engines`` (default: loaded in this process; Ray Serve replicas with ``serve --ray``).
 
     Only the kinds ``GENERATION_MODE`` serves are built. Raises ``ModelsFileError`` or
     ``ValueError`` for a models file or settings that cannot work on this machine.
     """
-    models = build_model_registry(settings)  # first: a bad models file stops start-up at once
+    # First: a bad models file stops start-up at once.
+    models = build_model_registry(settings, engines)
     rate_limiter = create_rate_limiter(
         redis_url=settings.redis_url,
         requests_per_minute=settings.rate_limit_per_minute,
@@ -111,16 +114,19 @@ def create_app(
     settings: Settings | None = None,
     *,
     services: Services | None = None,
+    engines: EngineLoaders | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Build the FastAPI app. Tests pass ``services`` built over fake engines.
+    """Build the FastAPI app. Tests pass ``services`` built over fake engines; without them,
+    the services are built from the settings with engines from ``engines`` (default: loaded
+    in this process).
 
     ``tracer_provider`` overrides the one built from the settings (an OTLP exporter when an
     endpoint is configured, else none); tests pass one with an in-memory exporter. Either way
     the app owns it and shuts it down (flushing spans) when its lifespan ends.
     """
     settings = settings or (services.settings if services else Settings())
-    services = services or build_services(settings)
+    services = services or build_services(settings, engines)
     observability = _build_observability(settings, services, tracer_provider)
 
     @asynccontextmanager

@@ -7,9 +7,10 @@ diffusers take seconds to import, and a server that serves one half never needs 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -19,6 +20,10 @@ from fictures_ai.shared import BUNDLED_TINY_SDXL
 
 if TYPE_CHECKING:
     from fictures_ai.engines.base import ImageEngine, TextEngine
+    from fictures_ai.services.models.spec import ModelSpec
+
+TextLoader = Callable[[], Awaitable["TextEngine"]]
+ImageLoader = Callable[[], Awaitable["ImageEngine"]]
 
 
 def text_engine_options(settings: Settings) -> VllmEngineOptions:
@@ -78,6 +83,42 @@ async def create_image_engine(options: DiffusersEngineOptions) -> ImageEngine:
     return await DiffusersImageEngine.load(options)
 
 
+class EngineLoaders(Protocol):
+    """Where a model's engine comes from: built in this process (:class:`LocalEngines`), or
+    reached in Ray Serve replicas (``fictures_ai.cluster``). The registry asks once per base
+    model, with its entry and its resolved options; calling the loader loads the engine."""
+
+    remote: bool
+    """The engines run elsewhere (Ray Serve): this process neither measures nor unloads them."""
+
+    def text(self, spec: ModelSpec, options: VllmEngineOptions) -> TextLoader:
+        """The loader of the text model ``spec``."""
+        ...
+
+    def image(self, spec: ModelSpec, options: DiffusersEngineOptions) -> ImageLoader:
+        """The loader of the image model ``spec``."""
+        ...
+
+    def replicas(self, spec: ModelSpec) -> int:
+        """How many engines serve ``spec`` at most (its capacity is that many engines')."""
+        ...
+
+
+class LocalEngines:
+    """Engines loaded in this process: vLLM and diffusers, one per base model."""
+
+    remote = False
+
+    def text(self, spec: ModelSpec, options: VllmEngineOptions) -> TextLoader:
+        return functools.partial(create_text_engine, options)
+
+    def image(self, spec: ModelSpec, options: DiffusersEngineOptions) -> ImageLoader:
+        return functools.partial(create_image_engine, options)
+
+    def replicas(self, spec: ModelSpec) -> int:
+        return 1
+
+
 def image_device(options: DiffusersEngineOptions) -> str:
     """The device the image pipeline will use, after checking that the options can work there.
 
@@ -121,8 +162,11 @@ def image_model_notice(options: DiffusersEngineOptions, device: str) -> str | No
     return TINY_PIPELINE_NOTICE if is_tiny else None
 
 
-_NOT_OPTIONS = frozenset({"model", "served_model_name", "cache_dir"})
-"""Option fields a models file sets through its own keys (source, name), not ``options``."""
+_NOT_OPTIONS = frozenset(
+    {"model", "served_model_name", "cache_dir", "distributed_executor_backend"}
+)
+"""Option fields a models file sets through its own keys (source, name), or ``serve --ray``
+sets, not ``options``."""
 
 OptionsT = TypeVar("OptionsT", VllmEngineOptions, DiffusersEngineOptions)
 

@@ -41,8 +41,8 @@ from fictures_ai.errors import (
 )
 from fictures_ai.observability.metrics import EngineSnapshot, Metrics
 from fictures_ai.services.engine_factory import (
-    create_image_engine,
-    create_text_engine,
+    EngineLoaders,
+    LocalEngines,
     default_image_source,
     image_device,
     image_engine_options,
@@ -206,10 +206,13 @@ class ModelRegistry:
         budget_bytes: int | None = None,
         probe: MemoryProbe | None = None,
         preload_all: bool = False,
+        remote: bool = False,
     ) -> None:
         """``models`` come from :func:`build_model_registry` (or tests); ``budget_bytes``
         bounds what the loaded models cost together (None: no bound); ``preload_all`` loads
-        the lazy models at start-up too (``PRELOAD_MODELS``)."""
+        the lazy models at start-up too (``PRELOAD_MODELS``); ``remote``: the engines run in
+        Ray Serve replicas, which Ray places and scales, so this process neither measures,
+        unloads nor reaps them."""
         self._models: dict[str, RegisteredModel] = {}
         self._names: dict[str, RegisteredModel] = {}
         for model in models:
@@ -217,6 +220,7 @@ class ModelRegistry:
         self._budget_bytes = budget_bytes
         self._probe = probe or MemoryProbe.for_this_machine()
         self._preload_all = preload_all
+        self._remote = remote
         self._load_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         # Adapters registered at run time get ids after those of the models file.
@@ -407,6 +411,13 @@ class ModelRegistry:
             raise ConflictError(
                 f"'{model.name}' is pinned (load: pinned): it is never unloaded.", model=model.name
             )
+        if self._remote:
+            raise ConflictError(
+                f"'{model.name}' runs on Ray Serve replicas, which Ray starts and stops: size it "
+                "with `replicas` in the models file ({min: 0, max: N} scales it to nothing "
+                "while unused).",
+                model=model.name,
+            )
         await model.lazy.unload()
         return self.status(model)
 
@@ -417,6 +428,10 @@ class ModelRegistry:
         added to the fresh engine."""
 
         async def measured_load() -> EngineT:
+            if self._remote:  # Ray places the replicas by their resources
+                engine = await load()
+                await self._add_adapters(model, engine)
+                return engine
             async with self._load_lock:
                 await self._make_room(model, model.measured_bytes or 0, loading=True)
                 before = await asyncio.to_thread(self._probe.used_bytes)
@@ -655,6 +670,8 @@ class ModelRegistry:
                 async with asyncio.timeout(REAP_INTERVAL_S):
                     await self._idle.wait()
             self._idle.clear()
+            if self._remote:
+                continue
             now = time.monotonic()
             for model in self.bases():
                 keep_alive = model.keep_alive_s
@@ -687,9 +704,10 @@ def _check_adapter(model: RegisteredModel) -> None:
 # -- building ---------------------------------------------------------------------------------
 
 
-def build_model_registry(settings: Settings) -> ModelRegistry:
+def build_model_registry(settings: Settings, engines: EngineLoaders | None = None) -> ModelRegistry:
     """The registry ``settings`` describe: the models file's models, or one text and one image
     model from the ``TEXT_``/``IMAGE_`` settings; only the kinds ``GENERATION_MODE`` serves.
+    ``engines`` says where each base model's engine comes from (default: this process).
 
     Raises ``ModelsFileError`` (entry and field named) or ``ValueError`` (settings that cannot
     work on this machine).
@@ -700,6 +718,7 @@ def build_model_registry(settings: Settings) -> ModelRegistry:
         specs = _specs_from_settings(settings)
     served = {"text": settings.serves_text, "image": settings.serves_images}
     specs = [spec for spec in specs if served[spec.kind]]
+    engines = engines or LocalEngines()
     bases: dict[str, RegisteredModel] = {}
     models: list[RegisteredModel] = []
     adapter_ids = itertools.count(1)
@@ -707,7 +726,9 @@ def build_model_registry(settings: Settings) -> ModelRegistry:
     for index, spec in enumerate(specs):
         try:
             if spec.base is None:
-                model = _base_model(spec, settings, has_adapters=spec.name in with_adapters)
+                model = _base_model(
+                    spec, settings, engines, has_adapters=spec.name in with_adapters
+                )
                 bases[spec.name] = model
             else:
                 model = _adapter(spec, bases[spec.base], next(adapter_ids))
@@ -718,8 +739,10 @@ def build_model_registry(settings: Settings) -> ModelRegistry:
     budget = settings.model_memory_budget_gb
     return ModelRegistry(
         models,
-        budget_bytes=int(budget * GIB) if budget is not None else None,
-        preload_all=settings.preload_models,
+        budget_bytes=int(budget * GIB) if budget is not None and not engines.remote else None,
+        # Remote engines are loaded already (Ray starts the replicas): connect at start-up.
+        preload_all=settings.preload_models or engines.remote,
+        remote=engines.remote,
     )
 
 
@@ -741,9 +764,12 @@ def _specs_from_settings(settings: Settings) -> list[ModelSpec]:
     return specs
 
 
-def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> RegisteredModel:
+def _base_model(
+    spec: ModelSpec, settings: Settings, engines: EngineLoaders, *, has_adapters: bool
+) -> RegisteredModel:
     """A base model with its own service and engine options (the settings', then the entry's
-    ``options``); ``has_adapters``: the file declares adapters on it."""
+    ``options``); ``has_adapters``: the file declares adapters on it. Its capacity is that of
+    all the engines ``engines`` serves it with."""
     common: dict[str, Any] = {
         "name": spec.name,
         "kind": spec.kind,
@@ -766,17 +792,19 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
             ),
             spec.options,
         )
+        text_loader = engines.text(spec, text_options)
+        replicas = engines.replicas(spec)
         text = TextGenerationService(
             model_name=spec.name,
             max_model_len=text_options.max_model_len,
-            loader=functools.partial(create_text_engine, text_options),
+            loader=text_loader,
             max_pending=settings.text_max_pending,
             timeout_s=settings.request_timeout_s,
         )
         return RegisteredModel(
             **common,
             service=text,
-            capacity=text_options.max_num_seqs,
+            capacity=text_options.max_num_seqs * replicas,
             max_model_len=text_options.max_model_len,
             lora_enabled=text_options.enable_lora,
         )
@@ -785,11 +813,13 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
     )
     device = image_device(image_options)
     notice = image_model_notice(image_options, device)
+    image_loader = engines.image(spec, image_options)
+    replicas = engines.replicas(spec)
     image = ImageGenerationService(
         model_name=spec.name,
         device=device,
-        max_concurrency=image_options.max_concurrency,
-        loader=functools.partial(create_image_engine, image_options),
+        max_concurrency=image_options.max_concurrency * replicas,
+        loader=image_loader,
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
         notice=notice,
@@ -797,7 +827,7 @@ def _base_model(spec: ModelSpec, settings: Settings, *, has_adapters: bool) -> R
     return RegisteredModel(
         **common,
         service=image,
-        capacity=image_options.max_concurrency,
+        capacity=image_options.max_concurrency * replicas,
         device=device,
         notice=notice,
     )
