@@ -4,6 +4,9 @@
 #   make test-deps        install the Debian packages the tests drive (chromium, postgresql,
 #                         redis-server; as root, when missing — test, integration and e2e do)
 #   make serve PROFILE=gpu   the same on a CUDA box (official vllm wheel)
+#   make serve-cluster    start a local Ray head on loopback and serve the same API on Ray Serve,
+#                         RAY_MODEL_REPLICAS (default 2) replicas per model (docs/scaling.md)
+#   make stop-cluster     stop that Ray head and every process it started
 #   make lock             regenerate requirements/*.lock from pyproject.toml (scripts/lock.py,
 #                         uv; releases uploaded before LOCK_DATE=YYYY-MM-DD, default today)
 # Outside this project's machines the CPU build of torch comes from PyTorch's CPU index:
@@ -39,10 +42,28 @@ INSTALL_LOCK = $(PIP) install -qq --no-deps -r requirements/cpu.lock \
 	&& ($(PIP) uninstall -qq --yes torchvision torchaudio torchcodec 2>/dev/null || true)
 endif
 
-.PHONY: serve test lint typecheck unit integration e2e bench install install-dev test-deps lock clean
+.PHONY: serve serve-cluster stop-cluster test lint typecheck unit integration e2e bench install install-dev test-deps lock clean
 
 serve: $(RUNTIME_STAMP)
 	$(BIN)/fictures-ai serve
+
+# A local Ray head for `serve --ray`. Logical CPUs are scheduling slots (each model replica asks
+# for one, the ingress for half), not the machine's cores. Ray 2.60 listens on every interface
+# whatever --node-ip-address says: token authentication (the token in ~/.ray/auth_token) is
+# what keeps others out, so it is required of the head and the server alike.
+RAY_PORT ?= 6379
+RAY_CPUS ?= 8
+RAY_MODEL_REPLICAS ?= 2
+
+serve-cluster: $(RUNTIME_STAMP)
+	@RAY_AUTH_MODE=token $(BIN)/ray status --address 127.0.0.1:$(RAY_PORT) >/dev/null 2>&1 \
+		|| RAY_AUTH_MODE=token $(BIN)/ray start --head --node-ip-address 127.0.0.1 --port $(RAY_PORT) \
+			--num-cpus $(RAY_CPUS) --include-dashboard false --disable-usage-stats
+	RAY_AUTH_MODE=token RAY_ADDRESS=127.0.0.1:$(RAY_PORT) \
+		RAY_MODEL_REPLICAS=$(RAY_MODEL_REPLICAS) $(BIN)/fictures-ai serve --ray
+
+stop-cluster:
+	@if [ -x $(BIN)/ray ]; then $(BIN)/ray stop; fi
 
 install: $(RUNTIME_STAMP)
 

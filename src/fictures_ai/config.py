@@ -208,6 +208,40 @@ class Settings(BaseSettings):
         30, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )
 
+    # Scaling out: `fictures-ai serve --ray` (docs/scaling.md)
+    ray_address: str | None = Field(
+        None,
+        description=(
+            "The Ray cluster `serve --ray` deploys on (host:port of its head, or auto for the "
+            "one running on this machine); unset: a Ray started for this server."
+        ),
+    )
+    ray_ingress_replicas: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Replicas of the HTTP ingress (auth, limits, routing, SSE) with `serve --ray`; "
+            "more than one needs DATABASE_URL (PostgreSQL) and REDIS_URL."
+        ),
+    )
+    ray_model_replicas: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Replicas of each model with `serve --ray`, for models the models file does not "
+            "size (its `replicas`)."
+        ),
+    )
+    ray_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description=(
+            "With `serve --ray`, each ingress replica also serves its /metrics on this port "
+            "plus its replica rank (0, 1, ...), for Prometheus to scrape every replica."
+        ),
+    )
+
     # Text generation (vLLM)
     text_model_name: str = Field(
         BUNDLED_TEXT_MODEL,

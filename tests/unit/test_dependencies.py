@@ -22,12 +22,14 @@ def _normalise(name: str) -> str:
 
 
 def _declared() -> set[str]:
-    """The distributions of ``[project].dependencies`` and of the ``cpu`` and ``gpu`` extras."""
+    """The distributions of ``[project].dependencies`` and of the ``cpu``, ``gpu`` and
+    ``cluster`` extras."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [
         *project["dependencies"],
         *project["optional-dependencies"]["cpu"],
         *project["optional-dependencies"]["gpu"],
+        *project["optional-dependencies"]["cluster"],
     ]
     names = set()
     for requirement in requirements:

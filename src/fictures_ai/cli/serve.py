@@ -17,6 +17,14 @@ from fictures_ai.redaction import mask_credentials
 def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve``, with one flag per setting, to a parser's subcommands."""
     serve_command = subparsers.add_parser("serve", help="Run the HTTP server.")
+    serve_command.add_argument(
+        "--ray",
+        action="store_true",
+        help=(
+            "Serve on Ray Serve: an ingress and one deployment per model, with replicas "
+            "(docs/scaling.md; needs fictures-ai[cluster])."
+        ),
+    )
     add_settings_flags(serve_command)
 
 
@@ -67,6 +75,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
+    if getattr(args, "ray", False):
+        return _serve_on_ray(settings)
     try:
         app = create_app(settings)
     except ModelsFileError as exc:
@@ -82,4 +92,27 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
+    return 0
+
+
+def _serve_on_ray(settings: Settings) -> int:
+    try:
+        from fictures_ai.cluster.run import serve_on_ray
+    except ImportError as exc:
+        print(
+            f"serve --ray needs Ray Serve ({exc.name} is missing): pip install "
+            "'fictures-ai[cluster]' (make install brings it).",
+            file=sys.stderr,
+        )
+        return 2
+    from fictures_ai.services.models.spec import ModelsFileError
+
+    try:
+        serve_on_ray(settings)
+    except ModelsFileError as exc:
+        print(f"Invalid models file: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"Invalid settings: {mask_credentials(str(exc))}", file=sys.stderr)
+        return 2
     return 0

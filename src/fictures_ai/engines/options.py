@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fictures_ai.shared import (
     BUNDLED_TEXT_MODEL,
@@ -55,6 +56,9 @@ class VllmEngineOptions:
     """Adapters in one batch at once (vLLM's ``max_loras``): each takes a slot."""
     max_lora_rank: int = 16
     """The largest adapter rank the engine accepts (vLLM's ``max_lora_rank``)."""
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    """How vLLM starts its tensor-parallel workers (None: vLLM's choice); ``ray`` in a Ray
+    Serve replica, whose placement group holds their GPUs."""
 
     @property
     def display_name(self) -> str:

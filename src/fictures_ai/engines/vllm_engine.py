@@ -116,6 +116,7 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
             disable_any_whitespace=options.disable_any_whitespace,
         ),
         disable_log_stats=True,
+        distributed_executor_backend=options.distributed_executor_backend,
         **lora_args,
     )
 

@@ -88,6 +88,37 @@ class ImageDefaults(BaseModel):
 DEFAULTS_MODELS: dict[str, type[BaseModel]] = {"text": TextDefaults, "image": ImageDefaults}
 
 
+class ReplicaScaling(BaseModel):
+    """How many Ray Serve replicas a model runs (``serve --ray``): ``min`` to ``max``,
+    autoscaled towards ``target_ongoing_requests`` per replica (Ray Serve's
+    ``autoscaling_config``); ``min == max`` is a fixed count. ``min: 0`` scales an unused
+    model to nothing (its next request waits for a replica to start)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(1, ge=0)
+    max: int = Field(1, ge=1)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Requests in flight per replica the autoscaler aims at."
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ReplicaScaling:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class ReplicaResources(BaseModel):
+    """What one replica of a model takes from the Ray cluster: logical CPUs and GPUs (a text
+    model with ``tensor_parallel_size`` > 1 gets that many GPUs, in one placement group)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(None, ge=0)
+    gpus: float | None = Field(None, ge=0)
+
+
 class ModelSpec(BaseModel):
     """One entry of the models file: a base model (``source``) or an adapter (``base`` +
     ``lora``)."""
@@ -114,11 +145,30 @@ class ModelSpec(BaseModel):
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="Request defaults for this model."
     )
+    replicas: ReplicaScaling | None = Field(
+        None, description="Ray Serve replicas (serve --ray): a count, or autoscaling bounds."
+    )
+    resources: ReplicaResources | None = Field(
+        None, description="What one Ray Serve replica takes: cpus, gpus."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests one Ray Serve replica takes at once."
+    )
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_model_name(value)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_count(cls, value: Any) -> Any:
+        """A count N is the bounds {min: N, max: N}."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("at least 1 (or {min: 0, max: N} to scale to zero)")
+            return {"min": value, "max": value}
+        return value
 
     @field_validator("aliases")
     @classmethod
@@ -139,6 +189,12 @@ class ModelSpec(BaseModel):
                     raise ValueError(
                         f"{field}: an adapter runs on its base model's engine; set {field} on "
                         f"'{self.base}'"
+                    )
+            for field in ("replicas", "resources", "max_ongoing_requests"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{field}: an adapter runs on its base model's replicas; set {field} "
+                        f"on '{self.base}'"
                     )
             if self.load != "lazy" or self.keep_alive_s is not None:
                 raise ValueError(

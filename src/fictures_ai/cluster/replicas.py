@@ -1,0 +1,211 @@
+"""The model replicas of ``serve --ray``: one engine (vLLM or diffusers) per Ray Serve replica.
+
+Each class is made a deployment per model by ``fictures_ai.cluster.application`` (its options
+from the models file); the ingress reaches it through ``fictures_ai.engines.ray_engine``. A
+replica loads its engine in its constructor, so Ray Serve routes to it only once it can serve;
+its ``check_health`` is Ray Serve's health check, so a replica whose engine died is replaced.
+Streams start with the replica's name (``X-Fictures-Replica``).
+
+Each replica reports what it runs through Ray's metrics (``ray.util.metrics``), which every
+node's metrics agent serves to Prometheus (``ray start --metrics-export-port``), prefixed
+``ray_``: ``fictures_replica_running_requests`` (gauge) and, for text,
+``fictures_replica_generation_tokens_total``, labelled with ``deployment`` and ``replica``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from fictures_ai.config import Settings
+from fictures_ai.engines.base import (
+    GeneratedImage,
+    ImageEngine,
+    ImageGenerationParams,
+    ImageLora,
+    ImageModelInfo,
+    LoraAdapter,
+    StructuredOutputSpec,
+    TextChunk,
+    TextEngine,
+    TextGenerationParams,
+    TextModelInfo,
+    TextPrompt,
+)
+from fictures_ai.observability.logs import configure_logging
+from fictures_ai.services.engine_factory import ImageLoader, TextLoader
+
+logger = logging.getLogger(__name__)
+
+
+def replica_name() -> str:
+    """``<deployment>#<replica id> pid=<pid> node=<ip>``: which replica, and where its process
+    runs (what an operator needs to find it)."""
+    import ray
+
+    node = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    return f"{replica_id()} pid={os.getpid()} node={node}"
+
+
+def replica_id() -> str:
+    """``<deployment>#<replica id>``: the ``replica`` label of the replica's metrics."""
+    from ray import serve
+
+    context = serve.get_replica_context()
+    return f"{context.deployment}#{context.replica_id.unique_id}"
+
+
+class ReplicaMetrics:
+    """This replica's series in Ray's metrics (see the module docstring)."""
+
+    def __init__(self) -> None:
+        from ray import serve
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"deployment": serve.get_replica_context().deployment, "replica": replica_id()}
+        self._running = Gauge(
+            "fictures_replica_running_requests",
+            description="Requests this model replica is generating now.",
+            tag_keys=tuple(tags),
+        )
+        self._running.set_default_tags(tags)
+        self._tokens = Counter(
+            "fictures_replica_generation_tokens_total",
+            description="Tokens this text model replica generated.",
+            tag_keys=tuple(tags),
+        )
+        self._tokens.set_default_tags(tags)
+        self.running = 0
+        self._running.set(0)
+
+    def started(self) -> None:
+        self.running += 1
+        self._running.set(self.running)
+
+    def finished(self, tokens: int = 0) -> None:
+        self.running -= 1
+        self._running.set(self.running)
+        if tokens:
+            self._tokens.inc(tokens)
+
+
+class TextModelReplica:
+    """One vLLM engine. Adapters named by requests are loaded on their first use here, so a
+    replica started after an adapter was registered serves it too."""
+
+    async def __init__(self, loader: TextLoader, settings: Settings) -> None:  # type: ignore[misc]
+        configure_logging(level=settings.log_level, log_format=settings.log_format)
+        self._engine: TextEngine = await loader()
+        self._name = replica_name()
+        self._adapters: set[int] = set()
+        self._adapter_lock = asyncio.Lock()
+        self._metrics = ReplicaMetrics()
+        logger.info("Replica %s serves %s", self._name, self._engine.model_info().name)
+
+    def model_info(self) -> TextModelInfo:
+        return self._engine.model_info()
+
+    async def _with_adapter(self, adapter: LoraAdapter | None) -> None:
+        if adapter is None or adapter.id in self._adapters:
+            return
+        async with self._adapter_lock:
+            if adapter.id not in self._adapters:
+                await self._engine.add_lora(adapter)
+                self._adapters.add(adapter.id)
+
+    async def generate(
+        self, prompt: TextPrompt, params: TextGenerationParams, request_id: str
+    ) -> AsyncIterator[str | TextChunk]:
+        """The replica's name, then the request's chunks. Cancelled (the client left, the
+        ingress timed out): the request is aborted in vLLM."""
+        yield self._name
+        self._metrics.started()
+        tokens = 0
+        try:
+            await self._with_adapter(params.lora)
+            if params.structured is not None:
+                await asyncio.to_thread(self._engine.check_structured, params.structured)
+            chunks = self._engine.generate(prompt, params, request_id=request_id)
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    tokens = chunk.completion_tokens
+                    yield chunk
+        finally:
+            self._metrics.finished(tokens)
+
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        return await self._engine.tokenize(prompt)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._engine.detokenize(token_ids)
+
+    def check_structured(self, spec: StructuredOutputSpec) -> None:
+        self._engine.check_structured(spec)
+
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        await self._with_adapter(adapter)
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: raising makes Ray replace this replica."""
+        await self._engine.check_health()
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()
+
+
+class ImageModelReplica:
+    """One diffusers pipeline."""
+
+    async def __init__(self, loader: ImageLoader, settings: Settings) -> None:  # type: ignore[misc]
+        configure_logging(level=settings.log_level, log_format=settings.log_format)
+        self._engine: ImageEngine = await loader()
+        self._name = replica_name()
+        self._metrics = ReplicaMetrics()
+        logger.info("Replica %s serves %s", self._name, self._engine.model_info().name)
+
+    def model_info(self) -> ImageModelInfo:
+        return self._engine.model_info()
+
+    async def render(
+        self, params: ImageGenerationParams
+    ) -> AsyncIterator[str | tuple[int, int] | GeneratedImage]:
+        """The replica's name, ``(step, total)`` after each denoising step, then the image.
+        Cancelled: the render stops at its next step."""
+        yield self._name
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+        def progress(step: int, total: int) -> None:  # called from the render thread
+            loop.call_soon_threadsafe(steps.put_nowait, (step, total))
+
+        render = asyncio.ensure_future(self._engine.generate(params, progress=progress))
+        self._metrics.started()
+        try:
+            while not render.done():
+                step = asyncio.ensure_future(steps.get())
+                await asyncio.wait({render, step}, return_when=asyncio.FIRST_COMPLETED)
+                if step.done():
+                    yield step.result()
+                else:
+                    step.cancel()
+            while not steps.empty():
+                yield steps.get_nowait()
+            yield render.result()
+        finally:
+            self._metrics.finished()
+            if not render.done():
+                render.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await render
+
+    async def add_lora(self, lora: ImageLora) -> None:
+        await self._engine.add_lora(lora)
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()

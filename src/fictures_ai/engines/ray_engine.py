@@ -1,0 +1,295 @@
+"""Engines in Ray Serve replicas, reached through deployment handles (``serve --ray``).
+
+To the services these are engines like any other: :class:`RayTextEngine` streams the chunks a
+model replica's vLLM engine produces, :class:`RayImageEngine` the progress and the image of a
+replica's diffusers pipeline. Ray Serve's router picks the replica (the least busy of two it
+samples) and replaces dead ones; what crosses the handle is this package's frozen dataclasses,
+pickled, and our own errors, whole (``FicturesError`` pickles its attributes).
+
+Each replica's stream starts with the replica's name, which the response carries as
+``X-Fictures-Replica``. A request whose replica dies before it produced anything is sent once
+more (to a live replica); one that dies mid-stream ends with ``GenerationError``. Closing a
+stream, or ``abort``, cancels the request in its replica, which aborts it in the engine: Ray
+Serve propagates the cancellation through the handle (its HTTP proxy alone would not).
+
+The replica side is ``fictures_ai.cluster.replicas``. Ray is imported when an engine is used,
+not with this module: it is an optional dependency (``fictures-ai[cluster]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fictures_ai.engines.base import (
+    GeneratedImage,
+    ImageEngine,
+    ImageGenerationParams,
+    ImageLora,
+    ImageModelInfo,
+    LoraAdapter,
+    ProgressCallback,
+    StructuredOutputSpec,
+    TextChunk,
+    TextEngine,
+    TextGenerationParams,
+    TextModelInfo,
+    TextPrompt,
+    ToolCallParser,
+    ToolDefinition,
+)
+from fictures_ai.errors import (
+    EngineDeadError,
+    FicturesError,
+    GenerationError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
+from fictures_ai.observability.context import current_request
+
+logger = logging.getLogger(__name__)
+
+REPLICA_HEADER = "X-Fictures-Replica"
+"""The response header naming the model replica that generated the answer."""
+
+HEALTH_TIMEOUT_S = 30.0
+"""How long a health check waits for a replica to answer."""
+
+
+def record_replica(name: str) -> None:
+    """Name the replica on the response of the request being handled (if any)."""
+    request = current_request()
+    if request is not None:
+        request.response_headers[REPLICA_HEADER] = name
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the replica (its actor or process) is gone, rather than that the
+    request failed in it."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(exc, RayActorError | WorkerCrashedError | ReplicaUnavailableError)
+
+
+def replica_error(exc: BaseException, *, model: str) -> Exception:
+    """What a Ray exception from a replica means here: our own error raised in the replica
+    (unwrapped from Ray's ``RayTaskError``), or ``GenerationError`` naming what happened."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, FicturesError):
+        return exc.cause
+    if replica_lost(exc):
+        return GenerationError(
+            f"The replica of '{model}' serving this request stopped ({type(exc).__name__}); "
+            "Ray Serve replaces it. Send the request again."
+        )
+    return GenerationError(f"The replica of '{model}' failed: {exc}")
+
+
+async def _call(response: Any, *, model: str) -> Any:
+    """Await a unary handle call, mapping Ray's exceptions onto ours."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return await response
+    except (RayError, RayServeException) as exc:
+        raise replica_error(exc, model=model) from exc
+
+
+class RayTextEngine(TextEngine):
+    """A text model served by the replicas of one Ray Serve deployment (``TextModelReplica``)."""
+
+    def __init__(
+        self, handle: Any, info: TextModelInfo, *, tool_call_parser: str | None = None
+    ) -> None:
+        self._handle = handle
+        self._info = info
+        self._tool_call_parser = tool_call_parser
+        self._streams: dict[str, Any] = {}
+        self._aborted: set[str] = set()
+
+    @classmethod
+    async def connect(cls, handle: Any, *, tool_call_parser: str | None = None) -> RayTextEngine:
+        """Ask a replica what it serves (waiting for one to start when none runs yet);
+        ``tool_call_parser``: the model's (``TEXT_TOOL_CALL_PARSER``), if any."""
+        info = await _call(handle.model_info.remote(), model=handle.deployment_name)
+        return cls(handle, info, tool_call_parser=tool_call_parser)
+
+    def _open(self, prompt: TextPrompt, params: TextGenerationParams, request_id: str) -> Any:
+        stream = self._handle.options(stream=True).generate.remote(prompt, params, request_id)
+        self._streams[request_id] = stream
+        return stream
+
+    async def generate(
+        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str
+    ) -> AsyncIterator[TextChunk]:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException, RequestCancelledError
+
+        stream = self._open(prompt, params, request_id)
+        try:
+            try:
+                name = await anext(stream)
+            except (RayError, RayServeException) as exc:
+                if not replica_lost(exc) or request_id in self._aborted:
+                    raise
+                logger.warning(
+                    "The replica of %s taking request %s stopped before it started; sending "
+                    "it to another one",
+                    self._info.name,
+                    request_id,
+                )
+                stream = self._open(prompt, params, request_id)
+                name = await anext(stream)
+            record_replica(name)
+            async for chunk in stream:
+                yield chunk
+        except RequestCancelledError:
+            if request_id not in self._aborted:
+                raise
+        except (RayError, RayServeException) as exc:
+            raise replica_error(exc, model=self._info.name) from exc
+        finally:
+            stream.cancel()  # a no-op once the replica's generator finished
+            self._streams.pop(request_id, None)
+            self._aborted.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._aborted.add(request_id)
+            stream.cancel()
+
+    async def check_health(self) -> None:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await _call(self._handle.check_health.remote(), model=self._info.name)
+        except (TimeoutError, FicturesError) as exc:
+            raise EngineDeadError(
+                f"No replica of '{self._info.name}' answered its health check: {exc}"
+            ) from exc
+
+    def model_info(self) -> TextModelInfo:
+        return self._info
+
+    async def tokenize(self, prompt: TextPrompt) -> list[int]:
+        tokens: list[int] = await _call(self._handle.tokenize.remote(prompt), model=self._info.name)
+        return tokens
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        text: str = await _call(self._handle.detokenize.remote(token_ids), model=self._info.name)
+        return text
+
+    def check_structured(self, spec: StructuredOutputSpec) -> None:
+        """Compile ``spec`` in a replica; blocks (the service calls it in a worker thread)."""
+        from ray.exceptions import RayError
+
+        try:
+            self._handle.check_structured.remote(spec).result()
+        except RayError as exc:
+            raise replica_error(exc, model=self._info.name) from exc
+
+    def tool_call_parser(self, tools: tuple[ToolDefinition, ...]) -> ToolCallParser | None:
+        """Not here yet: vLLM's parsers read the tokenizer, which only the replicas load.
+
+        Raises ``InvalidRequestError`` for a model with a parser configured, so the client
+        learns what works instead of being told to configure one.
+        """
+        if self._tool_call_parser is None:
+            return None
+        raise InvalidRequestError(
+            f'tool_choice "auto" (TEXT_TOOL_CALL_PARSER={self._tool_call_parser}) is not '
+            'available with `serve --ray` yet: send tool_choice "required" or a named '
+            "function, which work here, or serve without Ray.",
+            param="tool_choice",
+        )
+
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        """Check ``adapter`` in one replica (which loads it); every replica loads it on its
+        first request that names it, a replica started later included."""
+        await _call(self._handle.add_lora.remote(adapter), model=self._info.name)
+
+    async def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Nothing to do here: replicas keep an adapter until vLLM evicts it, least recently
+        used first, for another (a removed name is refused before it reaches them)."""
+        return
+
+    async def shutdown(self) -> None:
+        """Stop the streams this ingress has open; the replicas belong to Ray Serve."""
+        for stream in list(self._streams.values()):
+            stream.cancel()
+
+
+class RayImageEngine(ImageEngine):
+    """An image model served by the replicas of one Ray Serve deployment
+    (``ImageModelReplica``)."""
+
+    def __init__(self, handle: Any, info: ImageModelInfo) -> None:
+        self._handle = handle
+        self._info = info
+        self._renders: set[Any] = set()
+
+    @classmethod
+    async def connect(cls, handle: Any) -> RayImageEngine:
+        """Ask a replica what it serves (waiting for one to start when none runs yet)."""
+        info = await _call(handle.model_info.remote(), model=handle.deployment_name)
+        return cls(handle, info)
+
+    async def generate(
+        self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
+    ) -> GeneratedImage:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        for attempt in (1, 2):
+            stream = self._handle.options(stream=True).render.remote(params)
+            self._renders.add(stream)
+            started = False
+            try:
+                async for item in stream:
+                    if isinstance(item, str):
+                        record_replica(item)
+                    elif isinstance(item, GeneratedImage):
+                        return item
+                    else:
+                        started = True
+                        if progress is not None:
+                            progress(*item)
+            except (RayError, RayServeException) as exc:
+                if attempt == 1 and not started and replica_lost(exc):
+                    logger.warning(
+                        "The replica of %s rendering stopped before its first step; sending "
+                        "the render to another one",
+                        self._info.name,
+                    )
+                    continue
+                raise replica_error(exc, model=self._info.name) from exc
+            finally:
+                stream.cancel()
+                self._renders.discard(stream)
+            break
+        raise GenerationError(f"The replica of '{self._info.name}' ended without an image.")
+
+    async def check_health(self) -> None:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await _call(self._handle.check_health.remote(), model=self._info.name)
+        except (TimeoutError, FicturesError) as exc:
+            raise ServiceUnavailableError(
+                f"No replica of '{self._info.name}' answered its health check: {exc}"
+            ) from exc
+
+    def model_info(self) -> ImageModelInfo:
+        return self._info
+
+    async def add_lora(self, lora: ImageLora) -> None:
+        """Check ``lora`` in one replica; the others load it on their first render with it."""
+        await _call(self._handle.add_lora.remote(lora), model=self._info.name)
+
+    async def shutdown(self) -> None:
+        for stream in list(self._renders):
+            stream.cancel()
