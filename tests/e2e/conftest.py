@@ -63,9 +63,16 @@ def create_key(database_url: str, name: str, scopes: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``fictures-ai serve`` on a free loopback port with ``env`` over the environment; return
-    the process and its URL once ``/health`` answers (the test fails if it never does)."""
+def start_server(
+    env: dict[str, str],
+    log: Path,
+    *,
+    command: tuple[str, ...] = ("serve",),
+    ready_s: float = 60,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``fictures-ai serve`` (or ``command``) on a free loopback port with ``env`` over the
+    environment; return the process and its URL once ``/health`` answers, within ``ready_s``
+    (the test fails if it never does)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -76,10 +83,10 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(CLI), "serve"], stdout=out, stderr=subprocess.STDOUT, env=full_env
+            [str(CLI), *command], stdout=out, stderr=subprocess.STDOUT, env=full_env
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_s
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
