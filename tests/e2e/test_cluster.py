@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ class Cluster:
     server: subprocess.Popen[bytes]
     log: Path
     metrics_port: int
+    ingress_metrics_port: int
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.key}"}
@@ -95,7 +97,7 @@ def cluster(
     postgres_server.create_database("fictures_cluster")
     database_url = postgres_server.url("fictures_cluster")
     key = create_key(database_url, "cluster-writer", "stories:write")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, ingress_metrics_port = free_port(), free_port(), two_free_ports()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}"}
     with (folder / "head.log").open("wb") as out:
         head = subprocess.Popen(
@@ -118,6 +120,7 @@ def cluster(
             "TEXT_MAX_MODEL_LEN": "4096",
             "REQUEST_TIMEOUT_S": str(TIMEOUT_S),
             "SHUTDOWN_GRACE_S": "30",
+            "RAY_METRICS_PORT": str(ingress_metrics_port),
         }
         log = folder / "server.log"
         server, url = start_server(server_env, log, command=("serve", "--ray"), ready_s=600)
@@ -130,7 +133,14 @@ def cluster(
             time.sleep(1)
         tree = {head_process := psutil.Process(head.pid), *head_process.children(recursive=True)}
         yield Cluster(
-            url=url, key=key, env=env, head=head, server=server, log=log, metrics_port=metrics_port
+            url=url,
+            key=key,
+            env=env,
+            head=head,
+            server=server,
+            log=log,
+            metrics_port=metrics_port,
+            ingress_metrics_port=ingress_metrics_port,
         )
     finally:
         if server is not None and server.poll() is None:
@@ -141,6 +151,18 @@ def cluster(
         for process in tree:  # a failed test must not leave the cluster running
             if process.is_running():
                 process.kill()
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are free (the ingress replicas' metrics ports)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 async def read_stream(
@@ -196,6 +218,42 @@ async def test_streams_and_images_land_on_both_replicas_of_each_model(cluster: C
     assert len(text_replicas) == 2, text_replicas
     assert len(image_replicas) == 2, image_replicas
     assert {deployment_of(name) for name in image_replicas} == {IMAGE}
+
+
+async def test_structured_output_errors_and_tokens_cross_the_handle(cluster: Cluster) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "chapters": {"type": "integer"}},
+        "required": ["title", "chapters"],
+    }
+    async with cluster.client() as client:
+        structured = await client.post(
+            "/api/v1/text/structured",
+            json={
+                "prompt": "Propose a novel: its title and number of chapters, as JSON.",
+                "max_tokens": 80,
+                "guided_decoding": {"type": "json", "schema": schema},
+            },
+        )
+        # Raised in the replica (vLLM tokenizes there), answered as without Ray.
+        too_long = await client.post(
+            "/v1/completions",
+            json={"model": "SmolLM2-135M-Instruct", "prompt": "word " * 5000, "max_tokens": 10},
+        )
+        tokens = await client.post("/tokenize", json={"prompt": "Once upon a time"})
+    assert structured.status_code == 200, structured.text
+    assert structured.json()["is_valid"] is True
+    assert too_long.status_code == 400, too_long.text
+    error = too_long.json()["error"]
+    assert error["param"] == "prompt", error
+    assert "this model's context is 4096 tokens" in error["message"]
+    assert tokens.status_code == 200, tokens.text
+    assert tokens.json()["count"] >= 4
+    # Each ingress replica serves its own metrics on RAY_METRICS_PORT + its rank.
+    for rank in (0, 1):
+        metrics = httpx.get(f"http://127.0.0.1:{cluster.ingress_metrics_port + rank}/metrics")
+        assert metrics.status_code == 200
+        assert "fictures_http_requests_total" in metrics.text
 
 
 async def test_a_client_that_leaves_is_aborted_in_its_replica(cluster: Cluster) -> None:
