@@ -232,6 +232,15 @@ class Settings(BaseSettings):
             "size (its `replicas`)."
         ),
     )
+    ray_stream_interval_ms: float = Field(
+        50.0,
+        ge=0.0,
+        description=(
+            "With `serve --ray`, a text replica sends a stream's tokens at most this often "
+            "(ms), several per message when they come faster; the first and last at once. "
+            "Each message through Ray costs CPU; 0: one message per engine output."
+        ),
+    )
     ray_metrics_port: int | None = Field(
         None,
         ge=1,

@@ -3,7 +3,9 @@ the models file's Ray fields, errors crossing the handle, and the ingress's regi
 
 from __future__ import annotations
 
+import asyncio
 import pickle
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import cloudpickle
@@ -19,8 +21,9 @@ from fictures_ai.cluster.application import (
     plan_replicas,
 )
 from fictures_ai.cluster.ingress import RayEngines, _without_echoed_request_id
+from fictures_ai.cluster.replicas import coalesce
 from fictures_ai.config import Settings
-from fictures_ai.engines.base import TextModelInfo
+from fictures_ai.engines.base import TextChunk, TextModelInfo, TokenLogprob, merge_chunks
 from fictures_ai.engines.ray_engine import RayTextEngine, replica_error
 from fictures_ai.errors import (
     ConflictError,
@@ -244,3 +247,84 @@ def test_tool_choice_auto_is_refused_plainly_on_ray_when_the_model_has_a_parser(
     with pytest.raises(InvalidRequestError, match="not available with `serve --ray`") as error:
         RayTextEngine(object(), info, tool_call_parser="hermes").tool_call_parser(())
     assert error.value.param == "tool_choice"
+
+
+def chunk(n: int, *, last: bool = False, logprob: float | None = None) -> TextChunk:
+    return TextChunk(
+        delta=f"t{n} ",
+        prompt_tokens=3,
+        completion_tokens=n,
+        finish_reason="length" if last else None,
+        logprobs=(TokenLogprob(token=f"t{n}", logprob=logprob),) if logprob is not None else None,
+        token_ids=[n],
+    )
+
+
+def test_merged_chunks_say_what_the_chunks_said() -> None:
+    merged = merge_chunks([chunk(1, logprob=-0.5), chunk(2), chunk(3, last=True, logprob=-1.0)])
+    assert merged.delta == "t1 t2 t3 "
+    assert list(merged.token_ids) == [1, 2, 3]
+    assert merged.completion_tokens == 3
+    assert merged.finish_reason == "length"
+    assert merged.logprobs is not None
+    assert [item.logprob for item in merged.logprobs] == [-0.5, -1.0]
+
+
+async def timed(
+    steps: list[tuple[float, TextChunk]], closed: list[bool] | None = None
+) -> AsyncIterator[TextChunk]:
+    """Each chunk after its pause (seconds)."""
+    try:
+        for pause, item in steps:
+            await asyncio.sleep(pause)
+            yield item
+    finally:
+        if closed is not None:
+            closed.append(True)
+
+
+async def collect(chunks: AsyncIterator[TextChunk]) -> list[list[int]]:
+    return [list(item.token_ids) async for item in chunks]
+
+
+async def test_a_fast_stream_is_sent_a_few_tokens_per_message() -> None:
+    steps = [(0.0, chunk(n, last=n == 10)) for n in range(1, 11)]
+    # The first goes at once; the rest came within the window, and the last closes it.
+    assert await collect(coalesce(timed(steps), 0.05)) == [[1], list(range(2, 11))]
+
+
+async def test_a_slow_stream_is_sent_token_by_token_and_a_pause_flushes_the_window() -> None:
+    slow = [(0.03, chunk(n, last=n == 3)) for n in range(1, 4)]
+    assert await collect(coalesce(timed(slow), 0.01)) == [[1], [2], [3]]
+    paused = [(0.0, chunk(1)), (0.0, chunk(2)), (0.3, chunk(3, last=True))]
+    # 2 waits for the window (50 ms), not for 3, which comes 300 ms later.
+    assert await collect(coalesce(timed(paused), 0.05)) == [[1], [2], [3]]
+
+
+async def test_closing_the_coalesced_stream_closes_the_engines_and_errors_follow_the_tokens() -> (
+    None
+):
+    closed: list[bool] = []
+    stream = coalesce(timed([(0.0, chunk(n)) for n in range(1, 100)], closed), 0.05)
+    assert [item.completion_tokens async for item in _first(stream)] == [1]
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]
+
+    async def failing() -> AsyncIterator[TextChunk]:
+        yield chunk(1)
+        yield chunk(2)
+        raise GenerationError("engine died")
+
+    seen: list[list[int]] = []
+
+    async def read_all() -> None:
+        async for item in coalesce(failing(), 0.05):
+            seen.append(list(item.token_ids))
+
+    with pytest.raises(GenerationError, match="engine died"):
+        await read_all()
+    assert seen == [[1], [2]]  # what came before the error is sent first
+
+
+async def _first(stream: AsyncIterator[TextChunk]) -> AsyncIterator[TextChunk]:
+    yield await anext(stream)

@@ -182,6 +182,24 @@ class TextChunk:
     """The ids of the tokens new in this chunk (what ``delta`` decodes from)."""
 
 
+def merge_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
+    """One chunk that says what ``chunks`` (consecutive, of one request, at least one) say:
+    their deltas, token ids and log-probabilities joined, the counts and finish reason of the
+    last. Consumers already take chunks of several tokens (a slow consumer gets them)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    logprobs = [chunk.logprobs for chunk in chunks if chunk.logprobs is not None]
+    return TextChunk(
+        delta="".join(chunk.delta for chunk in chunks),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=last.finish_reason,
+        logprobs=tuple(item for group in logprobs for item in group) if logprobs else None,
+        token_ids=[token for chunk in chunks for token in chunk.token_ids],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """A piece of a streamed tool call, in OpenAI's order: the first piece of call ``index``
