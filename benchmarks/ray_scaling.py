@@ -101,7 +101,8 @@ COALESCED_PREFIX = "/coalesced"
 PER_TOKEN_PREFIX = "/per-token"
 """The two text applications deployed side by side: the default settings at
 ``COALESCED_PREFIX`` and ``RAY_STREAM_INTERVAL_MS=0`` (one Ray message per token) at
-``PER_TOKEN_PREFIX``. (Under an application at ``/``, Ray's proxy sent every path there.)"""
+``PER_TOKEN_PREFIX``. The prefix goes in the request path: ``loadgen`` connects to a URL's
+host and port only."""
 SINGLE_STREAMS = 40
 """Streams sent one at a time per target and round, for the time to first token."""
 
