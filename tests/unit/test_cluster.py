@@ -17,6 +17,7 @@ from fictures_ai.cluster.application import (
     build_application,
     check_shared_state,
     deployment_name,
+    gpus_needed,
     logical_cpus_needed,
     plan_replicas,
 )
@@ -328,3 +329,23 @@ async def test_closing_the_coalesced_stream_closes_the_engines_and_errors_follow
 
 async def _first(stream: AsyncIterator[TextChunk]) -> AsyncIterator[TextChunk]:
     yield await anext(stream)
+
+
+def test_gpus_needed_counts_each_models_first_replicas(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {name: a, kind: text, source: x, replicas: {min: 2, max: 4}, resources: {gpus: 1}}\n"
+        "  - {name: b, kind: text, source: x, replicas: {min: 0, max: 2}, resources: {gpus: 1}}\n"
+        "  - {name: c, kind: text, source: x}\n"
+    )
+    assert gpus_needed(settings(models_file=path, generation_mode="text")) == 2
+
+
+def test_replicas_that_are_neither_a_count_nor_bounds_say_what_they_may_be(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text('models:\n  - {name: a, kind: text, source: x, replicas: "two"}\n')
+    with pytest.raises(ModelsFileError, match=r"replicas: a count \(2\) or bounds"):
+        build_model_registry(settings(models_file=path))

@@ -96,9 +96,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(settings: Settings) -> int:
-    """``serve --ray`` until stopped; raises what ``serve_on_ray`` raises."""
+    """``serve --ray`` until stopped; raises its ``ModelsFileError`` and ``ValueError``."""
     try:
-        from fictures_ai.cluster.run import serve_on_ray
+        from fictures_ai.cluster.run import DeployError, serve_on_ray
     except ImportError as exc:
         print(
             f"serve --ray needs Ray Serve ({exc.name} is missing): pip install "
@@ -106,5 +106,9 @@ def _serve_on_ray(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    serve_on_ray(settings)
+    try:
+        serve_on_ray(settings)
+    except DeployError as exc:
+        print(f"Cannot serve on Ray: {mask_credentials(str(exc))}", file=sys.stderr)
+        return 1
     return 0

@@ -281,10 +281,19 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_application(Settings(**args))
 
 
+def _plans(settings: Settings) -> list[ReplicaPlan]:
+    recorder = ModelDeployments(settings)
+    build_model_registry(settings, recorder)
+    return [deployment.plan for deployment in recorder.deployments.values()]
+
+
 def logical_cpus_needed(settings: Settings) -> float:
     """The logical CPUs the application asks of Ray at its largest (every model at its most
     replicas, and the ingress): what a local Ray started for it must offer."""
-    recorder = ModelDeployments(settings)
-    build_model_registry(settings, recorder)
-    models = sum(d.plan.cpus * d.plan.max_replicas for d in recorder.deployments.values())
+    models = sum(plan.cpus * plan.max_replicas for plan in _plans(settings))
     return models + INGRESS_CPUS * settings.ray_ingress_replicas
+
+
+def gpus_needed(settings: Settings) -> float:
+    """The GPUs the application's first replicas ask for (each model's ``min`` replicas)."""
+    return sum(plan.gpus * plan.min_replicas for plan in _plans(settings))

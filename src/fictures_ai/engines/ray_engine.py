@@ -18,7 +18,6 @@ not with this module: it is an optional dependency (``fictures-ai[cluster]``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,7 +40,6 @@ from fictures_ai.engines.base import (
     ToolDefinition,
 )
 from fictures_ai.errors import (
-    EngineDeadError,
     FicturesError,
     GenerationError,
     InvalidRequestError,
@@ -54,8 +52,8 @@ logger = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Fictures-Replica"
 """The response header naming the model replica that generated the answer."""
 
-HEALTH_TIMEOUT_S = 30.0
-"""How long a health check waits for a replica to answer."""
+RETRY_AFTER_S = 10
+"""What a request told that no replica serves right now is asked to wait."""
 
 
 def record_replica(name: str) -> None:
@@ -87,6 +85,15 @@ def replica_error(exc: BaseException, *, model: str) -> Exception:
             "Ray Serve replaces it. Send the request again."
         )
     return GenerationError(f"The replica of '{model}' failed: {exc}")
+
+
+def no_replica(model: str) -> ServiceUnavailableError:
+    """A request whose replica was lost twice before it started: none serves now."""
+    return ServiceUnavailableError(
+        f"No replica of '{model}' is serving right now (it stopped); Ray Serve is starting "
+        "another. Try again shortly.",
+        retry_after=RETRY_AFTER_S,
+    )
 
 
 async def _call(response: Any, *, model: str) -> Any:
@@ -144,7 +151,12 @@ class RayTextEngine(TextEngine):
                     request_id,
                 )
                 stream = self._open(prompt, params, request_id)
-                name = await anext(stream)
+                try:
+                    name = await anext(stream)
+                except (RayError, RayServeException) as again:
+                    if replica_lost(again):
+                        raise no_replica(self._info.name) from again
+                    raise
             record_replica(name)
             async for chunk in stream:
                 yield chunk
@@ -165,13 +177,10 @@ class RayTextEngine(TextEngine):
             stream.cancel()
 
     async def check_health(self) -> None:
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                await _call(self._handle.check_health.remote(), model=self._info.name)
-        except (TimeoutError, FicturesError) as exc:
-            raise EngineDeadError(
-                f"No replica of '{self._info.name}' answered its health check: {exc}"
-            ) from exc
+        """Nothing to check here: Ray Serve health-checks every replica (their
+        ``check_health``) and replaces dead ones; restarting this view would only cancel the
+        requests waiting for the replacement."""
+        return
 
     def model_info(self) -> TextModelInfo:
         return self._info
@@ -219,9 +228,9 @@ class RayTextEngine(TextEngine):
         return
 
     async def shutdown(self) -> None:
-        """Stop the streams this ingress has open; the replicas belong to Ray Serve."""
-        for stream in list(self._streams.values()):
-            stream.cancel()
+        """Nothing to release: the replicas belong to Ray Serve, and each stream is closed by
+        the request reading it (Ray Serve drains the ingress before it stops)."""
+        return
 
 
 class RayImageEngine(ImageEngine):
@@ -231,7 +240,6 @@ class RayImageEngine(ImageEngine):
     def __init__(self, handle: Any, info: ImageModelInfo) -> None:
         self._handle = handle
         self._info = info
-        self._renders: set[Any] = set()
 
     @classmethod
     async def connect(cls, handle: Any) -> RayImageEngine:
@@ -247,7 +255,6 @@ class RayImageEngine(ImageEngine):
 
         for attempt in (1, 2):
             stream = self._handle.options(stream=True).render.remote(params)
-            self._renders.add(stream)
             started = False
             try:
                 async for item in stream:
@@ -260,7 +267,9 @@ class RayImageEngine(ImageEngine):
                         if progress is not None:
                             progress(*item)
             except (RayError, RayServeException) as exc:
-                if attempt == 1 and not started and replica_lost(exc):
+                if not started and replica_lost(exc):
+                    if attempt == 2:
+                        raise no_replica(self._info.name) from exc
                     logger.warning(
                         "The replica of %s rendering stopped before its first step; sending "
                         "the render to another one",
@@ -270,18 +279,12 @@ class RayImageEngine(ImageEngine):
                 raise replica_error(exc, model=self._info.name) from exc
             finally:
                 stream.cancel()
-                self._renders.discard(stream)
             break
         raise GenerationError(f"The replica of '{self._info.name}' ended without an image.")
 
     async def check_health(self) -> None:
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                await _call(self._handle.check_health.remote(), model=self._info.name)
-        except (TimeoutError, FicturesError) as exc:
-            raise ServiceUnavailableError(
-                f"No replica of '{self._info.name}' answered its health check: {exc}"
-            ) from exc
+        """Nothing to check here (see ``RayTextEngine.check_health``)."""
+        return
 
     def model_info(self) -> ImageModelInfo:
         return self._info
@@ -291,5 +294,5 @@ class RayImageEngine(ImageEngine):
         await _call(self._handle.add_lora.remote(lora), model=self._info.name)
 
     async def shutdown(self) -> None:
-        for stream in list(self._renders):
-            stream.cancel()
+        """Nothing to release (see ``RayTextEngine.shutdown``)."""
+        return

@@ -413,9 +413,9 @@ class ModelRegistry:
             )
         if self._remote:
             raise ConflictError(
-                f"'{model.name}' runs on Ray Serve replicas, which Ray starts and stops: size it "
-                "with `replicas` in the models file ({min: 0, max: N} scales it to nothing "
-                "while unused).",
+                f"'{model.name}' runs on Ray Serve replicas, which Ray starts and stops: size "
+                "it with `replicas` in the models file ({min: 0, max: N} scales it to nothing "
+                "while unused) or RAY_MODEL_REPLICAS, and redeploy.",
                 model=model.name,
             )
         await model.lazy.unload()

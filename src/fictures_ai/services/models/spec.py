@@ -168,6 +168,11 @@ class ModelSpec(BaseModel):
             if value < 1:
                 raise ValueError("at least 1 (or {min: 0, max: N} to scale to zero)")
             return {"min": value, "max": value}
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                "a count (2) or bounds ({min: 1, max: 4, target_ongoing_requests: 32}), "
+                f"not {value!r}"
+            )
         return value
 
     @field_validator("aliases")
