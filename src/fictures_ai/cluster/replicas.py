@@ -207,7 +207,9 @@ class TextModelReplica:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
-        await self._engine.shutdown()
+        engine = getattr(self, "_engine", None)  # None: the constructor failed to load it
+        if engine is not None:
+            await engine.shutdown()
 
 
 class ImageModelReplica:
@@ -262,4 +264,6 @@ class ImageModelReplica:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
-        await self._engine.shutdown()
+        engine = getattr(self, "_engine", None)  # None: the constructor failed to load it
+        if engine is not None:
+            await engine.shutdown()
