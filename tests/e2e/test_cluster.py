@@ -275,9 +275,12 @@ async def test_a_killed_replica_ends_its_streams_and_comes_back(cluster: Cluster
     body = {"prompt": "Tell a long story.", "max_tokens": 3000, "ignore_eos": True}
     started: list[str] = []
     async with cluster.client() as client:
-        streams = [asyncio.create_task(read_stream(client, body, started)) for _ in range(6)]
-        while len(set(started)) < 2 and not all(task.done() for task in streams):
-            await asyncio.sleep(0.2)
+        # Streams until both replicas run some (Ray's router picks the less busy of two).
+        streams: list[asyncio.Task[tuple[str, list[dict[str, object]]]]] = []
+        while len(set(started)) < 2 and len(streams) < 12:
+            streams.append(asyncio.create_task(read_stream(client, body, started)))
+            while len(started) < len(streams) and not streams[-1].done():
+                await asyncio.sleep(0.1)
         assert len(set(started)) == 2, started
         await asyncio.sleep(2)
         victim = started[0]
