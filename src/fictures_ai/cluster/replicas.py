@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
 
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
@@ -142,7 +143,25 @@ async def coalesce(chunks: AsyncIterator[TextChunk], interval_s: float) -> Async
             await task
 
 
-class TextModelReplica:
+EngineT = TypeVar("EngineT", TextEngine, ImageEngine)
+
+
+class _EngineReplica(Generic[EngineT]):
+    """What every model replica does with its engine: Ray Serve's health check (raising makes
+    Ray replace the replica) and the engine's shutdown when Ray stops the replica."""
+
+    _engine: EngineT
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)  # None: the constructor failed to load it
+        if engine is not None:
+            await engine.shutdown()
+
+
+class TextModelReplica(_EngineReplica[TextEngine]):
     """One vLLM engine. Adapters named by requests are loaded on their first use here, so a
     replica started after an adapter was registered serves it too. Chunks are sent at most
     every ``RAY_STREAM_INTERVAL_MS`` (:func:`coalesce`)."""
@@ -150,7 +169,7 @@ class TextModelReplica:
     async def __init__(self, loader: TextLoader, settings: Settings) -> None:  # type: ignore[misc]
         configure_logging(level=settings.log_level, log_format=settings.log_format)
         self._interval_s = settings.ray_stream_interval_ms / 1000
-        self._engine: TextEngine = await loader()
+        self._engine = await loader()
         self._name = replica_name()
         self._adapters: set[int] = set()
         self._adapter_lock = asyncio.Lock()
@@ -202,22 +221,13 @@ class TextModelReplica:
     async def add_lora(self, adapter: LoraAdapter) -> None:
         await self._with_adapter(adapter)
 
-    async def check_health(self) -> None:
-        """Ray Serve's health check: raising makes Ray replace this replica."""
-        await self._engine.check_health()
 
-    async def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)  # None: the constructor failed to load it
-        if engine is not None:
-            await engine.shutdown()
-
-
-class ImageModelReplica:
+class ImageModelReplica(_EngineReplica[ImageEngine]):
     """One diffusers pipeline."""
 
     async def __init__(self, loader: ImageLoader, settings: Settings) -> None:  # type: ignore[misc]
         configure_logging(level=settings.log_level, log_format=settings.log_format)
-        self._engine: ImageEngine = await loader()
+        self._engine = await loader()
         self._name = replica_name()
         self._metrics = ReplicaMetrics()
         logger.info("Replica %s serves %s", self._name, self._engine.model_info().name)
@@ -259,11 +269,3 @@ class ImageModelReplica:
 
     async def add_lora(self, lora: ImageLora) -> None:
         await self._engine.add_lora(lora)
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    async def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)  # None: the constructor failed to load it
-        if engine is not None:
-            await engine.shutdown()
