@@ -11,6 +11,8 @@ against these fields, so they cannot drift apart.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -19,7 +21,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from platformdirs import user_cache_dir
+from platformdirs import user_cache_dir, user_data_dir
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import ArgumentError
@@ -199,7 +201,7 @@ class Settings(BaseSettings):
         512, ge=1, description="Text requests running or waiting at once; beyond: 429."
     )
     image_max_queue: int = Field(
-        16, ge=0, description="Image requests waiting for a render slot; beyond: 429."
+        16, ge=0, description="Image requests a new one may wait behind; beyond: 429."
     )
     engine_health_interval_s: float = Field(
         5.0, gt=0.0, description="How often a loaded engine is checked (and restarted if dead)."
@@ -383,6 +385,57 @@ class Settings(BaseSettings):
         1, ge=1, description="Images rendered at once; further requests wait in a queue."
     )
 
+    # Durable jobs and batches (/api/v1/jobs, /v1/files, /v1/batches): docs/jobs.md
+    jobs_dir: Path = Field(
+        default_factory=lambda: Path(user_data_dir("fictures-ai")) / "jobs",
+        description="Folder of uploaded files, batch output files and rendered job images.",
+    )
+    job_max_requests: int = Field(
+        1000, ge=1, description="Requests one job or batch may hold; more: 400."
+    )
+    job_max_active_per_key: int = Field(
+        20, ge=1, description="Unfinished jobs and batches per key; more: 429."
+    )
+    job_max_stored_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="Bytes of files and job results kept per key; more: 413."
+    )
+    job_max_file_bytes: int = Field(
+        100 << 20, ge=1 << 20, description="Largest file uploaded to /v1/files; larger: 413."
+    )
+    job_text_concurrency: int = Field(
+        4, ge=1, description="Text requests of jobs run at once per server (below max_num_seqs)."
+    )
+    job_image_concurrency: int = Field(
+        1, ge=1, description="Image requests of jobs rendered or waiting at once per server."
+    )
+    job_lease_s: float = Field(
+        30.0, ge=1.0, description="A job request whose server stopped runs again after this."
+    )
+    job_result_ttl_s: int = Field(
+        7 * 86400, ge=60, description="How long a finished job's results and files are kept."
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks secret (whsec_...) signing job webhooks; unset: refused.",
+        json_schema_extra=WHOLE_SECRET,
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated webhook hosts allowed although internal (e.g. localhost).",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0.0, description="How long one webhook attempt may take."
+    )
+    webhook_max_attempts: int = Field(
+        12, ge=1, description="Attempts to deliver one webhook event before giving up."
+    )
+    webhook_retry_base_s: float = Field(
+        5.0, gt=0.0, description="Longest back-off after the 1st failure (doubling, jittered)."
+    )
+    webhook_retry_max_s: float = Field(
+        3600.0, gt=0.0, description="Longest back-off between two webhook attempts."
+    )
+
     @field_validator("generation_mode", mode="before")
     @classmethod
     def _both_means_all(cls, value: object) -> object:
@@ -427,6 +480,35 @@ class Settings(BaseSettings):
                 f"http://collector:4318), not '{mask_setting(value)}'"
             )
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: str | None) -> str | None:
+        # Standard Webhooks: "whsec_" + base64 of a 24- to 64-byte key (the specification's
+        # signature scheme). Checked here so a bad secret stops start-up, not a delivery.
+        if value is None:
+            return value
+        encoded = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError(
+                "must be whsec_ followed by the base64 of 24 to 64 random bytes (make one "
+                'with: python -c "from fictures_ai.services.jobs.webhooks import '
+                'generate_webhook_secret as g; print(g())")'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook_backoff(self) -> Settings:
+        if self.webhook_retry_max_s < self.webhook_retry_base_s:
+            raise ValueError(
+                f"WEBHOOK_RETRY_MAX_S={self.webhook_retry_max_s:g} must be at least "
+                f"WEBHOOK_RETRY_BASE_S={self.webhook_retry_base_s:g}"
+            )
+        return self
 
     @field_validator("cors_origins")
     @classmethod
@@ -477,6 +559,13 @@ class Settings(BaseSettings):
     def serves_images(self) -> bool:
         """Whether this server generates images (GENERATION_MODE all or image)."""
         return self.generation_mode != "text"
+
+    @property
+    def webhook_allowed_hosts_list(self) -> list[str]:
+        """The hosts of ``WEBHOOK_ALLOWED_HOSTS``, lower-cased."""
+        return [
+            host.strip().lower() for host in self.webhook_allowed_hosts.split(",") if host.strip()
+        ]
 
     @property
     def cors_origins_list(self) -> list[str]:

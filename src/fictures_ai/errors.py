@@ -11,6 +11,7 @@ Exception tree::
     ├── AuthenticationError            no key, or an unknown or revoked one (401)
     ├── PermissionDeniedError          the key lacks the scope or the model (403)
     ├── ModelNotFoundError             the request names a model this server does not serve (404)
+    ├── NotFoundError                  no such job, batch or file for this key (404)
     ├── ConflictError                  the model is busy, loading, pinned, or the name taken (409)
     ├── RequestTooLargeError           the body is over MAX_REQUEST_BYTES (413)
     ├── TooManyRequestsError           try again later; carries ``retry_after`` and headers (429)
@@ -149,6 +150,16 @@ class ModelNotFoundError(FicturesError):
         self.model = model
         self.kind = kind
         self.available = available
+
+
+class NotFoundError(FicturesError):
+    """The job, batch or file does not exist, or belongs to another key (which is not told
+    apart: a key cannot learn of others' jobs)."""
+
+    def __init__(self, what: str, ident: str) -> None:
+        super().__init__(f"No {what} '{ident}' exists for this API key.")
+        self.what = what
+        self.ident = ident
 
 
 class ConflictError(FicturesError):

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
+    BATCH_PRIORITY,
+    INTERACTIVE_PRIORITY,
     ChatMessage,
     LoraAdapter,
     StructuredOutputKind,
@@ -88,6 +90,38 @@ async def test_sixteen_concurrent_requests_all_complete(text_engine: VllmTextEng
     results = await asyncio.gather(*(collect(text_engine, STORY, params) for _ in range(16)))
     assert all(chunks[-1].completion_tokens == 24 for chunks in results)
     assert all(chunks[-1].finish_reason == "length" for chunks in results)
+
+
+async def test_batch_and_interactive_priorities_reach_vllm_and_leave_greedy_text_alone(
+    text_engine: VllmTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert text_engine._llm.vllm_config.scheduler_config.policy == "priority"
+    priorities: list[int] = []
+    generate = text_engine._llm.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        priorities.append(kwargs["priority"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(text_engine._llm, "generate", recording)
+    greedy = TextGenerationParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    plain = "".join(c.delta for c in await collect(text_engine, STORY, greedy))
+    batch, interactive = await asyncio.gather(
+        collect(text_engine, STORY, dataclasses.replace(greedy, priority=BATCH_PRIORITY)),
+        collect(text_engine, STORY, dataclasses.replace(greedy, priority=INTERACTIVE_PRIORITY)),
+    )
+    assert "".join(c.delta for c in batch) == "".join(c.delta for c in interactive) == plain
+    assert batch[-1].completion_tokens == interactive[-1].completion_tokens == 8
+    # The structured path hands it on too.
+    choice = StructuredOutputSpec(StructuredOutputKind.CHOICE, choices=("yes", "no"))
+    question = TextPrompt(text="Is the sky blue? Answer yes or no.")
+    answer = await collect(
+        text_engine,
+        question,
+        TextGenerationParams(max_tokens=4, temperature=0.0, structured=choice, priority=1),
+    )
+    assert "".join(c.delta for c in answer) in ("yes", "no")
+    assert priorities == [INTERACTIVE_PRIORITY, BATCH_PRIORITY, INTERACTIVE_PRIORITY, 1]
 
 
 async def test_json_schema_output_parses_and_validates(text_engine: VllmTextEngine) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +28,9 @@ from fictures_ai.services.rate_limit import RateLimiter
 from fictures_ai.services.text_generation import TextGenerationService
 from tests.support import free_port
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
+
+JOBS_ROOT = Path(tempfile.gettempdir()) / f"fictures-ai-unit-{os.getpid()}"
+"""Where the apps of this test session keep their jobs' databases and files."""
 
 UNUSED_DEFAULT_MODEL = {
     "state": "not_loaded",
@@ -54,6 +61,12 @@ def make_services(
     several) no key is needed. ``GENERATION_MODE`` in ``settings`` leaves a half out.
     """
     settings = settings or Settings(_env_file=None)  # type: ignore[call-arg]
+    if settings.database_url is None:  # jobs: a database of this app's own, never the user's
+        folder = JOBS_ROOT / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        settings = settings.model_copy(
+            update={"database_url": f"sqlite:///{folder}/server.db", "jobs_dir": folder}
+        )
     engine = engine or FakeTextEngine()
     image_engine = image_engine or FakeImageEngine()
 

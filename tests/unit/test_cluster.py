@@ -154,7 +154,7 @@ def test_an_adapter_cannot_have_replicas_of_its_own(tmp_path: Path) -> None:
         build_model_registry(settings(models_file=path))
 
 
-def test_several_ingress_replicas_need_shared_keys_and_limits() -> None:
+def test_several_ingress_replicas_need_shared_keys_jobs_and_limits() -> None:
     check_shared_state(settings(ray_ingress_replicas=1))
     with pytest.raises(ValueError, match="DATABASE_URL=postgresql") as error:
         check_shared_state(settings(ray_ingress_replicas=2, rate_limit_per_minute=10))
@@ -169,7 +169,8 @@ def test_several_ingress_replicas_need_shared_keys_and_limits() -> None:
             redis_url="redis://cache:6379/0",
         )
     )
-    check_shared_state(settings(ray_ingress_replicas=2, require_api_key=False))
+    with pytest.raises(ValueError, match="API keys and jobs are in an SQLite file"):
+        check_shared_state(settings(ray_ingress_replicas=2, require_api_key=False))
     with pytest.raises(ValueError, match="RAY_INGRESS_REPLICAS=2"):
         build_application(settings(ray_ingress_replicas=2))
 

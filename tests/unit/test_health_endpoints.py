@@ -10,10 +10,11 @@ import httpx
 import pytest
 
 from fictures_ai.api.app import create_app
+from fictures_ai.config import Settings
 from fictures_ai.errors import ModelLoadError
 from fictures_ai.observability.gpu import gpu_memory
-from tests.unit.conftest import make_services
-from tests.unit.fake_engines import FakeTextEngine
+from tests.unit.conftest import image_of, make_services, text_of, wait_until
+from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
 
 async def test_live_answers_while_the_process_runs(client: httpx.AsyncClient) -> None:
@@ -124,6 +125,47 @@ async def test_health_adds_recent_requests_and_gpu_fields(
     # The contract's fields are still there, unchanged.
     assert body["status"] == "healthy"
     assert set(body) >= {"status", "version", "models"}
+
+
+async def test_health_reports_the_requests_waiting_and_running_per_kind() -> None:
+    engine = FakeTextEngine(token_delay=0.02)
+    image_engine = FakeImageEngine(step_delay=0.02)
+    services = make_services(engine, image_engine=image_engine)
+    app = create_app(services=services)
+    image = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 10}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        idle = (await c.get("/health")).json()
+        renders = [
+            asyncio.create_task(c.post("/api/v1/images/generate", json=image)) for _ in range(3)
+        ]
+        story = asyncio.create_task(
+            c.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 8})
+        )
+        await wait_until(lambda: image_of(services).info().waiting == 2)
+        await wait_until(lambda: text_of(services).info().running == 1)
+        busy = (await c.get("/health")).json()
+        await asyncio.gather(story, *renders)
+        after = (await c.get("/health")).json()
+    assert idle["queues"] == {
+        "images": {"waiting": 0, "running": 0},
+        "text": {"running": 0},
+        "jobs": {},  # no job runner ran in this app (no lifespan): tests/unit/test_jobs.py
+    }
+    assert busy["queues"] == {
+        "images": {"waiting": 2, "running": 1},
+        "text": {"running": 1},
+        "jobs": {},
+    }
+    assert after["queues"] == idle["queues"]
+
+
+@pytest.mark.parametrize(("mode", "served"), [("text", {"text"}), ("image", {"images"})])
+async def test_health_queues_leave_out_the_half_not_served(mode: str, served: set[str]) -> None:
+    settings = Settings(_env_file=None, generation_mode=mode)  # type: ignore[call-arg]
+    app = create_app(services=make_services(settings=settings))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        queues = (await c.get("/health")).json()["queues"]
+    assert set(queues) == served | {"jobs"}
 
 
 def test_gpu_memory_never_initialises_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

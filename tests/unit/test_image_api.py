@@ -248,3 +248,39 @@ async def test_image_stream_failure_is_a_final_error_event() -> None:
     events = json_events(response.text)
     assert events[-2] == {"error": "The fake pipeline failed.", "done": True}
     assert events[-1] == "[DONE]"
+
+
+async def test_image_stream_sends_its_place_in_the_queue_before_rendering() -> None:
+    engine = FakeImageEngine(step_delay=0.01)
+    services = make_services(image_engine=engine)
+    app = create_app(services=services)
+    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 5}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        rendering = asyncio.create_task(c.post(GENERATE, json=body))
+        await wait_until(lambda: image_of(services).info().running == 1)
+        waiting = asyncio.create_task(c.post(GENERATE, json=body))
+        await wait_until(lambda: image_of(services).info().waiting == 1)
+        streamed = {**body, "num_inference_steps": 2, "seed": 9}
+        response = await c.post("/api/v1/images/stream", json=streamed)
+        assert all(r.status_code == 200 for r in await asyncio.gather(rendering, waiting))
+    events = json_events(response.text)
+    # Second in line, then first (the render ahead of it started), then its own steps.
+    assert events[:4] == [
+        {"queued": True, "position": 2, "step": 0, "total_steps": 2, "done": False},
+        {"queued": True, "position": 1, "step": 0, "total_steps": 2, "done": False},
+        {"step": 1, "total_steps": 2, "done": False},
+        {"step": 2, "total_steps": 2, "done": False},
+    ]
+    final = events[4]
+    assert isinstance(final, dict)
+    assert (final["done"], final["seed"]) == (True, 9)
+    assert events[5:] == ["[DONE]"]
+
+
+async def test_image_stream_without_a_wait_sends_no_queued_event(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 2}
+    events = json_events((await client.post("/api/v1/images/stream", json=body)).text)
+    assert not any(isinstance(event, dict) and "queued" in event for event in events)
+    assert [event["step"] for event in events[:-2] if isinstance(event, dict)] == [1, 2]

@@ -119,6 +119,7 @@ def test_settings_with_credentials_are_marked_secret() -> None:
         "fictures_database_url",
         "redis_url",
         "otlp_endpoint",
+        "webhook_secret",
     }
 
 

@@ -8,6 +8,7 @@ metrics and access line (``api/middleware.py``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from fictures_ai import __version__
 from fictures_ai.api.body_limit import BodySizeLimitMiddleware
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.error_handlers import InternalErrorMiddleware, install_error_handlers
+from fictures_ai.api.fictures.jobs import jobs_router
 from fictures_ai.api.fictures.model_admin import admin_router
 from fictures_ai.api.fictures.router import (
     DESCRIPTION,
@@ -32,13 +34,16 @@ from fictures_ai.api.fictures.router import (
     text_router,
 )
 from fictures_ai.api.health import health_router
+from fictures_ai.api.job_executor import RouteExecutor
 from fictures_ai.api.middleware import ObservabilityMiddleware
+from fictures_ai.api.openai.batches import batch_router
 from fictures_ai.api.openai.router import image_router as openai_image_router
 from fictures_ai.api.openai.router import models_router as openai_models_router
 from fictures_ai.api.openai.router import text_router as openai_text_router
 from fictures_ai.api.openai.router import tokenizer_router
 from fictures_ai.api.playground.router import router as playground_router
 from fictures_ai.config import Settings, setting_name_warnings
+from fictures_ai.database import default_database_url
 from fictures_ai.observability import Observability
 from fictures_ai.observability.context import REQUEST_ID_HEADER
 from fictures_ai.observability.gpu import gpu_memory
@@ -46,6 +51,11 @@ from fictures_ai.observability.metrics import Metrics, RequestWindow
 from fictures_ai.observability.tracing import build_tracer_provider
 from fictures_ai.services.engine_factory import EngineLoaders
 from fictures_ai.services.image_store import GeneratedImageStore
+from fictures_ai.services.jobs.files import JobFiles
+from fictures_ai.services.jobs.runner import JobRunner, JobRunnerOptions
+from fictures_ai.services.jobs.service import JobLimits, JobService
+from fictures_ai.services.jobs.store import JobKind, JobStore
+from fictures_ai.services.jobs.webhooks import WebhookSender
 from fictures_ai.services.keys.base import KeyStoreSchemaError
 from fictures_ai.services.keys.stores import KeyStores, open_key_stores
 from fictures_ai.services.models.registry import build_model_registry
@@ -91,6 +101,59 @@ def build_key_stores(settings: Settings) -> KeyStores:
     )
 
 
+def build_job_service(settings: Settings, services: Services) -> JobService:
+    """Durable jobs and batches over the server's database (``DATABASE_URL``) and
+    ``JOBS_DIR``, their requests run through this app's routes' code (``RouteExecutor``).
+
+    Raises ``ValueError`` for a ``WEBHOOK_SECRET`` or ``WEBHOOK_ALLOWED_HOSTS`` entry the
+    sender cannot use.
+    """
+    store = JobStore(database_url=settings.database_url or default_database_url())
+    files = JobFiles(settings.jobs_dir)
+    webhooks = (
+        WebhookSender(
+            secret=settings.webhook_secret,
+            allowed_hosts=settings.webhook_allowed_hosts_list,
+            timeout_s=settings.webhook_timeout_s,
+            retry_base_s=settings.webhook_retry_base_s,
+            retry_max_s=settings.webhook_retry_max_s,
+        )
+        if settings.webhook_secret
+        else None
+    )
+    kinds: list[JobKind] = []
+    if "text" in services.models.kinds():
+        kinds.append("text")
+    if "image" in services.models.kinds():
+        kinds.append("images")
+    runner = JobRunner(
+        store=store,
+        files=files,
+        executor=RouteExecutor(services, store_image=files.write_image),
+        webhooks=webhooks,
+        options=JobRunnerOptions(
+            text_concurrency=settings.job_text_concurrency,
+            image_concurrency=settings.job_image_concurrency,
+            lease_s=settings.job_lease_s,
+            result_ttl_s=settings.job_result_ttl_s,
+            webhook_max_attempts=settings.webhook_max_attempts,
+        ),
+        kinds=tuple(kinds),
+    )
+    return JobService(
+        store=store,
+        files=files,
+        runner=runner,
+        webhooks=webhooks,
+        limits=JobLimits(
+            max_requests=settings.job_max_requests,
+            max_active_per_key=settings.job_max_active_per_key,
+            max_stored_bytes=settings.job_max_stored_bytes,
+            max_file_bytes=settings.job_max_file_bytes,
+        ),
+    )
+
+
 class FicturesApp(FastAPI):
     """FastAPI with the observability middleware outermost.
 
@@ -127,6 +190,9 @@ def create_app(
     """
     settings = settings or (services.settings if services else Settings())
     services = services or build_services(settings, engines)
+    if services.jobs is None:
+        services = dataclasses.replace(services, jobs=build_job_service(settings, services))
+    jobs = services.jobs
     observability = _build_observability(settings, services, tracer_provider)
 
     @asynccontextmanager
@@ -160,6 +226,13 @@ def create_app(
                 services.models.run(settings.engine_health_interval_s), name="models"
             )
         )
+        if jobs is not None:
+            logger.info(
+                "Jobs and batches in %s, their files in %s",
+                jobs.store.database_url,
+                settings.jobs_dir,
+            )
+            tasks.append(asyncio.create_task(jobs.runner.run(), name="jobs"))
         try:
             yield
         finally:
@@ -168,6 +241,8 @@ def create_app(
             # The key stores write their last batch of last-use times as their task ends.
             await asyncio.gather(*tasks, return_exceptions=True)
             await services.models.shutdown()
+            if jobs is not None:
+                jobs.store.close()
             await services.rate_limiter.close()
             if services.api_keys is not None:
                 services.api_keys.close()
@@ -184,7 +259,15 @@ def create_app(
     app.state.services = services
     # Innermost first: an unforeseen exception becomes a JSON 500 that CORS still wraps.
     app.add_middleware(InternalErrorMiddleware)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        # A job's requests and a batch's file are many requests in one body.
+        larger={
+            "/api/v1/jobs": settings.job_max_file_bytes,
+            "/v1/files": settings.job_max_file_bytes,
+        },
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins_list,
@@ -208,6 +291,8 @@ def create_app(
     if "image" in services.models.kinds():
         app.include_router(image_router)
         app.include_router(openai_image_router)
+    app.include_router(jobs_router)
+    app.include_router(batch_router)
     app.include_router(playground_router)
     return app
 

@@ -8,6 +8,7 @@ soon as it goes past it, then replayed to the app. Memory per request stays with
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,18 +20,29 @@ from fictures_ai.errors import RequestTooLargeError
 class BodySizeLimitMiddleware:
     """413 for request bodies larger than ``max_bytes``."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, larger: Mapping[str, int] | None = None
+    ) -> None:
+        """``larger`` maps path prefixes to their own, larger limits (uploads)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = dict(larger or {})
+
+    def _limit(self, path: str) -> int:
+        for prefix, limit in self.larger.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return limit
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self._limit(scope["path"])
         length = _content_length(scope)
         if length is not None:
-            if length > self.max_bytes:
-                await self._refuse(scope, send)
+            if length > max_bytes:
+                await self._refuse(scope, send, max_bytes)
                 return
             await self.app(scope, receive, send)
             return
@@ -42,8 +54,8 @@ class BodySizeLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            if size > max_bytes:
+                await self._refuse(scope, send, max_bytes)
                 return
             if not message.get("more_body", False):
                 break
@@ -53,8 +65,8 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = RequestTooLargeError(limit=self.max_bytes).message
+    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
+        message = RequestTooLargeError(limit=max_bytes).message
         if is_openai_path(scope["path"]):
             body = error_body(message, 413, param=None)
         else:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from fictures_ai.config import Settings
+from fictures_ai.errors import ServiceUnavailableError
 from fictures_ai.services.image_store import GeneratedImageStore
+from fictures_ai.services.jobs.service import JobService
 from fictures_ai.services.keys.stores import KeyStores
 from fictures_ai.services.models.registry import ModelRegistry
 from fictures_ai.services.rate_limit import InMemoryRateLimiter, RateLimiter
@@ -33,6 +35,8 @@ class Services:
     image_store: GeneratedImageStore = field(
         default_factory=lambda: GeneratedImageStore(ttl_s=3600)
     )
+    jobs: JobService | None = None
+    """Durable jobs and batches; ``create_app`` builds them when absent."""
 
 
 # Async on purpose: FastAPI runs plain ``def`` dependencies in its thread pool, a thread hop per
@@ -47,3 +51,11 @@ async def get_models(request: Request) -> ModelRegistry:
     """The app's model registry."""
     services: Services = request.app.state.services
     return services.models
+
+
+async def get_jobs(request: Request) -> JobService:
+    """The app's job service (503 in an app built without one)."""
+    services: Services = request.app.state.services
+    if services.jobs is None:
+        raise ServiceUnavailableError("Jobs and batches are not available on this server.")
+    return services.jobs

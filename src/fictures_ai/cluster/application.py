@@ -205,18 +205,18 @@ class ModelDeployments:
 
 def check_shared_state(settings: Settings) -> None:
     """Refuse several ingress replicas over per-process state: each would keep its own keys
-    file and its own rate-limit counts. Raises ``ValueError`` saying what to set."""
+    and jobs database and its own rate-limit counts. Raises ``ValueError`` saying what to
+    set. (``JOBS_DIR`` must be storage every replica mounts: that cannot be checked here.)"""
     replicas = settings.ray_ingress_replicas
     if replicas == 1:
         return
     problems = []
-    if settings.require_api_key:
-        url = settings.database_url
-        if url is None or parse_database_url(url).get_backend_name() == "sqlite":
-            problems.append(
-                "API keys are in an SQLite file: set DATABASE_URL=postgresql://... (one "
-                "database every replica reads)"
-            )
+    url = settings.database_url
+    if url is None or parse_database_url(url).get_backend_name() == "sqlite":
+        problems.append(
+            "API keys and jobs are in an SQLite file: set DATABASE_URL=postgresql://... (one "
+            "database every replica reads), with JOBS_DIR on storage they all mount"
+        )
     limited = (
         settings.rate_limit_per_minute
         or settings.rate_limit_tokens_per_minute

@@ -19,6 +19,17 @@ from fictures_ai.shared import PromptFormat
 
 FinishReason = Literal["stop", "length", "abort"]
 
+INTERACTIVE_PRIORITY = 0
+"""The priority of a request a client waits for (every API request): served first."""
+
+BATCH_PRIORITY = 1
+"""The priority of a batch job's items: they run when no interactive request waits.
+
+Priorities follow vLLM's convention, lower first. Text requests carry theirs to vLLM's
+scheduler (``TextGenerationParams.priority``); image requests to the render queue
+(``fictures_ai.services.render_queue``).
+"""
+
 
 class StructuredOutputKind(enum.StrEnum):
     """The kinds of constrained decoding an engine supports."""
@@ -116,6 +127,9 @@ class TextGenerationParams:
     """(token id, bias) pairs: the bias is added to the token's logit before sampling."""
     lora: LoraAdapter | None = None
     """Generate through this adapter of the engine's model (registered with ``add_lora``)."""
+    priority: int = INTERACTIVE_PRIORITY
+    """Scheduling priority, as vLLM reads it: a lower value is scheduled first
+    (``INTERACTIVE_PRIORITY``, ``BATCH_PRIORITY``); equal values go in arrival order."""
 
 
 def fit_output_tokens(

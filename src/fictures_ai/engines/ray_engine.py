@@ -12,6 +12,13 @@ more (to a live replica); one that dies mid-stream ends with ``GenerationError``
 stream, or ``abort``, cancels the request in its replica, which aborts it in the engine: Ray
 Serve propagates the cancellation through the handle (its HTTP proxy alone would not).
 
+Priorities: a text request's travels inside its ``TextGenerationParams`` (``priority``) to the
+replica's vLLM scheduler. Image priorities are kept by the render queue of the ingress's
+``ImageGenerationService`` in front of this engine: it lets through as many renders as the
+deployment's largest replica count runs at once, so renders wait there, by priority; only while
+fewer replicas run (autoscaling, a replacement starting) do some wait in Ray Serve's router, in
+arrival order.
+
 The replica side is ``fictures_ai.cluster.replicas``. Ray is imported when an engine is used,
 not with this module: it is an optional dependency (``fictures-ai[cluster]``).
 """

@@ -11,6 +11,21 @@ request in flight; other wrong adapters (a smaller input size, a layer the model
 other than the config's) it takes without a word and serves wrong output. So every adapter is
 checked here against the model's checkpoint before vLLM sees it (``add_lora``), and a request
 may only name an adapter that was added and whose files have not changed since.
+
+Priority: the engine runs vLLM's ``priority`` scheduling policy and hands each request's
+``TextGenerationParams.priority`` to vLLM (lower first; ``INTERACTIVE_PRIORITY`` before
+``BATCH_PRIORITY``). What vLLM 0.32's V1 scheduler does with it
+(``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/sched/request_queue.py``): its waiting
+queue is a heap ordered by (priority, arrival time), so a waiting interactive request is
+admitted before every waiting batch request. A waiting request never preempts a running one:
+when ``max_num_seqs`` requests run, or the KV cache is full, an interactive request waits for
+running ones to finish. Preemption happens only under KV-cache pressure, when a running request
+cannot get its next blocks; then the victim is the running request of the highest priority
+value (the latest to arrive among equals) instead of the last one scheduled, so batch requests
+give way to interactive ones; it goes back to the waiting queue and recomputes its tokens.
+With every request at one priority this is first come, first served, as vLLM's default policy.
+On the CPU with adapters, ``AdapterTurns`` admits requests first come, first served, ahead of
+vLLM's queue.
 """
 
 from __future__ import annotations
@@ -116,6 +131,8 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
             disable_any_whitespace=options.disable_any_whitespace,
         ),
         disable_log_stats=True,
+        # Interactive requests before batch ones (TextGenerationParams.priority).
+        scheduling_policy="priority",
         distributed_executor_backend=options.distributed_executor_backend,
         **lora_args,
     )
@@ -250,7 +267,8 @@ class VllmTextEngine(TextEngine):
 
         ``params.lora`` must be an adapter added with ``add_lora`` (equal in name, id and path)
         and not removed since, its files unchanged on disk: else ``InvalidRequestError``
-        (``param="lora"``) before the first chunk.
+        (``param="lora"``) before the first chunk. ``params.priority`` goes to vLLM's
+        scheduler (see the module docstring), whatever the path (plain, structured, adapter).
         """
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
@@ -286,6 +304,7 @@ class VllmTextEngine(TextEngine):
                 sampling,
                 request_id,
                 lora_request=None if lora is None else lora.request,
+                priority=params.priority,
             )
             try:
                 async for output in stream:

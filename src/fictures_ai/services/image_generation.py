@@ -1,10 +1,12 @@
 """``ImageGenerationService``: lazy loading, seeds, and a bounded render queue.
 
 Requests without a seed get one from ``random_seed()`` (> 0), so every answer can be
-reproduced. The service lets ``max_concurrency`` renders reach the engine at once, queues the
-rest in arrival order, and counts what is waiting and running. A request cancelled while it
-waits (its client went away) leaves the queue without rendering; one cancelled mid-render
-stops at the engine's next denoising step.
+reproduced. The service lets ``max_concurrency`` renders reach the engine at once and queues
+the rest by priority, then arrival (``RenderQueue``): interactive requests
+(``INTERACTIVE_PRIORITY``, every API request) start before batch items (``BATCH_PRIORITY``)
+waiting for a slot. It counts what is waiting and running, and tells a waiting request its
+place in the queue. A request cancelled while it waits (its client went away) leaves the queue
+without rendering; one cancelled mid-render stops at the engine's next denoising step.
 
 Image metrics are observed here: queue wait (model load plus render slot), render seconds and
 outcomes; the request gets ``queue.image_slot`` and ``image.render`` spans and its image size
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from opentelemetry.util.types import AttributeValue
 
 from fictures_ai.engines.base import (
+    INTERACTIVE_PRIORITY,
     GeneratedImage,
     ImageEngine,
     ImageGenerationParams,
@@ -32,6 +35,7 @@ from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
+from fictures_ai.services.render_queue import PositionCallback, RenderQueue
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,14 @@ class RenderProgress:
 
     step: int
     total_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePosition:
+    """A request waits for a render slot: ``position - 1`` requests will start before it (as
+    far as is known now; 1: it starts next)."""
+
+    position: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,7 +82,8 @@ class ImageGenerationService:
         timeout_s: float | None = None,
         notice: str | None = None,
     ) -> None:
-        """``max_queue`` bounds the requests waiting for a render slot (beyond it: 429);
+        """``max_queue`` bounds the requests a new one would wait behind (beyond it: 429;
+        batch items waiting never count against an interactive request);
         ``timeout_s`` stops a render that runs longer; ``notice`` is what the model info says
         about the model before it loads (the tiny pipeline's warning)."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
@@ -78,9 +91,7 @@ class ImageGenerationService:
         self._max_queue = max_queue
         self._timeout_s = timeout_s
         self._notice = notice
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._waiting = 0
-        self._running = 0
+        self._queue = RenderQueue(max_concurrency)
         self._metrics: ImageMetrics | None = None
 
     def instrument(self, metrics: Metrics) -> None:
@@ -107,8 +118,8 @@ class ImageGenerationService:
             device=model.device if model else self._device,
             initialized=engine is not None,
             notice=model.notice if model else self._notice,
-            waiting=self._waiting,
-            running=self._running,
+            waiting=self._queue.waiting,
+            running=self._queue.running,
             **lazy.load_info(),
         )
 
@@ -130,13 +141,23 @@ class ImageGenerationService:
         await self._model.get()
 
     async def generate(
-        self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
+        self,
+        params: ImageGenerationParams,
+        *,
+        progress: ProgressCallback | None = None,
+        priority: int = INTERACTIVE_PRIORITY,
+        on_position: PositionCallback | None = None,
     ) -> GeneratedImage:
-        """Render one image, waiting for a free render slot first (in arrival order).
+        """Render one image, waiting for a free render slot first (by ``priority``, lower
+        first, then arrival).
+
+        ``progress`` is called from the render thread after each denoising step;
+        ``on_position`` on the event loop with the request's place in the queue when it has
+        to wait and each time that changes (see ``RenderQueue``).
 
         Raises:
             ModelLoadError: the pipeline cannot load (503, retried by the next request).
-            OverloadedError: ``max_queue`` requests already wait for a render slot.
+            OverloadedError: ``max_queue`` requests already wait ahead of this one.
             GenerationTimeoutError: the render ran past ``timeout_s`` and was stopped.
             ServiceUnavailableError: the engine was shut down mid-render.
             GenerationError: the pipeline failed.
@@ -146,36 +167,39 @@ class ImageGenerationService:
             request.fields.update(width=params.width, height=params.height)
         arrived = time.perf_counter()
         async with self._model.use() as engine:
-            return await self._render(engine, params, progress, arrived)
+            return await self._render(
+                engine,
+                params,
+                progress=progress,
+                arrived=arrived,
+                priority=priority,
+                on_position=on_position,
+            )
 
     async def _render(
         self,
         engine: ImageEngine,
         params: ImageGenerationParams,
+        *,
         progress: ProgressCallback | None,
         arrived: float,
+        priority: int,
+        on_position: PositionCallback | None,
     ) -> GeneratedImage:
         metrics = self._metrics
-        if (
-            self._max_queue is not None
-            and self._slots.locked()
-            and self._waiting >= self._max_queue
-        ):
+        queue = self._queue
+        ahead = queue.ahead(priority)
+        if self._max_queue is not None and queue.full and ahead >= self._max_queue:
             raise OverloadedError(
-                f"The image queue is full ({self._waiting} requests waiting for a render). "
+                f"The image queue is full ({ahead} requests waiting for a render). "
                 "Try again shortly.",
                 retry_after=5,
             )
-        with child_span("queue.image_slot"):
-            self._waiting += 1
-            try:
-                await self._slots.acquire()
-            finally:
-                self._waiting -= 1
+        with child_span("queue.image_slot", {"fictures.priority": priority}):
+            await queue.acquire(priority=priority, on_position=on_position)
         started = time.perf_counter()
         if metrics is not None:
             metrics.queue_wait.observe(started - arrived)
-        self._running += 1
         outcome = "error"
         try:
             attributes: dict[str, AttributeValue] = {
@@ -200,37 +224,42 @@ class ImageGenerationService:
             outcome = "cancelled"
             raise
         finally:
-            self._running -= 1
-            self._slots.release()
+            queue.release()
             if metrics is not None:
                 metrics.finished[outcome].inc()
 
     async def stream(
-        self, params: ImageGenerationParams
-    ) -> AsyncGenerator[RenderProgress | GeneratedImage, None]:
-        """Render one image as :meth:`generate` does, yielding a ``RenderProgress`` after each
-        denoising step and the image last.
+        self, params: ImageGenerationParams, *, priority: int = INTERACTIVE_PRIORITY
+    ) -> AsyncGenerator[QueuePosition | RenderProgress | GeneratedImage, None]:
+        """Render one image as :meth:`generate` does, yielding a ``QueuePosition`` when the
+        request has to wait for a render slot and again each time its place changes, a
+        ``RenderProgress`` after each denoising step, and the image last.
 
         Raises what :meth:`generate` raises. Closing the generator early (the client left)
         leaves the queue or stops the render at its next step.
         """
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[RenderProgress] = asyncio.Queue()
+        events: asyncio.Queue[QueuePosition | RenderProgress] = asyncio.Queue()
 
         def progress(step: int, total: int) -> None:  # called from the render thread
-            loop.call_soon_threadsafe(steps.put_nowait, RenderProgress(step, total))
+            loop.call_soon_threadsafe(events.put_nowait, RenderProgress(step, total))
 
-        render = asyncio.ensure_future(self.generate(params, progress=progress))
+        def on_position(position: int) -> None:  # called on the event loop
+            events.put_nowait(QueuePosition(position))
+
+        render = asyncio.ensure_future(
+            self.generate(params, progress=progress, priority=priority, on_position=on_position)
+        )
         try:
             while not render.done():
-                next_step = asyncio.ensure_future(steps.get())
-                await asyncio.wait({render, next_step}, return_when=asyncio.FIRST_COMPLETED)
-                if next_step.done():
-                    yield next_step.result()
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({render, next_event}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
                 else:
-                    next_step.cancel()
-            while not steps.empty():  # steps reported just before the render finished
-                yield steps.get_nowait()
+                    next_event.cancel()
+            while not events.empty():  # steps reported just before the render finished
+                yield events.get_nowait()
             yield render.result()
         finally:
             render.cancel()

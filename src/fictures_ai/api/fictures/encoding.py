@@ -1,9 +1,12 @@
 """The events of the Fictures surface's streams, written from precomputed pieces.
 
 ``/api/v1/text/stream``: ``{text, delta, model, tokens_used, finish_reason, done}`` per engine
-chunk (``text`` is cumulative, as the contract asks); ``/api/v1/images/stream``: ``{step,
-total_steps, done: false}`` per denoising step, then the image response with ``done: true``.
-Both end with ``data: [DONE]`` (``api.sse.stream_events``).
+chunk (``text`` is cumulative, as the contract asks); ``/api/v1/images/stream``: ``{queued:
+true, position, step: 0, total_steps, done: false}`` while the render waits for a slot (when it
+starts to wait and each time its place changes), ``{step, total_steps, done: false}`` per
+denoising step, then the image response with ``done: true``. A queued event carries ``step: 0``
+so that clients that only read ``step``/``total_steps``/``done`` see "not started yet" in it.
+Both streams end with ``data: [DONE]`` (``api.sse.stream_events``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from fictures_ai.api.fictures.protocol import contract_finish_reason
 from fictures_ai.api.sse import encode_json_string, sse_event
 from fictures_ai.engines.base import GeneratedImage, TextChunk
 from fictures_ai.observability.tracing import child_span
-from fictures_ai.services.image_generation import RenderProgress
+from fictures_ai.services.image_generation import QueuePosition, RenderProgress
 
 
 def png_data_url(png: bytes) -> str:
@@ -81,13 +84,26 @@ class TextEventEncoder:
 
 
 class ImageEventEncoder:
-    """Writes the events of one ``/images/stream`` response."""
+    """Writes the events of one ``/images/stream`` response; ``total_steps`` is what a queued
+    event says of the render to come (the request's ``num_inference_steps``)."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, total_steps: int) -> None:
         self.model = model
+        self.total_steps = total_steps
 
-    def event(self, item: RenderProgress | GeneratedImage) -> bytes:
-        """A progress event per denoising step; the image response last."""
+    def event(self, item: QueuePosition | RenderProgress | GeneratedImage) -> bytes:
+        """A queued event per place in the queue, a progress event per denoising step; the
+        image response last."""
+        if isinstance(item, QueuePosition):
+            return sse_event(
+                {
+                    "queued": True,
+                    "position": item.position,
+                    "step": 0,
+                    "total_steps": self.total_steps,
+                    "done": False,
+                }
+            )
         if isinstance(item, RenderProgress):
             return sse_event({"step": item.step, "total_steps": item.total_steps, "done": False})
         return sse_event(

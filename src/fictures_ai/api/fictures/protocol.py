@@ -314,6 +314,47 @@ class HealthGpu(BaseModel):
     allocated_bytes: int = Field(description="Allocated by this process's tensors.")
 
 
+class HealthImageQueue(BaseModel):
+    """The image requests of ``/health``'s ``queues``, summed over the image models."""
+
+    waiting: int = Field(description="Requests waiting for a render slot.")
+    running: int = Field(description="Renders running now.")
+
+
+class HealthTextQueue(BaseModel):
+    """The text requests of ``/health``'s ``queues``, summed over the text models."""
+
+    running: int = Field(
+        description="Requests in the text engines, those vLLM's scheduler holds back included."
+    )
+
+
+class HealthJobQueue(BaseModel):
+    """The requests of unfinished jobs and batches of one kind, in ``/health``'s ``queues``."""
+
+    queued: int = Field(description="Requests of jobs not started yet (every server's).")
+    running: int = Field(description="Requests of jobs running now (every server's).")
+
+
+class HealthQueues(BaseModel):
+    """Queue lengths in ``/health``, one block per kind of work; a half the server does not
+    serve is left out. Each block is a model of its own, so that other queues (batch jobs)
+    join as further optional fields."""
+
+    images: HealthImageQueue | None = None
+    text: HealthTextQueue | None = None
+    jobs: dict[Literal["text", "images"], HealthJobQueue] | None = Field(
+        None,
+        description="Requests of jobs and batches by kind, as of the job runner's last look "
+        "(it refreshes every second).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unserved(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        served: dict[str, Any] = handler(self)
+        return {kind: queue for kind, queue in served.items() if queue is not None}
+
+
 class HealthResponse(BaseModel):
     """Answer of ``/health``: always 200 while the process serves."""
 
@@ -326,6 +367,9 @@ class HealthResponse(BaseModel):
     )
     gpu: list[HealthGpu] | None = Field(
         None, description="GPU memory per device; null unless this process uses CUDA."
+    )
+    queues: HealthQueues | None = Field(
+        None, description="Requests waiting and running now, per kind (added to the contract)."
     )
 
 

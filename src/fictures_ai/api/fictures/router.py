@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -17,9 +19,13 @@ from fictures_ai.api.fictures.encoding import ImageEventEncoder, TextEventEncode
 from fictures_ai.api.fictures.protocol import (
     ErrorResponse,
     HealthGpu,
+    HealthImageQueue,
+    HealthJobQueue,
     HealthModels,
+    HealthQueues,
     HealthRequests,
     HealthResponse,
+    HealthTextQueue,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageModelEntry,
@@ -39,6 +45,7 @@ from fictures_ai.api.fictures.protocol import (
 from fictures_ai.api.health import ObservabilityDep
 from fictures_ai.api.model_views import requested_loras, state_fields, with_model_defaults
 from fictures_ai.api.sse import EventStreamResponse, sse_response_doc, stream_events
+from fictures_ai.engines.base import INTERACTIVE_PRIORITY, ProgressCallback
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.services.model_loader import LoadState
@@ -100,14 +107,33 @@ async def check_health(services: ServicesDep, observability: ObservabilityDep) -
 
     ``models`` holds the default model of each kind (``/api/v1/models`` lists them all); a
     kind that ``generation_mode`` leaves out is not listed. Beyond the
-    contract's fields: recent request latency and error rate, and GPU memory when this process
-    uses CUDA (``gpu`` is null otherwise).
+    contract's fields: recent request latency and error rate, GPU memory when this process
+    uses CUDA (``gpu`` is null otherwise), and the requests waiting and running now, summed
+    over the models of each kind (``queues``).
     """
     registry = services.models
     text, image = registry.default("text"), registry.default("image")
     models = HealthModels(
         text=_text_info(registry.status(text)) if text is not None else None,
         image=_image_info(registry.status(image)) if image is not None else None,
+    )
+    engines = registry.engine_snapshots()
+    images = [engine for engine in engines if engine.engine == "image"]
+    texts = [engine for engine in engines if engine.engine == "text"]
+    queues = HealthQueues(
+        images=HealthImageQueue(
+            waiting=sum(engine.waiting or 0 for engine in images),
+            running=sum(engine.running for engine in images),
+        )
+        if images
+        else None,
+        text=HealthTextQueue(running=sum(engine.running for engine in texts)) if texts else None,
+        jobs={
+            kind: HealthJobQueue(**counts)
+            for kind, counts in services.jobs.runner.queue_lengths.items()
+        }
+        if services.jobs is not None
+        else None,
     )
     recent = observability.window.summary()
     gpus = gpu_memory()
@@ -134,6 +160,7 @@ async def check_health(services: ServicesDep, observability: ObservabilityDep) -
             )
             for gpu in gpus
         ],
+        queues=queues,
     )
 
 
@@ -176,14 +203,29 @@ async def generate_text(
 
     With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
     """
+    return await text_generation(
+        body, services, admit=lambda model: caller.admit(model=model), request=request
+    )
+
+
+async def text_generation(
+    body: TextGenerationRequest,
+    services: Services,
+    *,
+    admit: Callable[[str], Awaitable[None]],
+    request: Request | None,
+    priority: int = INTERACTIVE_PRIORITY,
+    request_id: str | None = None,
+) -> TextGenerationResponse:
+    """Answer ``body`` as ``POST /api/v1/text/generate`` does, with the engine ``priority``
+    (a job's request runs without an HTTP ``request``); raises what the route answers."""
     target = services.models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
-    params = target.params(body.to_generation_params())
-    await caller.admit(model=target.name)
-    result = await cancel_on_disconnect(
-        request, target.service.generate(prompt, params, request_id=current_request_id())
-    )
+    params = replace(target.params(body.to_generation_params()), priority=priority)
+    await admit(target.name)
+    work = target.service.generate(prompt, params, request_id=request_id or current_request_id())
+    result = await (cancel_on_disconnect(request, work) if request is not None else work)
     return TextGenerationResponse(
         text=result.text,
         model=target.name,
@@ -242,13 +284,36 @@ async def generate_image(
 ) -> ImageGenerationResponse:
     """Render one image of exactly the requested size; a client that disconnects frees its
     queue place or stops the render."""
+    return await image_generation(
+        body,
+        models,
+        admit=lambda model: caller.admit(model=model, images=1),
+        request=request,
+        image_url=png_data_url,
+    )
+
+
+async def image_generation(
+    body: ImageGenerationRequest,
+    models: ModelRegistry,
+    *,
+    admit: Callable[[str], Awaitable[None]],
+    request: Request | None,
+    image_url: Callable[[bytes], str],
+    priority: int = INTERACTIVE_PRIORITY,
+    progress: ProgressCallback | None = None,
+) -> ImageGenerationResponse:
+    """Answer ``body`` as ``POST /api/v1/images/generate`` does: ``image_url`` makes the URL
+    of the PNG (a data URL for the route, a stored file's URL for a job), ``priority`` orders
+    the render queue, ``progress`` hears each denoising step."""
     target = models.image(body.model)
     body = with_model_defaults(body, target.defaults)
     params = target.params(body.to_generation_params(), requested_loras(body.loras))
-    await caller.admit(model=target.name, images=1)
-    image = await cancel_on_disconnect(request, target.service.generate(params))
+    await admit(target.name)
+    work = target.service.generate(params, progress=progress, priority=priority)
+    image = await (cancel_on_disconnect(request, work) if request is not None else work)
     return ImageGenerationResponse(
-        image_url=png_data_url(image.png),
+        image_url=image_url(image.png),
         model=target.name,
         width=image.width,
         height=image.height,
@@ -260,21 +325,25 @@ async def generate_image(
     "/stream",
     response_class=EventStreamResponse,
     responses=sse_response_doc(
-        "Server-sent events: `{step, total_steps, done: false}` (JSON) after each denoising "
-        "step, then the image response with `done: true`, then `data: [DONE]`."
+        "Server-sent events (JSON): `{queued: true, position, step: 0, total_steps, done: "
+        "false}` while the render waits for a slot (when it starts to wait and each time its "
+        "place changes; `position` 1 starts next), `{step, total_steps, done: false}` after "
+        "each denoising step, then the image response with `done: true`, then `data: [DONE]`."
     ),
 )
 async def stream_image(
     body: ImageGenerationRequest, caller: Caller, models: ModelsDep
 ) -> EventStreamResponse:
-    """Render one image, reporting progress per step as server-sent events."""
+    """Render one image, reporting its place in the queue and progress per step as
+    server-sent events."""
     target = models.image(body.model)
     body = with_model_defaults(body, target.defaults)
     params = target.params(body.to_generation_params(), requested_loras(body.loras))
     await caller.admit(model=target.name, images=1)
     renders = target.service.stream(params)
+    encoder = ImageEventEncoder(target.name, total_steps=params.num_inference_steps)
     # Started at once: the render may wait long in the queue; its errors are events.
-    return await stream_events(renders, ImageEventEncoder(target.name), wait_for_first=False)
+    return await stream_events(renders, encoder, wait_for_first=False)
 
 
 @image_router.get("/models", response_model=ImageModelsResponse, dependencies=listing_access)

@@ -13,9 +13,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -52,8 +52,9 @@ from fictures_ai.api.openai.protocol import (
     TokenizeResponse,
     ToolPlan,
 )
-from fictures_ai.api.sse import stream_events
+from fictures_ai.api.sse import EventStreamResponse, stream_events
 from fictures_ai.engines.base import (
+    INTERACTIVE_PRIORITY,
     GeneratedImage,
     TextChunk,
     TextGenerationParams,
@@ -73,6 +74,8 @@ from fictures_ai.services.tool_calls import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _ERRORS = error_responses(ErrorResponse, include_422=True)
 models_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
@@ -164,6 +167,19 @@ async def _tool_call_parsers(
     return None
 
 
+Admit = Callable[[str], Awaitable[None]]
+"""Admits a request for a model once its body is parsed: ``Client.admit`` for a route (model
+allow-list and per-minute budgets), the job's key's allow-list for a batch line."""
+
+
+async def _until_done(request: Request | None, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result; cancelled when the client of ``request`` disconnects (a batch line,
+    without a request, runs until done or cancelled with its batch)."""
+    if request is None:
+        return await work
+    return await cancel_on_disconnect(request, work)
+
+
 @text_router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, caller: Caller, models: ModelsDep
@@ -174,16 +190,34 @@ async def create_chat_completion(
     for ``tool_choice`` required or a named function, read by ``TEXT_TOOL_CALL_PARSER``'s
     parser for auto.
     """
+    return await chat_completion(
+        body, models, admit=lambda model: caller.admit(model=model), request=request
+    )
+
+
+async def chat_completion(
+    body: ChatCompletionRequest,
+    models: ModelRegistry,
+    *,
+    admit: Admit,
+    request: Request | None,
+    priority: int = INTERACTIVE_PRIORITY,
+) -> ChatCompletionResponse | EventStreamResponse:
+    """Answer ``body`` as ``POST /v1/chat/completions`` does (a stream when it asks for one),
+    with the engine ``priority``; raises what the route answers as errors."""
     target = models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     model, service = target.name, target.service
     plan = body.tool_plan()
-    params = [target.params(choice) for choice in body.to_generation_params(plan)]
+    params = [
+        replace(target.params(choice), priority=priority)
+        for choice in body.to_generation_params(plan)
+    ]
     parsers = await _tool_call_parsers(service, plan, len(params))
     if parsers and not parsers[0].skip_special_tokens:
         params = [replace(choice, skip_special_tokens=False) for choice in params]
     prompts = [TextPrompt(messages=body.to_messages(), tools=plan.tools)]
-    await caller.admit(model=model)
+    await admit(model)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     try:
@@ -197,9 +231,7 @@ async def create_chat_completion(
                 parsers=parsers,
             )
             return await stream_events(streams, encoder)
-        choices = await cancel_on_disconnect(
-            request, collect_choices(streams, len(params), parsers)
-        )
+        choices = await _until_done(request, collect_choices(streams, len(params), parsers))
     except InvalidRequestError as exc:
         if plan.structured() is not None and exc.param is None:
             await _name_the_tool(service, plan, exc)
@@ -228,12 +260,28 @@ async def create_completion(
     body: CompletionRequest, request: Request, caller: Caller, models: ModelsDep
 ) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
+    return await completion(
+        body, models, admit=lambda model: caller.admit(model=model), request=request
+    )
+
+
+async def completion(
+    body: CompletionRequest,
+    models: ModelRegistry,
+    *,
+    admit: Admit,
+    request: Request | None,
+    priority: int = INTERACTIVE_PRIORITY,
+) -> CompletionResponse | EventStreamResponse:
+    """Answer ``body`` as ``POST /v1/completions`` does, with the engine ``priority``."""
     target = models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     model, service = target.name, target.service
-    params = [target.params(choice) for choice in body.to_generation_params()]
+    params = [
+        replace(target.params(choice), priority=priority) for choice in body.to_generation_params()
+    ]
     prompts = body.prompts()
-    await caller.admit(model=model)
+    await admit(model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = _open_streams(service, prompts, params, request_id)
     count = len(prompts) * len(params)
@@ -247,7 +295,7 @@ async def create_completion(
             prompts=len(prompts),
         )
         return await stream_events(streams, encoder)
-    choices = await cancel_on_disconnect(request, collect_choices(streams, count))
+    choices = await _until_done(request, collect_choices(streams, count))
     return CompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -273,24 +321,49 @@ async def create_image(
 ) -> ImagesResponse:
     """Render ``n`` images of exactly ``size``; answer with URLs (kept for a while) or base64
     PNGs."""
-    target = services.models.image(body.model)
+
+    def keep(png: bytes) -> str:
+        token = services.image_store.put(png)
+        return str(request.url_for("get_generated_image", token=token))
+
+    return await image_generation(
+        body,
+        services.models,
+        admit=lambda model, images: caller.admit(model=model, images=images),
+        request=request,
+        keep=keep,
+    )
+
+
+async def image_generation(
+    body: ImageGenerationRequest,
+    models: ModelRegistry,
+    *,
+    admit: Callable[[str, int], Awaitable[None]],
+    request: Request | None,
+    keep: Callable[[bytes], str],
+    priority: int = INTERACTIVE_PRIORITY,
+) -> ImagesResponse:
+    """Answer ``body`` as ``POST /v1/images/generations`` does; ``keep`` stores a PNG and
+    returns its URL (for ``response_format: url``); ``priority`` orders the render queue."""
+    target = models.image(body.model)
     body = with_model_defaults(body, target.defaults, IMAGE_DEFAULT_FIELDS)
     loras = requested_loras(body.loras)
     params = [target.params(choice, loras) for choice in body.to_generation_params()]
-    await caller.admit(model=target.name, images=len(params))
+    await admit(target.name, len(params))
 
     async def render_all() -> list[GeneratedImage]:
-        return list(await asyncio.gather(*(target.service.generate(p) for p in params)))
+        return list(
+            await asyncio.gather(*(target.service.generate(p, priority=priority) for p in params))
+        )
 
-    images = await cancel_on_disconnect(request, render_all())
+    images = await _until_done(request, render_all())
     data = []
     for image in images:
         if body.wants_base64:
             data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed))
         else:
-            token = services.image_store.put(image.png)
-            url = str(request.url_for("get_generated_image", token=token))
-            data.append(ImageData(url=url, seed=image.seed))
+            data.append(ImageData(url=keep(image.png), seed=image.seed))
     return ImagesResponse(created=int(time.time()), data=data)
 
 
