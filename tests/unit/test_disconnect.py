@@ -76,11 +76,18 @@ async def test_dropping_image_requests_frees_the_queue_and_stops_the_render(
 ) -> None:
     url, _ = slow_server
     body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 100}
-    async with httpx.AsyncClient(base_url=url, timeout=0.5) as client:
-        # The first request renders (100 steps x 20 ms), the second waits in the queue.
+    # The first request renders (100 steps x 20 ms), the second waits in the queue. The
+    # waiting one leaves first: were both to leave at once, the slot the render frees could
+    # reach the waiting request before the server noticed that its client left too.
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=0.8) as rendering,
+        httpx.AsyncClient(base_url=url, timeout=0.4) as waiting,
+    ):
+        first = asyncio.create_task(rendering.post("/api/v1/images/generate", json=body))
+        await wait_until(lambda: len(slow_image_engine.calls) == 1, timeout=5)
         results = await asyncio.gather(
-            client.post("/api/v1/images/generate", json=body),
-            client.post("/api/v1/images/generate", json={**body, "seed": 5}),
+            first,
+            waiting.post("/api/v1/images/generate", json={**body, "seed": 5}),
             return_exceptions=True,
         )
     assert all(isinstance(result, httpx.ReadTimeout) for result in results)

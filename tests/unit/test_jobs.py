@@ -16,13 +16,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from standardwebhooks import Webhook
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
 from fictures_ai.services.jobs.store import JobStore, NewJob, WebhookEvent
+from fictures_ai.services.jobs.webhooks import generate_webhook_secret
 from fictures_ai.services.keys.local_store import ApiKeyService
 from tests.unit.conftest import live_server, make_services
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
+from tests.webhook_receiver import webhook_receiver
 
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 8}
 
@@ -497,3 +500,74 @@ class TestJobStoreOnSqlite(JobStoreContract):
     @pytest.fixture
     def database_url(self, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/jobs.db"
+
+
+async def test_progress_and_final_webhooks_are_signed_events_of_the_job(
+    tmp_path: Path, engine: FakeTextEngine
+) -> None:
+    secret = generate_webhook_secret()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path}/server.db",
+        jobs_dir=tmp_path / "jobs",
+        webhook_secret=secret,
+        webhook_allowed_hosts="127.0.0.1",
+    )
+    app = create_app(services=make_services(engine, settings=settings))
+    with webhook_receiver([204]) as receiver:
+        async with live_server(app) as port, httpx.AsyncClient() as http:
+            job = (
+                await http.post(
+                    f"http://127.0.0.1:{port}/api/v1/jobs",
+                    json={
+                        "kind": "text",
+                        "requests": [PROMPT, {**PROMPT, "prompt": "Second"}],
+                        "webhook_url": f"{receiver.url}/hook",
+                        "webhook_progress": True,
+                        "metadata": {"story": "s-1"},
+                    },
+                )
+            ).json()
+            deadline = time.monotonic() + 10
+            while len(receiver.requests) < 3:
+                assert time.monotonic() < deadline, receiver.requests
+                await asyncio.sleep(0.05)
+    events = [Webhook(secret).verify(r.body, r.headers) for r in receiver.requests]
+    assert sorted(
+        (event["type"], event["data"].get("index"), event["data"].get("status")) for event in events
+    ) == [
+        ("job.completed", None, "completed"),
+        ("job.progress", 0, "completed"),
+        ("job.progress", 1, "completed"),
+    ]
+    final = next(event for event in events if event["type"] == "job.completed")
+    assert final["data"]["id"] == job["id"]
+    assert final["data"]["progress"] == {"total": 2, "completed": 2, "failed": 0, "cancelled": 0}
+    assert final["data"]["metadata"] == {"story": "s-1"}
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 3
+
+
+async def test_uploads_count_against_the_keys_storage(tmp_path: Path, keys: ApiKeyService) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path}/server.db",
+        jobs_dir=tmp_path / "jobs",
+        job_max_stored_bytes=1 << 20,
+        job_max_file_bytes=1 << 20,
+    )
+    _, writer = keys.create("writer", "stories:write")
+    app = create_app(services=make_services(settings=settings, api_keys=keys))
+    line = json.dumps(chat_line("x")) + "\n"
+    big = line * ((600 << 10) // len(line))
+    async with live_server(app) as port:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=writer)
+        first = await client.files.create(file=("a.jsonl", big.encode()), purpose="batch")
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.files.create(file=("b.jsonl", big.encode()), purpose="batch")
+        assert refused.value.status_code == 413
+        assert "JOB_MAX_STORED_BYTES" in str(refused.value)
+        with pytest.raises(openai.APIStatusError) as too_big:
+            await client.files.create(file=("c.jsonl", (big * 2).encode()), purpose="batch")
+        assert too_big.value.status_code == 413
+        await client.files.delete(first.id)
+        await client.files.create(file=("b.jsonl", big.encode()), purpose="batch")

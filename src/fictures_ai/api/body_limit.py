@@ -1,7 +1,8 @@
 """Refuse request bodies over ``MAX_REQUEST_BYTES`` before anything parses them.
 
-A pure ASGI middleware: a ``Content-Length`` over the limit is answered 413 at once, without
-reading the body; a body without a length (chunked) is read up to the limit and refused as
+A pure ASGI middleware: a ``Content-Length`` over the limit is answered 413 without parsing
+the body (read and dropped when it is at most ``DRAIN_BYTES`` over, so that the client reads
+the answer); a body without a length (chunked) is read up to the limit and refused as
 soon as it goes past it, then replayed to the app. Memory per request stays within the limit.
 """
 
@@ -15,6 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fictures_ai.api.errors import is_openai_path
 from fictures_ai.api.openai.errors import error_body
 from fictures_ai.errors import RequestTooLargeError
+
+
+DRAIN_BYTES = 16 << 20
+"""A body at most this much over the limit is read (and dropped) before the 413: a client
+that is still sending when the server answers and closes (httpx, the openai SDK) sees a
+connection error instead of the 413. Larger bodies are refused without reading them."""
 
 
 class BodySizeLimitMiddleware:
@@ -42,6 +49,8 @@ class BodySizeLimitMiddleware:
         length = _content_length(scope)
         if length is not None:
             if length > max_bytes:
+                if length - max_bytes <= DRAIN_BYTES:
+                    await _drain(receive)
                 await self._refuse(scope, send, max_bytes)
                 return
             await self.app(scope, receive, send)
@@ -84,6 +93,13 @@ class BodySizeLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
