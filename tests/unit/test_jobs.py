@@ -20,7 +20,20 @@ from standardwebhooks import Webhook
 
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
-from fictures_ai.services.jobs.store import JobStore, NewJob, WebhookEvent
+from fictures_ai.services.jobs.files import JobFiles
+from fictures_ai.services.jobs.runner import (
+    MAX_ATTEMPTS,
+    JobRunner,
+    JobRunnerOptions,
+    RequestOutcome,
+)
+from fictures_ai.services.jobs.store import (
+    JobRecord,
+    JobRequestRecord,
+    JobStore,
+    NewJob,
+    WebhookEvent,
+)
 from fictures_ai.services.jobs.webhooks import generate_webhook_secret
 from fictures_ai.services.keys.local_store import ApiKeyService
 from tests.unit.conftest import live_server, make_services
@@ -571,3 +584,64 @@ async def test_uploads_count_against_the_keys_storage(tmp_path: Path, keys: ApiK
         assert too_big.value.status_code == 413
         await client.files.delete(first.id)
         await client.files.create(file=("b.jsonl", big.encode()), purpose="batch")
+
+
+class FlakyExecutor:
+    """Answers each request with a transient failure ``flaky`` times, then completes it."""
+
+    def __init__(self, flaky: int) -> None:
+        self.flaky = flaky
+        self.runs: list[int] = []
+
+    async def execute(
+        self, job: JobRecord, request: JobRequestRecord, *, progress: Any
+    ) -> RequestOutcome:
+        self.runs.append(request.index)
+        if self.runs.count(request.index) <= self.flaky:
+            return RequestOutcome(
+                status="failed",
+                error={"status_code": 503, "detail": "The text model is loading."},
+                retry_after_s=0.05,
+            )
+        return RequestOutcome(status="completed", result={"text": "done"})
+
+    def output_files(self, job: JobRecord, requests: list[JobRequestRecord]) -> list[Any]:
+        return []
+
+    def job_event(self, job: JobRecord, status: str) -> WebhookEvent:
+        return WebhookEvent(event_type=f"job.{status}", payload="{}")
+
+    def progress_event(self, job: JobRecord, request: JobRequestRecord, status: str) -> Any:
+        return None
+
+
+@pytest.mark.parametrize(("flaky", "outcome"), [(2, "completed"), (9, "failed")])
+async def test_transient_failures_queue_the_request_again_up_to_max_attempts(
+    tmp_path: Path, flaky: int, outcome: str
+) -> None:
+    store = JobStore(database_url=f"sqlite:///{tmp_path}/jobs.db")
+    job_id = new_job(store, 1)
+    executor = FlakyExecutor(flaky)
+    runner = JobRunner(
+        store=store,
+        files=JobFiles(tmp_path / "files"),
+        executor=executor,
+        webhooks=None,
+        options=JobRunnerOptions(poll_s=0.02),
+        kinds=("text",),
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        deadline = time.monotonic() + 10
+        while (job := store.get_job(job_id)) is None or not job.finished:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    (request,) = store.requests(job_id)
+    assert request.status == outcome
+    assert request.attempts == min(flaky + 1, MAX_ATTEMPTS)
+    assert executor.runs == [0] * request.attempts
+    if outcome == "failed":
+        assert request.error == {"status_code": 503, "detail": "The text model is loading."}

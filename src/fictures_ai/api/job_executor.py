@@ -48,7 +48,13 @@ from fictures_ai.api.openai.protocol import (
 from fictures_ai.api.openai.router import chat_completion, completion, image_generation
 from fictures_ai.api.sse import EventStreamResponse
 from fictures_ai.engines.base import BATCH_PRIORITY
-from fictures_ai.errors import FicturesError, InvalidRequestError, PermissionDeniedError
+from fictures_ai.errors import (
+    FicturesError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+)
 from fictures_ai.services.jobs.runner import OutputFile, ProgressCallback, RequestOutcome
 from fictures_ai.services.jobs.store import (
     FileRecord,
@@ -156,7 +162,9 @@ class RouteExecutor:
         except FicturesError as exc:
             failure = error_reply(exc)
             return RequestOutcome(
-                status="failed", error={"status_code": failure.status, "detail": failure.message}
+                status="failed",
+                error={"status_code": failure.status, "detail": failure.message},
+                retry_after_s=_retry_after(exc),
             )
         return RequestOutcome(
             status="completed",
@@ -225,6 +233,7 @@ class RouteExecutor:
                         failure.message, failure.status, param=failure.param, code=failure.code
                     ),
                 },
+                retry_after_s=_retry_after(exc),
             )
         return RequestOutcome(
             status="completed",
@@ -342,6 +351,15 @@ class RouteExecutor:
             },
         }
         return WebhookEvent(event_type="job.progress", payload=json.dumps(payload))
+
+
+def _retry_after(exc: FicturesError) -> float | None:
+    """Seconds before a request that met ``exc`` may run again; None when ``exc`` is its
+    outcome (a bad request, a failed generation). The model loading or failing to load, an
+    engine that died or is full: those pass."""
+    if isinstance(exc, ServiceUnavailableError | TooManyRequestsError):
+        return float(exc.retry_after or 5)
+    return None
 
 
 def _jsonl(line: dict[str, Any]) -> bytes:

@@ -62,6 +62,14 @@ class RequestOutcome:
     error: dict[str, Any] | None = None
     result_bytes: int = 0
     """Bytes the result keeps on disk (images), counted against the owner's storage."""
+    retry_after_s: float | None = None
+    """Set for a transient failure (the model loading, the engine full, a replica lost): the
+    request is queued again and runs after this many seconds, up to ``MAX_ATTEMPTS`` runs;
+    then ``error`` is its outcome."""
+
+
+MAX_ATTEMPTS = 5
+"""Runs of one request that met transient failures before it fails for good."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +142,8 @@ class JobRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{new_id('')[:8]}"
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._kind_of: dict[str, JobKind] = {}
+        self._paused_until: dict[str, float] = {}
+        """Kinds not claimed before this monotonic time (a transient failure's Retry-After)."""
         self._cancelled_jobs: set[str] = set()
         self._progress: dict[str, dict[int, tuple[int, int]]] = {}
         self._deliveries: dict[str, asyncio.Task[None]] = {}
@@ -230,6 +240,8 @@ class JobRunner:
     async def _claim(self) -> None:
         limits = {"text": self._options.text_concurrency, "images": self._options.image_concurrency}
         for kind in self._kinds:
+            if self._paused_until.get(kind, 0.0) > time.monotonic():
+                continue
             busy = sum(1 for job_id, _ in self._tasks if self._kind_of.get(job_id) == kind)
             free = limits[kind] - busy
             if free <= 0:
@@ -271,6 +283,20 @@ class JobRunner:
                     status="failed",
                     error={"code": "internal_error", "message": "The server failed on it."},
                 )
+            if outcome.retry_after_s is not None and request.attempts < MAX_ATTEMPTS:
+                logger.info(
+                    "Job %s request %d: %s; queued again (attempt %d of %d)",
+                    job.id,
+                    request.index,
+                    (outcome.error or {}).get("detail") or outcome.error,
+                    request.attempts,
+                    MAX_ATTEMPTS,
+                )
+                self._paused_until[job.kind] = time.monotonic() + outcome.retry_after_s
+                await asyncio.to_thread(
+                    self.store.requeue, job_id=job.id, index=request.index, worker=self.worker
+                )
+                return
             event = (
                 self._executor.progress_event(job, request, outcome.status)
                 if job.webhook_progress and job.webhook_url

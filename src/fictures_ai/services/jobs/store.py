@@ -663,6 +663,22 @@ class JobStore:
                 .values(status="queued", worker=None, lease_until=None)
             )
 
+    def requeue(self, *, job_id: str, index: int, worker: str) -> None:
+        """Give back a request ``worker`` runs (it met a transient error: the model was loading,
+        the engine full): queued again, to run from the start."""
+        self.prepare()
+        with self._sessions.begin() as session:
+            session.execute(
+                update(_RequestRow)
+                .where(
+                    _RequestRow.job_id == job_id,
+                    _RequestRow.index == index,
+                    _RequestRow.status == "running",
+                    _RequestRow.worker == worker,
+                )
+                .values(status="queued", worker=None, lease_until=None)
+            )
+
     def finish_request(
         self,
         *,
