@@ -103,9 +103,13 @@ class PermissionDeniedError(FicturesError):
 class RequestTooLargeError(FicturesError):
     """The request body is larger than the server accepts."""
 
-    def __init__(self, *, limit: int) -> None:
-        super().__init__(f"Request body too large: the limit is {limit} bytes (MAX_REQUEST_BYTES).")
+    def __init__(
+        self, *, limit: int, setting: str = "MAX_REQUEST_BYTES", what: str = "body"
+    ) -> None:
+        """``setting`` names the limit that applies; ``what`` is what was too large."""
+        super().__init__(f"Request {what} too large: the limit is {limit} bytes ({setting}).")
         self.limit = limit
+        self.setting = setting
 
 
 class TooManyRequestsError(FicturesError):

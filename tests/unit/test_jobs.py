@@ -41,6 +41,7 @@ from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 from tests.webhook_receiver import webhook_receiver
 
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 8}
+IMAGE_PROMPT = {"prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 2}
 
 
 @pytest.fixture
@@ -582,6 +583,7 @@ async def test_uploads_count_against_the_keys_storage(tmp_path: Path, keys: ApiK
         with pytest.raises(openai.APIStatusError) as too_big:
             await client.files.create(file=("c.jsonl", (big * 2).encode()), purpose="batch")
         assert too_big.value.status_code == 413
+        assert "JOB_MAX_FILE_BYTES" in str(too_big.value)
         await client.files.delete(first.id)
         await client.files.create(file=("b.jsonl", big.encode()), purpose="batch")
 
@@ -645,3 +647,56 @@ async def test_transient_failures_queue_the_request_again_up_to_max_attempts(
     assert executor.runs == [0] * request.attempts
     if outcome == "failed":
         assert request.error == {"status_code": 503, "detail": "The text model is loading."}
+
+
+async def test_submission_checks_adapters_and_the_keys_models_per_request(
+    server: str, keys: ApiKeyService
+) -> None:
+    _, limited = keys.create("limited", "stories:write", models="fake-image-model")
+    async with httpx.AsyncClient(base_url=server, headers=bearer(limited)) as http:
+        adapter = await http.post(
+            "/api/v1/jobs",
+            json={
+                "kind": "images",
+                "requests": [IMAGE_PROMPT, {**IMAGE_PROMPT, "loras": [{"name": "nope"}]}],
+            },
+        )
+        assert adapter.status_code == 400
+        assert adapter.json()["detail"].startswith("requests[1]: ")
+        assert "nope" in adapter.json()["detail"]
+        text = await http.post("/api/v1/jobs", json={"kind": "text", "requests": [PROMPT]})
+        assert text.status_code == 403
+        assert text.json()["detail"].startswith("requests[0]: This API key may not use")
+        assert (await http.get("/api/v1/jobs")).json()["data"] == []
+
+
+async def test_paging_from_an_unknown_cursor_is_refused(server: str, keys: ApiKeyService) -> None:
+    _, writer = keys.create("writer", "stories:write")
+    async with httpx.AsyncClient(base_url=server, headers=bearer(writer)) as http:
+        job = (await http.post("/api/v1/jobs", json={"kind": "text", "requests": [PROMPT]})).json()
+        first = await http.get("/api/v1/jobs", params={"limit": 1, "after": job["id"]})
+        assert first.json() == {"object": "list", "data": [], "has_more": False}
+        for path, cursor in (
+            ("/api/v1/jobs", "job_nope"),
+            ("/v1/batches", "batch_nope"),
+            ("/v1/files", "file-nope"),
+            ("/v1/batches", job["id"]),  # a job is not a batch
+        ):
+            answer = await http.get(path, params={"after": cursor})
+            assert answer.status_code == 400, (path, answer.text)
+            assert "after" in answer.text
+
+
+async def test_deleting_a_finished_job_frees_what_it_kept(server: str, keys: ApiKeyService) -> None:
+    _, writer = keys.create("writer", "stories:write")
+    async with httpx.AsyncClient(base_url=server, headers=bearer(writer)) as http:
+        job = (
+            await http.post("/api/v1/jobs", json={"kind": "images", "requests": [IMAGE_PROMPT]})
+        ).json()
+        done = await wait_for(http, f"/api/v1/jobs/{job['id']}", writer, ("completed",))
+        image_url = done["results"][0]["result"]["image_url"]
+        assert (await http.get(image_url)).status_code == 200
+        deleted = await http.delete(f"/api/v1/jobs/{job['id']}")
+        assert deleted.json() == {"id": job["id"], "object": "job", "deleted": True}
+        assert (await http.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
+        assert (await http.get(image_url)).status_code == 404

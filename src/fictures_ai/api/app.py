@@ -63,6 +63,10 @@ from fictures_ai.services.rate_limit import create_rate_limiter
 
 logger = logging.getLogger(__name__)
 
+UPLOAD_ENVELOPE_BYTES = 64 << 10
+"""Room in a /v1/files body for the multipart envelope around the file (boundaries, headers,
+the purpose field)."""
+
 
 def build_services(settings: Settings, engines: EngineLoaders | None = None) -> Services:
     """The production services: the models from ``MODELS_FILE`` or the settings, their engines
@@ -263,9 +267,14 @@ def create_app(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_request_bytes,
         # A job's requests and a batch's file are many requests in one body.
+        # The file's own size is checked against JOB_MAX_FILE_BYTES once it is read; the
+        # body also holds the form's envelope.
         larger={
-            "/api/v1/jobs": settings.job_max_file_bytes,
-            "/v1/files": settings.job_max_file_bytes,
+            "/api/v1/jobs": (settings.job_max_file_bytes, "JOB_MAX_FILE_BYTES"),
+            "/v1/files": (
+                settings.job_max_file_bytes + UPLOAD_ENVELOPE_BYTES,
+                "JOB_MAX_FILE_BYTES",
+            ),
         },
     )
     app.add_middleware(

@@ -17,7 +17,6 @@ from fictures_ai.api.errors import is_openai_path
 from fictures_ai.api.openai.errors import error_body
 from fictures_ai.errors import RequestTooLargeError
 
-
 DRAIN_BYTES = 16 << 20
 """A body at most this much over the limit is read (and dropped) before the 413: a client
 that is still sending when the server answers and closes (httpx, the openai SDK) sees a
@@ -28,30 +27,35 @@ class BodySizeLimitMiddleware:
     """413 for request bodies larger than ``max_bytes``."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int, larger: Mapping[str, int] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        larger: Mapping[str, tuple[int, str]] | None = None,
     ) -> None:
-        """``larger`` maps path prefixes to their own, larger limits (uploads)."""
+        """``larger`` maps path prefixes to their own, larger limits and the setting that
+        names each (uploads)."""
         self.app = app
         self.max_bytes = max_bytes
         self.larger = dict(larger or {})
 
-    def _limit(self, path: str) -> int:
+    def _limit(self, path: str) -> tuple[int, str]:
         for prefix, limit in self.larger.items():
             if path == prefix or path.startswith(prefix + "/"):
                 return limit
-        return self.max_bytes
+        return self.max_bytes, "MAX_REQUEST_BYTES"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = self._limit(scope["path"])
+        max_bytes, setting = self._limit(scope["path"])
         length = _content_length(scope)
         if length is not None:
             if length > max_bytes:
                 if length - max_bytes <= DRAIN_BYTES:
                     await _drain(receive)
-                await self._refuse(scope, send, max_bytes)
+                await self._refuse(scope, send, max_bytes, setting)
                 return
             await self.app(scope, receive, send)
             return
@@ -64,7 +68,7 @@ class BodySizeLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > max_bytes:
-                await self._refuse(scope, send, max_bytes)
+                await self._refuse(scope, send, max_bytes, setting)
                 return
             if not message.get("more_body", False):
                 break
@@ -74,8 +78,8 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
-        message = RequestTooLargeError(limit=max_bytes).message
+    async def _refuse(self, scope: Scope, send: Send, max_bytes: int, setting: str) -> None:
+        message = RequestTooLargeError(limit=max_bytes, setting=setting).message
         if is_openai_path(scope["path"]):
             body = error_body(message, 413, param=None)
         else:

@@ -115,6 +115,14 @@ class JobResponse(BaseModel):
     )
 
 
+class JobDeleted(BaseModel):
+    """The answer to deleting a finished job."""
+
+    id: str
+    object: Literal["job"] = "job"
+    deleted: bool = True
+
+
 class JobListResponse(BaseModel):
     """The caller's jobs, newest first."""
 

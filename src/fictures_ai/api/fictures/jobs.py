@@ -25,6 +25,7 @@ from fictures_ai.api.fictures.job_protocol import (
     FICTURES_ENDPOINTS,
     MAX_METADATA_BYTES,
     JobCreateRequest,
+    JobDeleted,
     JobListResponse,
     JobProgress,
     JobRequestResult,
@@ -32,8 +33,19 @@ from fictures_ai.api.fictures.job_protocol import (
     JobStepInfo,
     WebhookAttemptInfo,
 )
-from fictures_ai.api.fictures.protocol import ErrorResponse
-from fictures_ai.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
+from fictures_ai.api.fictures.protocol import (
+    ErrorResponse,
+    ImageGenerationRequest,
+    TextGenerationRequest,
+)
+from fictures_ai.api.fictures.router import TEXT_DEFAULT_FIELDS
+from fictures_ai.api.model_views import requested_loras, with_model_defaults
+from fictures_ai.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from fictures_ai.services.jobs.service import JobService
 from fictures_ai.services.jobs.store import JobRecord, NewJob
 
@@ -112,7 +124,6 @@ def _check_requests(body: JobCreateRequest, services: Services, caller: Client) 
     ``RequestValidationError`` (with each bad request's index) or ``InvalidRequestError``."""
     _, schema = FICTURES_ENDPOINTS[body.kind]
     errors: list[Any] = []
-    kind = "text" if body.kind == "text" else "image"
     for index, item in enumerate(body.requests):
         try:
             parsed = schema.model_validate_json(json.dumps(item))
@@ -122,14 +133,28 @@ def _check_requests(body: JobCreateRequest, services: Services, caller: Client) 
                 for error in exc.errors(include_url=False)
             )
             continue
-        model = getattr(parsed, "model", None)
+        where = f"requests[{index}]"
         try:
-            target = services.models.text(model) if kind == "text" else services.models.image(model)
+            if isinstance(parsed, TextGenerationRequest):
+                text = services.models.text(parsed.model)
+                caller.check_model(text.name)
+                parsed = with_model_defaults(parsed, text.defaults, TEXT_DEFAULT_FIELDS)
+                text.params(parsed.to_generation_params())
+            else:
+                assert isinstance(parsed, ImageGenerationRequest)
+                image = services.models.image(parsed.model)
+                caller.check_model(image.name)
+                parsed = with_model_defaults(parsed, image.defaults)
+                image.params(parsed.to_generation_params(), requested_loras(parsed.loras))
         except ModelNotFoundError as exc:
             raise InvalidRequestError(
-                f"requests[{index}].model: {exc.message}", param=f"requests[{index}].model"
+                f"{where}.model: {exc.message}", param=f"{where}.model"
             ) from None
-        caller.check_model(target.name)
+        except PermissionDeniedError as exc:
+            raise PermissionDeniedError(f"{where}: {exc.message}") from None
+        except InvalidRequestError as exc:  # an unknown LoRA adapter, ...
+            param = f"{where}.{exc.param}" if exc.param else where
+            raise InvalidRequestError(f"{where}: {exc.message}", param=param) from None
     if errors:
         raise RequestValidationError(errors)
     if body.metadata is not None and len(json.dumps(body.metadata)) > MAX_METADATA_BYTES:
@@ -198,10 +223,16 @@ async def retrieve_job(job_id: str, caller: Reader, jobs: JobsDep) -> JobRespons
     return await _describe(jobs, job, detailed=True)
 
 
-@jobs_router.delete("/{job_id}", response_model=JobResponse)
-async def cancel_job(job_id: str, caller: Writer, jobs: JobsDep) -> JobResponse:
-    """Cancel the job: requests not started never run, running ones stop at their next step
-    (their outcome is ``cancelled``); finished requests keep their results."""
+@jobs_router.delete("/{job_id}", response_model=JobResponse | JobDeleted)
+async def cancel_job(job_id: str, caller: Writer, jobs: JobsDep) -> JobResponse | JobDeleted:
+    """Cancel an unfinished job: requests not started never run, running ones stop at their
+    next step (their outcome is ``cancelled``); finished requests keep their results. A
+    finished job is deleted with its results and images (``{"id", "deleted": true}``): what it
+    kept no longer counts against the key's JOB_MAX_STORED_BYTES."""
+    job = await jobs.get(job_id, owner=caller.id, api="fictures")
+    if job.finished:
+        await jobs.delete(job)
+        return JobDeleted(id=job.id)
     job = await jobs.cancel(job_id, owner=caller.id, api="fictures")
     return await _describe(jobs, job, detailed=True)
 

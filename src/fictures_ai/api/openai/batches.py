@@ -182,8 +182,13 @@ def _parse_lines(content: bytes, endpoint: str) -> list[tuple[str | None, dict[s
         if not raw.strip():
             continue
         try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            text = raw.decode()
+        except UnicodeDecodeError:
+            problems.append(f"line {number}: not UTF-8 text")
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
             problems.append(f"line {number}: not a JSON object")
             continue
         if not isinstance(line, dict):
@@ -214,7 +219,7 @@ def _parse_lines(content: bytes, endpoint: str) -> list[tuple[str | None, dict[s
         shown = "; ".join(problems[:MAX_LINE_ERRORS])
         more = len(problems) - MAX_LINE_ERRORS
         raise InvalidRequestError(
-            f"The input file has {len(problems)} bad line(s): {shown}"
+            f"The input file has {len({p.split(':')[0] for p in problems})} bad line(s): {shown}"
             + (f"; and {more} more" if more > 0 else ""),
             param="input_file_id",
         )

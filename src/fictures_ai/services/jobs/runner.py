@@ -181,6 +181,14 @@ class JobRunner:
             self.wake()
         return job
 
+    async def delete_job(self, job: JobRecord) -> None:
+        """Delete a finished job with its results, images and output files."""
+        for file_id in (job.output_file_id, job.error_file_id):
+            if file_id is not None:
+                await asyncio.to_thread(self.files.delete_file, file_id)
+        await asyncio.to_thread(self.files.delete_job, job.id)
+        await asyncio.to_thread(self.store.delete_job, job.id)
+
     # The loop
 
     async def run(self) -> None:
@@ -423,11 +431,7 @@ class JobRunner:
         uploaded files past their expiry."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self._options.result_ttl_s)
         for job in await asyncio.to_thread(self.store.expired_jobs, finished_before=cutoff):
-            for file_id in (job.output_file_id, job.error_file_id):
-                if file_id is not None:
-                    await asyncio.to_thread(self.files.delete_file, file_id)
-            await asyncio.to_thread(self.files.delete_job, job.id)
-            await asyncio.to_thread(self.store.delete_job, job.id)
+            await self.delete_job(job)
             logger.info("Job %s expired: its results were deleted", job.id)
         for file in await asyncio.to_thread(self.store.expired_files, now=datetime.now(UTC)):
             await asyncio.to_thread(self.files.delete_file, file.id)

@@ -83,11 +83,12 @@ class JobService:
             TooManyRequestsError: the key has ``max_active_per_key`` unfinished jobs.
             StorageQuotaError: the key keeps ``max_stored_bytes`` already.
         """
+        noun = "batch" if job.api == "openai" else "job"
         if len(job.requests) > self.limits.max_requests:
             raise InvalidRequestError(
-                f"A job may hold {self.limits.max_requests} requests (JOB_MAX_REQUESTS); "
+                f"A {noun} may hold {self.limits.max_requests} requests (JOB_MAX_REQUESTS); "
                 f"this one has {len(job.requests)}. Split it.",
-                param="requests",
+                param="input_file_id" if job.api == "openai" else "requests",
             )
         if job.webhook_url is not None:
             if self._webhooks is None:
@@ -104,7 +105,8 @@ class JobService:
                 "(JOB_MAX_ACTIVE_PER_KEY). Wait for one to finish or cancel one.",
                 retry_after=30,
             )
-        await self._check_quota(job.owner, 0)
+        if job.kind == "images":  # text results live in the database, uncounted
+            await self._check_quota(job.owner, 0)
         created = await asyncio.to_thread(self.store.create_job, job)
         logger.info(
             "Job %s created: %d %s requests for %s", created.id, created.total, job.kind, job.owner
@@ -132,7 +134,15 @@ class JobService:
         jobs = await asyncio.to_thread(
             self.store.list_jobs, owner=owner, api=api, limit=limit + 1, after=after
         )
+        if jobs is None:
+            raise _unknown_cursor("batch" if api == "openai" else "job", after)
         return jobs[:limit], len(jobs) > limit
+
+    async def delete(self, job: JobRecord) -> None:
+        """Delete a finished job with its results, images and output files (their bytes no
+        longer count against its owner)."""
+        await self.runner.delete_job(job)
+        logger.info("Job %s deleted by its owner", job.id)
 
     async def cancel(self, job_id: str, *, owner: str, api: JobApi) -> JobRecord:
         """Cancel ``owner``'s job (a finished one is returned as it is)."""
@@ -173,7 +183,9 @@ class JobService:
         async for chunk in chunks:
             data.extend(chunk)
             if len(data) > self.limits.max_file_bytes:
-                raise RequestTooLargeError(limit=self.limits.max_file_bytes)
+                raise RequestTooLargeError(
+                    limit=self.limits.max_file_bytes, setting="JOB_MAX_FILE_BYTES", what="file"
+                )
         await self._check_quota(owner, len(data))
         file = FileRecord(
             id=new_id("file-"),
@@ -211,6 +223,8 @@ class JobService:
         files = await asyncio.to_thread(
             self.store.list_files, owner=owner, purpose=purpose, limit=limit + 1, after=after
         )
+        if files is None:
+            raise _unknown_cursor("file", after)
         return files[:limit], len(files) > limit
 
     async def delete_file(self, file_id: str, *, owner: str) -> None:
@@ -218,3 +232,11 @@ class JobService:
         await self.file(file_id, owner=owner)
         await asyncio.to_thread(self.store.delete_file, file_id)
         await asyncio.to_thread(self.files.delete_file, file_id)
+
+
+def _unknown_cursor(what: str, after: str | None) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"after: no {what} '{after}' of this API key to page on from (it may have expired); "
+        "start again without after.",
+        param="after",
+    )

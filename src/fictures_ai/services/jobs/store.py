@@ -482,18 +482,20 @@ class JobStore:
 
     def list_jobs(
         self, *, owner: str, api: JobApi, limit: int, after: str | None = None
-    ) -> list[JobRecord]:
-        """``owner``'s jobs of ``api``, newest first; ``after`` (an id) pages on."""
+    ) -> list[JobRecord] | None:
+        """``owner``'s jobs of ``api``, newest first; ``after`` (an id of theirs) pages on.
+        None when ``after`` is not one of those jobs."""
         self.prepare()
         query = select(_JobRow).where(_JobRow.owner == owner, _JobRow.api == api)
         with self._sessions() as session:
             if after is not None:
                 anchor = session.get(_JobRow, after)
-                if anchor is not None:
-                    query = query.where(
-                        (_JobRow.created_at < anchor.created_at)
-                        | and_(_JobRow.created_at == anchor.created_at, _JobRow.id < anchor.id)
-                    )
+                if anchor is None or anchor.owner != owner or anchor.api != api:
+                    return None
+                query = query.where(
+                    (_JobRow.created_at < anchor.created_at)
+                    | and_(_JobRow.created_at == anchor.created_at, _JobRow.id < anchor.id)
+                )
             query = query.order_by(_JobRow.created_at.desc(), _JobRow.id.desc()).limit(limit)
             return [_job(row) for row in session.scalars(query)]
 
@@ -971,8 +973,9 @@ class JobStore:
 
     def list_files(
         self, *, owner: str, purpose: str | None, limit: int, after: str | None = None
-    ) -> list[FileRecord]:
-        """``owner``'s files (of ``purpose``), newest first; ``after`` pages on."""
+    ) -> list[FileRecord] | None:
+        """``owner``'s files (of ``purpose``), newest first; ``after`` (an id of theirs)
+        pages on. None when ``after`` is not one of their files."""
         self.prepare()
         query = select(_FileRow).where(_FileRow.owner == owner)
         if purpose is not None:
@@ -980,11 +983,12 @@ class JobStore:
         with self._sessions() as session:
             if after is not None:
                 anchor = session.get(_FileRow, after)
-                if anchor is not None:
-                    query = query.where(
-                        (_FileRow.created_at < anchor.created_at)
-                        | and_(_FileRow.created_at == anchor.created_at, _FileRow.id < anchor.id)
-                    )
+                if anchor is None or anchor.owner != owner:
+                    return None
+                query = query.where(
+                    (_FileRow.created_at < anchor.created_at)
+                    | and_(_FileRow.created_at == anchor.created_at, _FileRow.id < anchor.id)
+                )
             query = query.order_by(_FileRow.created_at.desc(), _FileRow.id.desc()).limit(limit)
             return [_file(row) for row in session.scalars(query)]
 
