@@ -46,12 +46,13 @@ class RunningServer:
         return {**os.environ, "FICTURES_API_KEY": self.key, "DATABASE_URL": self.database_url}
 
 
-def create_key(database_url: str, name: str, scopes: str) -> str:
+def create_key(database_url: str, name: str, scopes: str, *, web_app: bool = True) -> str:
     """Create a key of the server's own with the real CLI and return it (the last line it
-    prints). The database is the web app's too, so the CLI is told the web app's keys are
-    accepted (API_KEY_STORE=fictures), as the server is."""
-    env = {**os.environ, "DATABASE_URL": database_url, "API_KEY_STORE": "fictures",
-           "FICTURES_DATABASE_URL": database_url}  # fmt: skip
+    prints). With ``web_app`` the database is the web app's too, so the CLI is told the web
+    app's keys are accepted (API_KEY_STORE=fictures), as the session's server is."""
+    env = {**os.environ, "DATABASE_URL": database_url}
+    if web_app:
+        env |= {"API_KEY_STORE": "fictures", "FICTURES_DATABASE_URL": database_url}
     result = subprocess.run(
         [str(CLI), "keys", "create", "--name", name, "--scopes", scopes],
         env=env,

@@ -6,7 +6,6 @@ httpx and the ``openai`` SDK as clients, and a SIGKILL in the middle of a job.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from fictures_ai.services.jobs.webhooks import generate_webhook_secret
-from tests.e2e.conftest import CLI, start_server, stop_server
+from tests.e2e.conftest import create_key, start_server, stop_server
 from tests.webhook_receiver import webhook_receiver
 
 pytestmark = pytest.mark.e2e
@@ -55,25 +54,13 @@ class JobsServer:
         return "".join(path.read_text(errors="replace") for path in self.starts)
 
 
-def create_key(database_url: str, name: str, scopes: str) -> str:
-    result = subprocess.run(
-        [str(CLI), "keys", "create", "--name", name, "--scopes", scopes],
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobsServer]:
     folder = tmp_path_factory.mktemp("jobs")
     database_url = f"sqlite:///{folder}/server.db"
     keys = {
-        "writer": create_key(database_url, "writer", "stories:write"),
-        "other": create_key(database_url, "other", "stories:write"),
+        "writer": create_key(database_url, "writer", "stories:write", web_app=False),
+        "other": create_key(database_url, "other", "stories:write", web_app=False),
     }
     env = {
         "DATABASE_URL": database_url,

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from fictures_ai.services.models.memory import process_tree_rss
-from tests.e2e.conftest import CLI, start_server, stop_server
+from tests.e2e.conftest import CLI, create_key, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -43,24 +43,12 @@ class ModelsServer:
         )
 
 
-def _create_key(database_url: str, name: str, scopes: str) -> str:
-    result = subprocess.run(
-        [str(CLI), "keys", "create", "--name", name, "--scopes", scopes],
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def models_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelsServer]:
     folder = tmp_path_factory.mktemp("models-server")
     database_url = f"sqlite:///{folder / 'keys.db'}"
-    key = _create_key(database_url, "writer", "stories:write")
-    admin_key = _create_key(database_url, "admin", "admin:all")
+    key = create_key(database_url, "writer", "stories:write", web_app=False)
+    admin_key = create_key(database_url, "admin", "admin:all", web_app=False)
     log = folder / "server.log"
     process, url = start_server(
         {"MODELS_FILE": str(EXAMPLE), "DATABASE_URL": database_url, "REQUIRE_API_KEY": "true"},

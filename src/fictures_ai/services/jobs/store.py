@@ -394,6 +394,19 @@ def _file(row: _FileRow) -> FileRecord:
     )
 
 
+def _file_row(file: FileRecord) -> _FileRow:
+    return _FileRow(
+        id=file.id,
+        owner=file.owner,
+        purpose=file.purpose,
+        filename=file.filename,
+        bytes=file.bytes,
+        created_at=file.created_at,
+        expires_at=file.expires_at,
+        job_id=file.job_id,
+    )
+
+
 class JobStore:
     """The jobs tables of the server's database (see the module docstring)."""
 
@@ -795,18 +808,7 @@ class JobStore:
             if row is None or row.status not in UNFINISHED:
                 return None
             for file in files:
-                session.merge(
-                    _FileRow(
-                        id=file.id,
-                        owner=file.owner,
-                        purpose=file.purpose,
-                        filename=file.filename,
-                        bytes=file.bytes,
-                        created_at=file.created_at,
-                        expires_at=file.expires_at,
-                        job_id=file.job_id,
-                    )
-                )
+                session.merge(_file_row(file))
                 if file.purpose == "batch_output":
                     row.output_file_id = file.id
                 elif file.purpose == "batch_error":
@@ -951,18 +953,7 @@ class JobStore:
         """Record an uploaded file (its bytes are on disk already)."""
         self.prepare()
         with self._sessions.begin() as session:
-            session.add(
-                _FileRow(
-                    id=file.id,
-                    owner=file.owner,
-                    purpose=file.purpose,
-                    filename=file.filename,
-                    bytes=file.bytes,
-                    created_at=file.created_at,
-                    expires_at=file.expires_at,
-                    job_id=file.job_id,
-                )
-            )
+            session.add(_file_row(file))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         """The file ``file_id``, or None."""
