@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -72,8 +73,11 @@ async def test_dropping_a_plain_generate_request_aborts_it(
 
 
 async def test_dropping_image_requests_frees_the_queue_and_stops_the_render(
-    slow_server: tuple[str, FakeTextEngine], slow_image_engine: FakeImageEngine
+    slow_server: tuple[str, FakeTextEngine],
+    slow_image_engine: FakeImageEngine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     url, _ = slow_server
     body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 100}
     # The first request renders (100 steps x 20 ms), the second waits in the queue. The
@@ -96,3 +100,9 @@ async def test_dropping_image_requests_frees_the_queue_and_stops_the_render(
     # The queued request never reached the engine; the running one was stopped mid-render.
     assert len(slow_image_engine.calls) == 1
     assert slow_image_engine.completed == []
+    # A client that left is no failure of ours: a 499 in the access log, no error logged.
+    statuses = [
+        getattr(r, "status", None) for r in caplog.records if r.name == "fictures_ai.access"
+    ]
+    assert statuses.count(499) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fictures_ai.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnectedError
 from fictures_ai.api.errors import (
     ErrorReply,
     error_reply,
@@ -87,6 +88,10 @@ def install_error_handlers(app: FastAPI) -> None:
         reply = error_reply(exc)
         log_error(request, exc, reply.status)
         return reply_for_path(request.url.path, reply)
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _handle_client_left(request: Request, exc: ClientDisconnectedError) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
     async def _handle_validation_error(

@@ -15,6 +15,7 @@ the body being the route's answer or its error object.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -127,8 +128,8 @@ class RouteExecutor:
             body = schema.model_validate_json(json.dumps(request.body))
             kept: list[int] = []
 
-            def image_url(png: bytes) -> str:
-                name = self._store_image(job.id, png)
+            async def image_url(png: bytes) -> str:
+                name = await asyncio.to_thread(self._store_image, job.id, png)
                 kept.append(len(png))
                 return job.base_url + job_image_path(job.id, name)
 
@@ -177,8 +178,8 @@ class RouteExecutor:
         request_id = f"req_{uuid.uuid4().hex}"
         kept: list[int] = []
 
-        def keep(png: bytes) -> str:
-            name = self._store_image(job.id, png)
+        async def keep(png: bytes) -> str:
+            name = await asyncio.to_thread(self._store_image, job.id, png)
             kept.append(len(png))
             return job.base_url + job_image_path(job.id, name)
 

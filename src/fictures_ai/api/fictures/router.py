@@ -289,8 +289,12 @@ async def generate_image(
         models,
         admit=lambda model: caller.admit(model=model, images=1),
         request=request,
-        image_url=png_data_url,
+        image_url=_data_url,
     )
+
+
+async def _data_url(png: bytes) -> str:
+    return png_data_url(png)
 
 
 async def image_generation(
@@ -299,7 +303,7 @@ async def image_generation(
     *,
     admit: Callable[[str], Awaitable[None]],
     request: Request | None,
-    image_url: Callable[[bytes], str],
+    image_url: Callable[[bytes], Awaitable[str]],
     priority: int = INTERACTIVE_PRIORITY,
     progress: ProgressCallback | None = None,
 ) -> ImageGenerationResponse:
@@ -313,7 +317,7 @@ async def image_generation(
     work = target.service.generate(params, progress=progress, priority=priority)
     image = await (cancel_on_disconnect(request, work) if request is not None else work)
     return ImageGenerationResponse(
-        image_url=image_url(image.png),
+        image_url=await image_url(image.png),
         model=target.name,
         width=image.width,
         height=image.height,

@@ -322,7 +322,7 @@ async def create_image(
     """Render ``n`` images of exactly ``size``; answer with URLs (kept for a while) or base64
     PNGs."""
 
-    def keep(png: bytes) -> str:
+    async def keep(png: bytes) -> str:
         token = services.image_store.put(png)
         return str(request.url_for("get_generated_image", token=token))
 
@@ -341,7 +341,7 @@ async def image_generation(
     *,
     admit: Callable[[str, int], Awaitable[None]],
     request: Request | None,
-    keep: Callable[[bytes], str],
+    keep: Callable[[bytes], Awaitable[str]],
     priority: int = INTERACTIVE_PRIORITY,
 ) -> ImagesResponse:
     """Answer ``body`` as ``POST /v1/images/generations`` does; ``keep`` stores a PNG and
@@ -363,7 +363,7 @@ async def image_generation(
         if body.wants_base64:
             data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed))
         else:
-            data.append(ImageData(url=keep(image.png), seed=image.seed))
+            data.append(ImageData(url=await keep(image.png), seed=image.seed))
     return ImagesResponse(created=int(time.time()), data=data)
 
 
