@@ -38,7 +38,9 @@ def test_first_request_loads_the_model_while_health_answers_at_once(
     time.sleep(1.0)  # the load is under way
     started = time.perf_counter()
     during = server.http.get(f"{server.url}/health", timeout=5)
-    assert time.perf_counter() - started < 1.0
+    # Quiet machine: 46 ms median, one stall of ~0.7 s while vLLM's engine starts (2026-11-30,
+    # the same before and after the jobs work); a loaded CI machine stretched it to 1.09 s.
+    assert time.perf_counter() - started < 2.0
     assert during.status_code == 200
     if worker.is_alive():
         assert during.json()["models"]["text"]["initialized"] is False
