@@ -367,6 +367,7 @@ class JobRunner:
             )
             if finished is not None:
                 self._cancelled_jobs.discard(job.id)
+                self._kind_of.pop(job.id, None)
                 logger.info(
                     "Job %s %s: %d completed, %d failed, %d cancelled of %d",
                     job.id,
