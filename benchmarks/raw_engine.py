@@ -1,10 +1,11 @@
 """The text load of the benchmark through vLLM's ``AsyncLLM`` in-process, without HTTP.
 
 ``python benchmarks/raw_engine.py --levels 1,4 --max-tokens 64`` builds the engine from the
-same settings as the server (``build_engine_args``; the engine settings come from the same
-environment variables), sends the same chat prompts (rendered with the model's chat template
-once, up front), the same sampling parameters and the same closed-loop load as the HTTP load
-generator, and prints one JSON line per level on stdout (prefixed ``RESULT ``).
+same settings as the server (``build_engine_args``, and the server's stat logger; the engine
+settings come from the same environment variables), sends the same chat prompts (rendered
+with the model's chat template once, up front), the same sampling parameters and the same
+closed-loop load as the HTTP load generator, and prints one JSON line per level on stdout
+(prefixed ``RESULT ``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fictures_ai.config import Settings  # noqa: E402
-from fictures_ai.engines.vllm_engine import build_engine_args, resolve_text_model  # noqa: E402
+from fictures_ai.engines.vllm_engine import (  # noqa: E402
+    SchedulerTally,
+    build_engine_args,
+    resolve_text_model,
+    stat_logger_for,
+)
 from fictures_ai.services.engine_factory import text_engine_options  # noqa: E402
 from loadgen import StreamResult, run_workers  # noqa: E402
 from process_cpu import cpu_times, per_1k  # noqa: E402
@@ -35,7 +41,10 @@ async def measure(levels: list[int], max_tokens: int, warmup: int) -> list[dict[
     from vllm.v1.engine.async_llm import AsyncLLM
 
     options = text_engine_options(Settings())
-    llm = AsyncLLM.from_engine_args(build_engine_args(options, resolve_text_model(options)))
+    llm = AsyncLLM.from_engine_args(
+        build_engine_args(options, resolve_text_model(options)),
+        stat_loggers=[stat_logger_for(SchedulerTally())],
+    )
     engine = [llm]  # the closures hold this list, so that the last reference can be dropped
     try:
         tokenizer = llm.get_tokenizer()

@@ -331,6 +331,13 @@ class Settings(BaseSettings):
             "auto with tools is refused; required and a named function work with any model."
         ),
     )
+    text_enable_prefix_caching: bool = Field(
+        True,
+        description=(
+            "Reuse the KV cache of a prompt's start that an earlier request computed (vLLM's "
+            "enable_prefix_caching): requests that repeat a long story context skip reading it."
+        ),
+    )
     text_enable_lora: bool = Field(
         False,
         description=(

@@ -1,13 +1,15 @@
-"""Names and value types shared by the settings and the engines (a leaf: it imports nothing of
-the server).
+"""Names and value types shared by the settings, the engines and the metrics (a leaf: it imports
+nothing of the server).
 
 The settings (``config``) describe a deployment in these terms and the engines accept them in
-their options; neither imports the other.
+their options; neither imports the other. Likewise the engines report ``EngineStats`` and the
+metrics (``observability``, a layer below the engines) export them.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Literal
 
 BUNDLED_TEXT_MODEL = "bundled:smollm2-135m-instruct"
@@ -53,3 +55,22 @@ ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ances
 """Samplers an image pipeline can be given (diffusers scheduler classes, see the engine)."""
 CpuOffload = Literal["none", "model", "sequential"]
 """diffusers' ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``, or neither."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What a text engine's own scheduler reports (vLLM's ``SchedulerStats``), read at scrape time.
+
+    ``running`` and ``waiting`` are the scheduler's split of the requests it holds (as vLLM's
+    ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``); ``kv_cache_usage`` the
+    share of the KV cache in use, 0 to 1 (``vllm:kv_cache_usage_perc``, a fraction despite its
+    name). ``prefix_cache_queries`` and ``prefix_cache_hits`` count prompt tokens looked up in
+    the prefix cache and found there, since the engine started (``vllm:prefix_cache_queries``,
+    ``vllm:prefix_cache_hits``): their rates' ratio is the hit rate.
+    """
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int

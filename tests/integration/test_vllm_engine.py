@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
+from fictures_ai.api.app import create_app
 from fictures_ai.api.json_schema import to_json_schema
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
@@ -40,6 +43,7 @@ from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError, 
 from fictures_ai.services.engine_factory import text_engine_options
 from fictures_ai.services.tool_calls import RequiredToolCallParser, required_tool_calls_spec
 from fictures_ai.shared import BUNDLED_TEXT_LORA, PromptFormat
+from tests.unit.conftest import make_services, text_of
 
 pytestmark = pytest.mark.integration
 
@@ -415,6 +419,75 @@ def test_a_tool_call_parser_that_does_not_fit_the_tokenizer_fails_loudly(
     with pytest.raises(RuntimeError, match="python_tag"):
         _VllmToolCallParser("llama3_json", tokenizer, (), model="x")
     assert _VllmToolCallParser("pythonic", tokenizer, (), model="x").skip_special_tokens
+
+
+async def test_a_shared_story_prefix_shows_as_prefix_cache_hits_in_the_metrics(
+    text_engine: VllmTextEngine,
+) -> None:
+    block = text_engine._llm.vllm_config.cache_config.block_size
+    assert text_engine._llm.vllm_config.cache_config.enable_prefix_caching
+    # Through the app, as a scraper sees it: engine -> service -> registry -> /metrics.
+    services = make_services(loader=lambda: _loaded(text_engine))
+    app = create_app(services=services)
+    await text_of(services).initialize()  # loaded: its figures show from the first scrape
+    # A story of several KV-cache blocks, new to the engine: the first request misses.
+    story = f"Story {uuid.uuid4().hex}. " + " ".join(
+        f"Ava walked past the {i}th tower of the old city." for i in range(60)
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        figures = [await _figures(c)]
+        for question in ("Who is Ava?", "Where did Ava walk?"):
+            body = {"prompt": f"{story}\n\n{question}", "max_tokens": 1}
+            answer = await c.post("/api/v1/text/generate", json=body)
+            assert answer.status_code == 200, answer.text
+            figures.append(await _figures(c))
+    first, second = (
+        {name: after[name] - before.get(name, 0.0) for name in after}
+        for before, after in itertools.pairwise(figures)
+    )
+    prompt = first["fictures_prompt_tokens_total"]
+    assert prompt > 4 * block
+    # The first looked its whole prompt up and found at most the chat template's system turn.
+    assert first["fictures_vllm_prefix_cache_queries_total"] == prompt
+    assert first["fictures_vllm_prefix_cache_hits_total"] < 2 * block
+    # The second found the story: every whole block of the start the two share.
+    assert (
+        second["fictures_vllm_prefix_cache_queries_total"] == second["fictures_prompt_tokens_total"]
+    )
+    assert second["fictures_vllm_prefix_cache_hits_total"] >= prompt - 2 * block - 10
+    after = figures[-1]
+    assert after["fictures_vllm_num_requests_running"] == 0
+    assert after["fictures_vllm_num_requests_waiting"] == 0
+    assert 0 <= after["fictures_vllm_kv_cache_usage_perc"] < 1
+
+
+async def test_the_scheduler_figures_count_a_running_request(text_engine: VllmTextEngine) -> None:
+    stream = text_engine.generate(
+        STORY, TextGenerationParams(max_tokens=8, ignore_eos=True), request_id=uuid.uuid4().hex
+    )
+    await anext(stream)
+    # The step that made the first token reported it (before the token reached us).
+    running = text_engine.stats()
+    await stream.aclose()
+    assert running is not None
+    assert running.running == 1
+    assert running.waiting == 0
+    assert 0 < running.kv_cache_usage < 1
+
+
+async def _loaded(engine: VllmTextEngine) -> VllmTextEngine:
+    return engine
+
+
+async def _figures(client: httpx.AsyncClient) -> dict[str, float]:
+    """The samples of ``/metrics`` now, by name (the app serves one text model)."""
+    text = (await client.get("/metrics")).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(("fictures_vllm_", "fictures_prompt_tokens"))
+    }
 
 
 async def test_a_kv_cache_too_small_for_the_context_says_which_settings_to_change() -> None:

@@ -32,6 +32,7 @@ from fictures_ai.engines.base import (
 )
 from fictures_ai.errors import EngineDeadError, GenerationError, InvalidRequestError
 from fictures_ai.services.tool_calls import RequiredToolCallParser
+from fictures_ai.shared import EngineStats
 
 
 @dataclass
@@ -58,6 +59,8 @@ class FakeTextEngine(TextEngine):
     writes_tool_calls: bool = False
     loras: dict[int, LoraAdapter] = field(default_factory=dict)
     """Adapters added (``add_lora``); a path with ``bad`` in it is refused."""
+    engine_stats: EngineStats | None = None
+    """What ``stats()`` reports, as vLLM's scheduler would."""
 
     def _script(self, params: TextGenerationParams) -> list[str]:
         spec = params.structured
@@ -160,6 +163,9 @@ class FakeTextEngine(TextEngine):
     async def check_health(self) -> None:
         if self.dead:
             raise EngineDeadError("The fake engine is dead.")
+
+    def stats(self) -> EngineStats | None:
+        return self.engine_stats
 
     def model_info(self) -> TextModelInfo:
         return TextModelInfo(

@@ -90,6 +90,12 @@ def test_the_dashboard_shows_what_operators_need() -> None:
         "fictures_requests_waiting",  # queue
         "fictures_image_render_seconds_bucket",
         "fictures_engine_up",
+        # vLLM's own figures: prefix-cache hit rate, KV-cache use, its running/waiting split.
+        "fictures_vllm_prefix_cache_hits_total",
+        "fictures_vllm_prefix_cache_queries_total",
+        "fictures_vllm_kv_cache_usage_perc",
+        "fictures_vllm_num_requests_running",
+        "fictures_vllm_num_requests_waiting",
     ]:
         assert needed in text, needed
     for panel in dashboard["panels"]:

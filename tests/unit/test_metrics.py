@@ -15,7 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from fictures_ai.api.app import create_app
 from fictures_ai.config import Settings
 from fictures_ai.errors import ModelLoadError
-from fictures_ai.observability.metrics import ITL_BUCKETS, BulkHistogram, RequestWindow
+from fictures_ai.observability.metrics import (
+    ITL_BUCKETS,
+    VLLM_FAMILIES,
+    BulkHistogram,
+    RequestWindow,
+)
+from fictures_ai.shared import EngineStats
 from tests.unit.conftest import make_services, text_of, wait_until
 from tests.unit.fake_engines import FakeImageEngine, FakeTextEngine
 
@@ -157,6 +163,43 @@ async def test_gauges_show_running_and_waiting_requests_per_engine(
     text = await scrape(client)
     assert value(text, "fictures_requests_running") == 0
     assert value(text, "fictures_requests_waiting") == 0
+
+
+async def test_vllm_scheduler_figures_are_exported_per_text_model_under_vllms_names(
+    engine: FakeTextEngine, client: httpx.AsyncClient
+) -> None:
+    engine.engine_stats = EngineStats(
+        running=3, waiting=2, kv_cache_usage=0.25, prefix_cache_queries=1000, prefix_cache_hits=600
+    )
+    before = samples(await scrape(client))
+    # Not loaded yet: the families are declared, with no series.
+    assert not {name for name, _ in before if name.startswith("fictures_vllm_")}
+    await client.post("/api/v1/text/generate", json={"prompt": "x", "max_tokens": 1})
+    text = await scrape(client)
+    model = {"model": "fake-model"}
+    assert value(text, "fictures_vllm_num_requests_running", **model) == 3
+    assert value(text, "fictures_vllm_num_requests_waiting", **model) == 2
+    assert value(text, "fictures_vllm_kv_cache_usage_perc", **model) == 0.25
+    assert value(text, "fictures_vllm_prefix_cache_queries_total", **model) == 1000
+    assert value(text, "fictures_vllm_prefix_cache_hits_total", **model) == 600
+    assert "# TYPE fictures_vllm_prefix_cache_hits_total counter" in text
+    assert "# TYPE fictures_vllm_kv_cache_usage_perc gauge" in text
+    # Only the model label, as one text engine is one vLLM engine; the image engine has none.
+    vllm_series = [labels for name, labels in samples(text) if name.startswith("fictures_vllm_")]
+    assert vllm_series
+    assert all(labels == frozenset(model.items()) for labels in vllm_series)
+    # Read again at each scrape: the figures follow the engine.
+    engine.engine_stats = EngineStats(
+        running=0, waiting=0, kv_cache_usage=0.0, prefix_cache_queries=1500, prefix_cache_hits=900
+    )
+    text = await scrape(client)
+    assert value(text, "fictures_vllm_num_requests_running", **model) == 0
+    assert value(text, "fictures_vllm_prefix_cache_hits_total", **model) == 900
+
+
+def test_each_vllm_figure_is_named_after_vllms_own() -> None:
+    for ours, theirs in VLLM_FAMILIES.items():
+        assert ours == "fictures_vllm_" + theirs.removeprefix("vllm:")
 
 
 async def test_engine_up_state_and_load_figures_follow_the_model() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fictures_ai.errors import ContextLengthExceededError, InvalidRequestError
-from fictures_ai.shared import PromptFormat
+from fictures_ai.shared import EngineStats, PromptFormat
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -325,6 +325,12 @@ class TextEngine(abc.ABC):
     async def remove_lora(self, adapter: LoraAdapter) -> None:
         """Unload ``adapter``, freeing its slot in the engine; a no-op for an unknown id."""
         return
+
+    def stats(self) -> EngineStats | None:
+        """What the engine's scheduler last reported (requests running and waiting, KV-cache
+        use, prefix-cache lookups), or None for an engine that reports none. Called at every
+        metrics scrape: it returns what is already at hand, never waits."""
+        return None
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -50,6 +50,9 @@ class VllmEngineOptions:
     disable_any_whitespace: bool
     tool_call_parser: str | None
     """vLLM's parser for calls the model writes itself (``hermes``...); None: no parser."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a prompt's start that an earlier request computed (vLLM's
+    ``enable_prefix_caching``)."""
     enable_lora: bool = False
     """Serve LoRA adapters on this model (vLLM's ``enable_lora``)."""
     max_loras: int = 1

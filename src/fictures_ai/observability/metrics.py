@@ -10,7 +10,10 @@ Two kinds of figures:
   queue wait and render seconds (the image service);
 - read at scrape time from the services (``EngineSnapshot``): requests running and waiting,
   model state, load seconds, and GPU memory. Reading them then keeps the request path free
-  of gauge bookkeeping and can never drift from the services' own counts.
+  of gauge bookkeeping and can never drift from the services' own counts. vLLM's own
+  scheduler figures come the same way (``EngineSnapshot.engine_stats``) and are exported
+  under vLLM's names with our prefix: ``vllm:kv_cache_usage_perc`` is
+  ``fictures_vllm_kv_cache_usage_perc``, and so on (``VLLM_FAMILIES``).
 
 Histogram buckets span CPU and GPU speeds alike: a 135M model on two cores and Gemma on an
 H100 both land inside them. The full list of names is in ``docs/observability.md``.
@@ -36,6 +39,7 @@ from prometheus_client.metrics_core import (
 )
 
 from fictures_ai.observability.gpu import GpuMemory
+from fictures_ai.shared import EngineStats
 
 REQUEST_LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -107,6 +111,19 @@ class EngineSnapshot:
     """What the loaded engine costs (measured after its load); None when not loaded."""
     last_used: float | None = None
     """When a request last used the model (Unix time, seconds)."""
+    engine_stats: EngineStats | None = None
+    """What the engine's own scheduler reports (text engines on vLLM, once loaded)."""
+
+
+VLLM_FAMILIES = {
+    "fictures_vllm_num_requests_running": "vllm:num_requests_running",
+    "fictures_vllm_num_requests_waiting": "vllm:num_requests_waiting",
+    "fictures_vllm_kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
+    "fictures_vllm_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "fictures_vllm_prefix_cache_hits": "vllm:prefix_cache_hits",
+}
+"""Our name of each of vLLM's scheduler figures we export, and vLLM's own name for it (the two
+counters gain ``_total`` in the exposition, in both)."""
 
 
 class Metrics:
@@ -357,6 +374,7 @@ class _StateCollector:
         families = self._families()
         up, state, running, waiting, load_waiting, load_seconds, load_failures = families[:7]
         memory, last_used = families[7:9]
+        vllm_running, vllm_waiting, kv_cache, prefix_queries, prefix_hits = families[12:]
         for snapshot in self._engines():
             labels = [snapshot.engine, snapshot.model]
             up.add_metric(labels, 1.0 if snapshot.state == "loaded" else 0.0)
@@ -373,7 +391,15 @@ class _StateCollector:
                 memory.add_metric(labels, snapshot.memory_bytes)
             if snapshot.last_used is not None:
                 last_used.add_metric(labels, snapshot.last_used)
-        used, total, allocated = families[9:]
+            stats = snapshot.engine_stats
+            if stats is not None:
+                model = [snapshot.model]
+                vllm_running.add_metric(model, stats.running)
+                vllm_waiting.add_metric(model, stats.waiting)
+                kv_cache.add_metric(model, stats.kv_cache_usage)
+                prefix_queries.add_metric(model, stats.prefix_cache_queries)
+                prefix_hits.add_metric(model, stats.prefix_cache_hits)
+        used, total, allocated = families[9:12]
         for gpu in self._gpus() or ():
             device = str(gpu.index)
             used.add_metric([device, gpu.name], gpu.used_bytes)
@@ -449,6 +475,32 @@ class _StateCollector:
                 "fictures_gpu_memory_allocated_bytes",
                 "GPU memory allocated by this process's torch tensors.",
                 labels=device,
+            ),
+            # vLLM's scheduler, as vLLM's own PrometheusStatLogger describes it (VLLM_FAMILIES).
+            GaugeMetricFamily(
+                "fictures_vllm_num_requests_running",
+                "Requests in vLLM's model execution batches (vllm:num_requests_running).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "fictures_vllm_num_requests_waiting",
+                "Requests waiting in vLLM's scheduler (vllm:num_requests_waiting).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "fictures_vllm_kv_cache_usage_perc",
+                "Share of vLLM's KV cache in use, 1 is all of it (vllm:kv_cache_usage_perc).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "fictures_vllm_prefix_cache_queries",
+                "Prompt tokens vLLM looked up in its prefix cache (vllm:prefix_cache_queries).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "fictures_vllm_prefix_cache_hits",
+                "Prompt tokens vLLM found in its prefix cache (vllm:prefix_cache_hits).",
+                labels=["model"],
             ),
         ]
 

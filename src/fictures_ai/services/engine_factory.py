@@ -45,6 +45,7 @@ def text_engine_options(settings: Settings) -> VllmEngineOptions:
         structured_outputs_backend=settings.text_structured_outputs_backend,
         disable_any_whitespace=settings.text_disable_any_whitespace,
         tool_call_parser=settings.text_tool_call_parser,
+        enable_prefix_caching=settings.text_enable_prefix_caching,
         enable_lora=settings.text_enable_lora,
         max_loras=settings.text_max_loras,
         max_lora_rank=settings.text_max_lora_rank,

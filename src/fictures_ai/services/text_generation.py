@@ -49,6 +49,7 @@ from fictures_ai.observability.context import LoggedPrompt, RequestContext, curr
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
 from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
+from fictures_ai.shared import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class TextServiceInfo(ModelLoadInfo):
     initialized: bool
     running: int = 0
     """Requests handed to the engine and not finished (vLLM's own queue included)."""
+    engine_stats: EngineStats | None = None
+    """What the loaded engine's scheduler reports (None: not loaded, or it reports nothing)."""
 
 
 def _loggable_prompt(prompt: TextPrompt) -> LoggedPrompt:
@@ -145,6 +148,7 @@ class TextGenerationService:
             max_model_len=max_len,
             initialized=engine is not None,
             running=len(self._active_ids),
+            engine_stats=engine.stats() if engine is not None else None,
             **model.load_info(),
         )
 

@@ -352,7 +352,8 @@ class ModelRegistry:
         for model in self.bases():
             service = model.service
             info = service.info()
-            # vLLM queues inside its scheduler: waiting text requests count as running.
+            # vLLM queues inside its scheduler: waiting text requests count as running here,
+            # and its own split comes in the engine's stats.
             waiting = getattr(info, "waiting", None)
             snapshots.append(
                 EngineSnapshot(
@@ -367,6 +368,7 @@ class ModelRegistry:
                     load_failures=info.load_failures,
                     memory_bytes=info.memory_bytes,
                     last_used=info.last_used,
+                    engine_stats=getattr(info, "engine_stats", None),
                 )
             )
         return snapshots
