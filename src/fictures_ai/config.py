@@ -36,8 +36,10 @@ from fictures_ai.shared import (
     ImageDtype,
     ImageScheduler,
     PromptFormat,
+    SpeculativeMethod,
     StructuredOutputsBackend,
     TextDtype,
+    speculative_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -338,6 +340,28 @@ class Settings(BaseSettings):
             "enable_prefix_caching): requests that repeat a long story context skip reading it."
         ),
     )
+    text_speculative_method: SpeculativeMethod = Field(
+        "ngram",
+        description=(
+            "Speculative decoding (vLLM's speculative_config): ngram proposes the tokens that "
+            "followed the latest ones in the prompt, draft_model asks TEXT_SPECULATIVE_MODEL, "
+            "none is off. Greedy output stays the model's own; logit_bias is then refused "
+            "(vLLM lacks it with speculative decoding)."
+        ),
+    )
+    text_num_speculative_tokens: int = Field(
+        4, ge=1, description="Tokens proposed per engine step (vLLM's num_speculative_tokens)."
+    )
+    text_prompt_lookup_min: int = Field(
+        2, ge=1, description="ngram: shortest run of the latest tokens looked up in the prompt."
+    )
+    text_prompt_lookup_max: int = Field(
+        4, ge=1, description="ngram: longest run looked up (the longest that matches wins)."
+    )
+    text_speculative_model: str | None = Field(
+        None,
+        description="draft_model: the draft model (hub id or folder, same tokenizer, smaller).",
+    )
     text_enable_lora: bool = Field(
         False,
         description=(
@@ -555,6 +579,20 @@ class Settings(BaseSettings):
                 "TEXT_DISABLE_ANY_WHITESPACE=true needs TEXT_STRUCTURED_OUTPUTS_BACKEND=xgrammar "
                 "or guidance (vLLM cannot keep JSON compact when it picks the backend itself)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_speculative_decoding(self) -> Settings:
+        problem = speculative_problem(
+            method=self.text_speculative_method,
+            model=self.text_speculative_model,
+            num_tokens=self.text_num_speculative_tokens,
+            lookup_min=self.text_prompt_lookup_min,
+            lookup_max=self.text_prompt_lookup_max,
+            prefix="TEXT_",
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -49,6 +49,46 @@ TextDtype = Literal["auto", "bfloat16", "float16", "float32"]
 StructuredOutputsBackend = Literal["xgrammar", "guidance", "auto"]
 """vLLM's structured-output backends (``StructuredOutputsConfig.backend``)."""
 
+SpeculativeMethod = Literal["none", "ngram", "draft_model"]
+"""How vLLM proposes tokens ahead (its ``speculative_config.method``): ``ngram`` looks them up
+in the prompt (prompt lookup), ``draft_model`` asks a smaller model; ``none`` is off."""
+
+
+def speculative_problem(
+    *,
+    method: SpeculativeMethod,
+    model: str | None,
+    num_tokens: int,
+    lookup_min: int,
+    lookup_max: int,
+    prefix: str = "",
+) -> str | None:
+    """What is wrong with these speculative-decoding options (None: nothing), each named as an
+    engine option (``speculative_model``) or, with ``prefix="TEXT_"``, as its setting."""
+
+    def name(option: str) -> str:
+        return f"{prefix}{option.upper()}" if prefix else option
+
+    if method == "draft_model" and not model:
+        return (
+            f"{name('speculative_method')}=draft_model needs {name('speculative_model')}: the "
+            "hub id or folder of a smaller model with the same tokenizer"
+        )
+    if method != "draft_model" and model:
+        return (
+            f"{name('speculative_model')} is used only with {name('speculative_method')}="
+            f"draft_model (it is {method})"
+        )
+    if num_tokens < 1:
+        return f"{name('num_speculative_tokens')} must be at least 1 (it is {num_tokens})"
+    if not 1 <= lookup_min <= lookup_max:
+        return (
+            f"{name('prompt_lookup_min')} ({lookup_min}) must be at least 1 and at most "
+            f"{name('prompt_lookup_max')} ({lookup_max})"
+        )
+    return None
+
+
 ImageDevice = Literal["auto", "cuda", "cpu"]
 ImageDtype = Literal["auto", "float16", "bfloat16", "float32"]
 ImageScheduler = Literal["dpm_multistep", "dpm_2m_karras", "euler", "euler_ancestral", "lcm"]
@@ -74,3 +114,10 @@ class EngineStats:
     kv_cache_usage: float
     prefix_cache_queries: int
     prefix_cache_hits: int
+    spec_decode_num_drafts: int = 0
+    """Speculative proposals verified since the start (``vllm:spec_decode_num_drafts``)."""
+    spec_decode_num_draft_tokens: int = 0
+    """Tokens proposed in them (``vllm:spec_decode_num_draft_tokens``)."""
+    spec_decode_num_accepted_tokens: int = 0
+    """Proposed tokens the model agreed with (``vllm:spec_decode_num_accepted_tokens``): over
+    the draft tokens, the acceptance rate; over the drafts plus one, the tokens per step."""

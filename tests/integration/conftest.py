@@ -1,7 +1,8 @@
 """The real vLLM engine on the bundled SmolLM2, loaded once per test session: one as the server
-starts it by default (LoRA off, whose refusal is tested too), one with LoRA adapters on, started
-only when a LoRA test runs. With enable_lora on the first one the other tests took 13 % longer
-(90 s to 102 s on the 2-core machine): more than the second engine's start."""
+starts it by default (LoRA off, whose refusal is tested too; n-gram speculative decoding on), one
+with LoRA adapters on, started only when a LoRA test runs, and one without speculative decoding,
+started only by the test that compares the two. With enable_lora on the first one the other tests
+took 13 % longer (90 s to 102 s on the 2-core machine): more than the second engine's start."""
 
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ async def lora_text_engine() -> AsyncIterator[VllmTextEngine]:
         text_enable_lora=True,
         text_max_loras=1,
         text_max_lora_rank=16,
+    )
+    engine = await VllmTextEngine.load(text_engine_options(settings))
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def plain_text_engine() -> AsyncIterator[VllmTextEngine]:
+    """The default engine without speculative decoding (TEXT_SPECULATIVE_METHOD=none)."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        text_max_model_len=4096,
+        text_max_num_seqs=32,
+        text_cpu_kv_cache_mb=256,
+        text_speculative_method="none",
     )
     engine = await VllmTextEngine.load(text_engine_options(settings))
     yield engine

@@ -340,14 +340,17 @@ async def test_every_signed_64_bit_seed_is_served_and_repeatable(
 
 
 async def test_values_vllm_refuses_are_invalid_requests_naming_them(
-    text_engine: VllmTextEngine,
+    text_engine: VllmTextEngine, plain_text_engine: VllmTextEngine
 ) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         await collect(text_engine, STORY, TextGenerationParams(max_tokens=4, temperature=2.5))
     assert refused.value.param == "temperature"
+    # logit_bias needs an engine without speculative decoding (test_speculative_decoding.py).
     with pytest.raises(InvalidRequestError, match="vocab"):
         await collect(
-            text_engine, STORY, TextGenerationParams(max_tokens=4, logit_bias=((10**9, 5.0),))
+            plain_text_engine,
+            STORY,
+            TextGenerationParams(max_tokens=4, logit_bias=((10**9, 5.0),)),
         )
     with pytest.raises(InvalidRequestError):
         await collect(

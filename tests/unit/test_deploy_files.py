@@ -96,6 +96,10 @@ def test_the_dashboard_shows_what_operators_need() -> None:
         "fictures_vllm_kv_cache_usage_perc",
         "fictures_vllm_num_requests_running",
         "fictures_vllm_num_requests_waiting",
+        # Speculative decoding: acceptance and tokens per step.
+        "fictures_vllm_spec_decode_num_accepted_tokens_total",
+        "fictures_vllm_spec_decode_num_draft_tokens_total",
+        "fictures_vllm_spec_decode_num_drafts_total",
     ]:
         assert needed in text, needed
     for panel in dashboard["panels"]:

@@ -169,7 +169,14 @@ async def test_vllm_scheduler_figures_are_exported_per_text_model_under_vllms_na
     engine: FakeTextEngine, client: httpx.AsyncClient
 ) -> None:
     engine.engine_stats = EngineStats(
-        running=3, waiting=2, kv_cache_usage=0.25, prefix_cache_queries=1000, prefix_cache_hits=600
+        running=3,
+        waiting=2,
+        kv_cache_usage=0.25,
+        prefix_cache_queries=1000,
+        prefix_cache_hits=600,
+        spec_decode_num_drafts=40,
+        spec_decode_num_draft_tokens=160,
+        spec_decode_num_accepted_tokens=70,
     )
     before = samples(await scrape(client))
     # Not loaded yet: the families are declared, with no series.
@@ -183,6 +190,9 @@ async def test_vllm_scheduler_figures_are_exported_per_text_model_under_vllms_na
     assert value(text, "fictures_vllm_prefix_cache_queries_total", **model) == 1000
     assert value(text, "fictures_vllm_prefix_cache_hits_total", **model) == 600
     assert "# TYPE fictures_vllm_prefix_cache_hits_total counter" in text
+    assert value(text, "fictures_vllm_spec_decode_num_drafts_total", **model) == 40
+    assert value(text, "fictures_vllm_spec_decode_num_draft_tokens_total", **model) == 160
+    assert value(text, "fictures_vllm_spec_decode_num_accepted_tokens_total", **model) == 70
     assert "# TYPE fictures_vllm_kv_cache_usage_perc gauge" in text
     # Only the model label, as one text engine is one vLLM engine; the image engine has none.
     vllm_series = [labels for name, labels in samples(text) if name.startswith("fictures_vllm_")]

@@ -254,6 +254,10 @@ def test_a_bad_models_file_names_the_entry_and_the_field(
         ("{max_model_len: lots}", "models[0] (a): options.max_model_len: Input should be a valid"),
         ("{colour: red}", "models[0] (a): options.colour: not an engine option of this kind"),
         ("{model: other}", "options.model: not an engine option"),
+        (
+            "{speculative_method: draft_model}",
+            "models[0] (a): options: speculative_method=draft_model needs speculative_model",
+        ),
     ],
 )
 def test_bad_engine_options_stop_the_server_naming_the_entry(

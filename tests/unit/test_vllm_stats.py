@@ -1,5 +1,5 @@
 """vLLM's scheduler figures: what the engine's stat logger keeps of each step, and the engine
-arguments that turn prefix caching on (vLLM's own classes, no model)."""
+arguments that turn prefix caching and speculative decoding on (vLLM's own classes, no model)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from pydantic import ValidationError
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerManager
 from vllm.v1.metrics.stats import PrefixCacheStats, SchedulerStats
+from vllm.v1.spec_decode.metrics import SpecDecodingProm, SpecDecodingStats
 
 from fictures_ai.config import Settings
 from fictures_ai.engines.vllm_engine import SchedulerTally, build_engine_args, stat_logger_for
@@ -25,6 +27,7 @@ def step(
     deferred: int = 0,
     kv_cache_usage: float = 0.0,
     prefix: PrefixCacheStats | None = None,
+    spec: SpecDecodingStats | None = None,
 ) -> SchedulerStats:
     """One engine step's figures, as vLLM's scheduler makes them."""
     return SchedulerStats(
@@ -33,6 +36,7 @@ def step(
         num_skipped_waiting_reqs=deferred,
         kv_cache_usage=kv_cache_usage,
         prefix_cache_stats=prefix or PrefixCacheStats(),
+        spec_decoding_stats=spec,
     )
 
 
@@ -89,11 +93,82 @@ def test_the_stat_logger_is_the_only_one_vllm_keeps_and_feeds_the_tally() -> Non
     )
 
 
+def test_the_tally_sums_speculative_drafts_and_accepted_tokens() -> None:
+    tally = SchedulerTally()
+    first = SpecDecodingStats.new(num_spec_tokens=4)
+    first.observe_draft(num_draft_tokens=4, num_accepted_tokens=3)
+    first.observe_draft(num_draft_tokens=2, num_accepted_tokens=0)
+    tally.record(step(running=2, spec=first))
+    tally.record(step(running=2))  # a step that verified nothing (e.g. only a prefill)
+    second = SpecDecodingStats.new(num_spec_tokens=4)
+    second.observe_draft(num_draft_tokens=4, num_accepted_tokens=4)
+    tally.record(step(running=1, spec=second))
+    figures = tally.snapshot()
+    assert (figures.spec_decode_num_drafts, figures.spec_decode_num_draft_tokens) == (3, 10)
+    assert figures.spec_decode_num_accepted_tokens == 7
+
+
 def test_vllms_own_prometheus_logger_names_what_we_export() -> None:
     # Our names are vLLM's with our prefix: vLLM must still use those names.
-    source = inspect.getsource(PrometheusStatLogger)
+    source = inspect.getsource(PrometheusStatLogger) + inspect.getsource(SpecDecodingProm)
     for theirs in VLLM_FAMILIES.values():
-        assert f'name="{theirs}"' in source, theirs
+        assert f'"{theirs}"' in source, theirs
+
+
+def test_ngram_speculative_decoding_is_the_default(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, model_cache_dir=tmp_path)  # type: ignore[call-arg]
+    args = build_engine_args(text_engine_options(settings), str(tmp_path))
+    assert args.speculative_config == {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_min": 2,
+        "prompt_lookup_max": 4,
+    }
+
+
+def test_speculative_decoding_settings_reach_vllm(tmp_path: Path) -> None:
+    off = Settings(  # type: ignore[call-arg]
+        _env_file=None, model_cache_dir=tmp_path, text_speculative_method="none"
+    )
+    assert build_engine_args(text_engine_options(off), str(tmp_path)).speculative_config is None
+    draft = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        model_cache_dir=tmp_path,
+        text_speculative_method="draft_model",
+        text_speculative_model="/models/draft",
+        text_num_speculative_tokens=3,
+    )
+    args = build_engine_args(text_engine_options(draft), str(tmp_path))
+    assert args.speculative_config == {
+        "method": "draft_model",
+        "num_speculative_tokens": 3,
+        "model": "/models/draft",
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"text_speculative_method": "draft_model"},
+            "TEXT_SPECULATIVE_METHOD=draft_model needs TEXT_SPECULATIVE_MODEL",
+        ),
+        (
+            {"text_speculative_model": "/models/draft"},
+            "TEXT_SPECULATIVE_MODEL is used only with TEXT_SPECULATIVE_METHOD=draft_model (it is "
+            "ngram)",
+        ),
+        (
+            {"text_prompt_lookup_min": 5},
+            "TEXT_PROMPT_LOOKUP_MIN (5) must be at least 1 and at most TEXT_PROMPT_LOOKUP_MAX (4)",
+        ),
+    ],
+)
+def test_speculative_settings_that_cannot_work_are_refused_naming_them(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -19,8 +19,10 @@ from fictures_ai.shared import (
     ImageDevice,
     ImageDtype,
     ImageScheduler,
+    SpeculativeMethod,
     StructuredOutputsBackend,
     TextDtype,
+    speculative_problem,
 )
 
 
@@ -59,9 +61,31 @@ class VllmEngineOptions:
     """Adapters in one batch at once (vLLM's ``max_loras``): each takes a slot."""
     max_lora_rank: int = 16
     """The largest adapter rank the engine accepts (vLLM's ``max_lora_rank``)."""
+    speculative_method: SpeculativeMethod = "none"
+    """How vLLM proposes tokens ahead to check several in one step (its
+    ``speculative_config.method``); greedy output stays the model's own (see docs/benchmarks.md)."""
+    num_speculative_tokens: int = 4
+    """Tokens proposed per step (vLLM's ``num_speculative_tokens``)."""
+    prompt_lookup_min: int = 2
+    """Shortest run of the latest tokens the ``ngram`` method looks up in the prompt."""
+    prompt_lookup_max: int = 4
+    """Longest such run; the longest that matches wins (vLLM's ``prompt_lookup_max``)."""
+    speculative_model: str | None = None
+    """The draft model of ``draft_model`` (hub id or folder; it must share the tokenizer)."""
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     """How vLLM starts its tensor-parallel workers (None: vLLM's choice); ``ray`` in a Ray
     Serve replica, whose placement group holds their GPUs."""
+
+    def __post_init__(self) -> None:
+        problem = speculative_problem(
+            method=self.speculative_method,
+            model=self.speculative_model,
+            num_tokens=self.num_speculative_tokens,
+            lookup_min=self.prompt_lookup_min,
+            lookup_max=self.prompt_lookup_max,
+        )
+        if problem:
+            raise ValueError(problem)
 
     @property
     def display_name(self) -> str:

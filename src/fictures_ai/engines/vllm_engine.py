@@ -149,8 +149,27 @@ def build_engine_args(options: VllmEngineOptions, model: str) -> Any:
         # Interactive requests before batch ones (TextGenerationParams.priority).
         scheduling_policy="priority",
         distributed_executor_backend=options.distributed_executor_backend,
+        speculative_config=speculative_config(options),
         **lora_args,
     )
+
+
+def speculative_config(options: VllmEngineOptions) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` for ``options`` (None: off). Prompt lookup (``ngram``) costs
+    no model: it proposes what followed the latest tokens where they occur earlier in the prompt
+    or output, which a story continuation does often (names, places, repeated phrases)."""
+    if options.speculative_method == "none":
+        return None
+    config: dict[str, Any] = {
+        "method": options.speculative_method,
+        "num_speculative_tokens": options.num_speculative_tokens,
+    }
+    if options.speculative_method == "ngram":
+        config["prompt_lookup_min"] = options.prompt_lookup_min
+        config["prompt_lookup_max"] = options.prompt_lookup_max
+    else:
+        config["model"] = options.speculative_model
+    return config
 
 
 def vllm_lora_rank(max_lora_rank: int) -> int:
@@ -167,13 +186,13 @@ class SchedulerTally:
     """The latest figures of vLLM's scheduler, kept for :meth:`VllmTextEngine.stats`.
 
     :meth:`record` runs in ``AsyncLLM``'s output handler, once per engine step, on the event
-    loop: it copies three numbers and, on steps that scheduled new requests, adds two (0.1 µs;
-    0.2 µs with vLLM's call through its logger manager, on the 2-core machine). The prefix-cache
-    totals are one tuple, replaced whole, so that a scrape from another thread never reads the
-    hits of a step without its queries.
+    loop: it copies three numbers and, on steps that scheduled new requests or verified
+    speculative drafts, adds two or three (0.1 µs; 0.2 µs with vLLM's call through its logger
+    manager, on the 2-core machine). Each set of totals is one tuple, replaced whole, so that a
+    scrape from another thread never reads the hits of a step without its queries.
     """
 
-    __slots__ = ("kv_cache_usage", "prefix_cache", "running", "waiting")
+    __slots__ = ("kv_cache_usage", "prefix_cache", "running", "spec_decode", "waiting")
 
     def __init__(self) -> None:
         self.running = 0
@@ -181,6 +200,8 @@ class SchedulerTally:
         self.kv_cache_usage = 0.0
         self.prefix_cache = (0, 0)
         """Prompt tokens looked up in the prefix cache and found there, since the start."""
+        self.spec_decode = (0, 0, 0)
+        """Speculative drafts, their tokens and the tokens accepted, since the start."""
 
     def record(self, stats: SchedulerStats) -> None:
         """Take one step's figures, as vLLM's ``PrometheusStatLogger`` reads them: waiting
@@ -193,16 +214,28 @@ class SchedulerTally:
         if prefix.queries:
             queries, hits = self.prefix_cache
             self.prefix_cache = (queries + prefix.queries, hits + prefix.hits)
+        spec = stats.spec_decoding_stats
+        if spec is not None and spec.num_drafts:
+            drafts, proposed, accepted = self.spec_decode
+            self.spec_decode = (
+                drafts + spec.num_drafts,
+                proposed + spec.num_draft_tokens,
+                accepted + spec.num_accepted_tokens,
+            )
 
     def snapshot(self) -> EngineStats:
         """The figures now."""
         queries, hits = self.prefix_cache
+        drafts, proposed, accepted = self.spec_decode
         return EngineStats(
             running=self.running,
             waiting=self.waiting,
             kv_cache_usage=self.kv_cache_usage,
             prefix_cache_queries=queries,
             prefix_cache_hits=hits,
+            spec_decode_num_drafts=drafts,
+            spec_decode_num_draft_tokens=proposed,
+            spec_decode_num_accepted_tokens=accepted,
         )
 
 
@@ -398,6 +431,15 @@ class VllmTextEngine(TextEngine):
         max_tokens, min_tokens = fit_output_tokens(
             params, prompt_tokens=prompt_tokens, max_model_len=self._max_model_len
         )
+        speculative = self._llm.vllm_config.speculative_config
+        if params.logit_bias and speculative is not None:
+            raise InvalidRequestError(
+                f"logit_bias cannot be used with the text model '{self._name}': it runs with "
+                f"speculative decoding ({speculative.method}), which vLLM cannot combine with "
+                "logit_bias. Send the request without logit_bias, or start the server with "
+                "TEXT_SPECULATIVE_METHOD=none.",
+                param="logit_bias",
+            )
         try:
             sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
         except (ValueError, VLLMClientError) as exc:

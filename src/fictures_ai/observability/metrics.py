@@ -121,6 +121,9 @@ VLLM_FAMILIES = {
     "fictures_vllm_kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
     "fictures_vllm_prefix_cache_queries": "vllm:prefix_cache_queries",
     "fictures_vllm_prefix_cache_hits": "vllm:prefix_cache_hits",
+    "fictures_vllm_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "fictures_vllm_spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "fictures_vllm_spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
 }
 """Our name of each of vLLM's scheduler figures we export, and vLLM's own name for it (the two
 counters gain ``_total`` in the exposition, in both)."""
@@ -374,7 +377,8 @@ class _StateCollector:
         families = self._families()
         up, state, running, waiting, load_waiting, load_seconds, load_failures = families[:7]
         memory, last_used = families[7:9]
-        vllm_running, vllm_waiting, kv_cache, prefix_queries, prefix_hits = families[12:]
+        vllm_running, vllm_waiting, kv_cache, prefix_queries, prefix_hits = families[12:17]
+        drafts, draft_tokens, accepted_tokens = families[17:]
         for snapshot in self._engines():
             labels = [snapshot.engine, snapshot.model]
             up.add_metric(labels, 1.0 if snapshot.state == "loaded" else 0.0)
@@ -399,6 +403,9 @@ class _StateCollector:
                 kv_cache.add_metric(model, stats.kv_cache_usage)
                 prefix_queries.add_metric(model, stats.prefix_cache_queries)
                 prefix_hits.add_metric(model, stats.prefix_cache_hits)
+                drafts.add_metric(model, stats.spec_decode_num_drafts)
+                draft_tokens.add_metric(model, stats.spec_decode_num_draft_tokens)
+                accepted_tokens.add_metric(model, stats.spec_decode_num_accepted_tokens)
         used, total, allocated = families[9:12]
         for gpu in self._gpus() or ():
             device = str(gpu.index)
@@ -500,6 +507,21 @@ class _StateCollector:
             CounterMetricFamily(
                 "fictures_vllm_prefix_cache_hits",
                 "Prompt tokens vLLM found in its prefix cache (vllm:prefix_cache_hits).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "fictures_vllm_spec_decode_num_drafts",
+                "Speculative proposals vLLM verified (vllm:spec_decode_num_drafts).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "fictures_vllm_spec_decode_num_draft_tokens",
+                "Tokens proposed in them (vllm:spec_decode_num_draft_tokens).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "fictures_vllm_spec_decode_num_accepted_tokens",
+                "Proposed tokens the model agreed with (vllm:spec_decode_num_accepted_tokens).",
                 labels=["model"],
             ),
         ]

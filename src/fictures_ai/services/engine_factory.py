@@ -46,6 +46,11 @@ def text_engine_options(settings: Settings) -> VllmEngineOptions:
         disable_any_whitespace=settings.text_disable_any_whitespace,
         tool_call_parser=settings.text_tool_call_parser,
         enable_prefix_caching=settings.text_enable_prefix_caching,
+        speculative_method=settings.text_speculative_method,
+        num_speculative_tokens=settings.text_num_speculative_tokens,
+        prompt_lookup_min=settings.text_prompt_lookup_min,
+        prompt_lookup_max=settings.text_prompt_lookup_max,
+        speculative_model=settings.text_speculative_model,
         enable_lora=settings.text_enable_lora,
         max_loras=settings.text_max_loras,
         max_lora_rank=settings.text_max_lora_rank,
@@ -192,5 +197,7 @@ def override_options(options: OptionsT, overrides: Mapping[str, Any]) -> Options
         return TypeAdapter(type(options)).validate_python(merged)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise ValueError(f"options.{where}: {error['msg']}") from None
+        where = "".join(f".{part}" for part in error["loc"])
+        # A rule across options (the options' own check) has no field: its message names them.
+        cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+        raise ValueError(f"options{where}: {cause or error['msg']}") from None
