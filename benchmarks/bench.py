@@ -57,6 +57,9 @@ ENGINE_ENV = {
     "TEXT_MAX_NUM_SEQS": str(MAX_NUM_SEQS),
     "TEXT_ENFORCE_EAGER": "true",
     "TEXT_DTYPE": DTYPE,
+    # vllm serve's engine: this measures what the server adds, not what speculation saves
+    # (fictures_workload.py compares the defaults).
+    "TEXT_SPECULATIVE_METHOD": "none",
     "VLLM_LOGGING_LEVEL": "WARNING",
 }
 OURS_ENV = {
