@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import jsonschema
@@ -392,14 +392,7 @@ class TextGenerationService:
         if generation != self._model.generation:
             return
         whole = merge_chunks(chunks)
-        whole = TextChunk(
-            delta=whole.delta,
-            prompt_tokens=whole.prompt_tokens,
-            completion_tokens=whole.completion_tokens,
-            finish_reason=whole.finish_reason,
-            logprobs=whole.logprobs,
-            token_ids=tuple(whole.token_ids),
-        )
+        whole = replace(whole, token_ids=tuple(whole.token_ids))  # kept: no shared list
         self._cache.store(key, whole, tag=params.lora.id if params.lora is not None else None)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
