@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0.0, description="A generation running longer is stopped (504 / error event)."
     )
+    response_cache_max_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Bytes of answers to deterministic requests kept per model (0: no cache).",
+    )
     text_max_pending: int = Field(
         512, ge=1, description="Text requests running or waiting at once; beyond: 429."
     )

@@ -82,6 +82,7 @@ def make_services(
         loader=loader or load,
         max_pending=settings.text_max_pending,
         timeout_s=settings.request_timeout_s,
+        response_cache_bytes=settings.response_cache_max_bytes,
     )
     image = ImageGenerationService(
         model_name="fake-image-model",
@@ -90,6 +91,7 @@ def make_services(
         loader=image_loader or load_image,
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
+        response_cache_bytes=settings.response_cache_max_bytes,
     )
     models = []
     if settings.serves_text:

@@ -28,6 +28,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from fictures_ai.api.cache_control import cache_ticket
 from fictures_ai.api.dependencies import Services
 from fictures_ai.api.errors import error_reply
 from fictures_ai.api.fictures.errors import fictures_validation_error
@@ -64,6 +65,7 @@ from fictures_ai.services.jobs.store import (
     JobStatus,
     WebhookEvent,
 )
+from fictures_ai.services.response_cache import CacheTicket
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class RouteExecutor:
                     request=None,
                     priority=BATCH_PRIORITY,
                     request_id=f"{job.id}-{request.index}",
+                    cache=_job_ticket(job, body.deterministic),
                 )
             else:
                 assert isinstance(body, FicturesImageRequest)
@@ -153,6 +156,7 @@ class RouteExecutor:
                     image_url=image_url,
                     priority=BATCH_PRIORITY,
                     progress=progress,
+                    cache=_job_ticket(job, body.deterministic),
                 )
         except ValidationError as exc:  # validated at submission; a changed schema lands here
             reply = fictures_validation_error(RequestValidationError(exc.errors()))
@@ -192,14 +196,26 @@ class RouteExecutor:
                     param="stream",
                 )
             admit = self._check_model(job)
+            assert isinstance(body, ChatCompletionRequest | CompletionRequest | OpenAIImageRequest)
+            cache = _job_ticket(job, body.deterministic)
             answer: BaseModel | EventStreamResponse
             if isinstance(body, ChatCompletionRequest):
                 answer = await chat_completion(
-                    body, self._services.models, admit=admit, request=None, priority=BATCH_PRIORITY
+                    body,
+                    self._services.models,
+                    admit=admit,
+                    request=None,
+                    priority=BATCH_PRIORITY,
+                    cache=cache,
                 )
             elif isinstance(body, CompletionRequest):
                 answer = await completion(
-                    body, self._services.models, admit=admit, request=None, priority=BATCH_PRIORITY
+                    body,
+                    self._services.models,
+                    admit=admit,
+                    request=None,
+                    priority=BATCH_PRIORITY,
+                    cache=cache,
                 )
             else:
                 assert isinstance(body, OpenAIImageRequest)
@@ -210,6 +226,7 @@ class RouteExecutor:
                     request=None,
                     keep=keep,
                     priority=BATCH_PRIORITY,
+                    cache=cache,
                 )
             assert not isinstance(answer, EventStreamResponse)  # a stream was refused above
             response = answer
@@ -352,6 +369,12 @@ class RouteExecutor:
             },
         }
         return WebhookEvent(event_type="job.progress", payload=json.dumps(payload))
+
+
+def _job_ticket(job: JobRecord, deterministic: bool) -> CacheTicket:
+    """A job's request reads and stores the response cache as an interactive one of its key
+    would: under the allow-list the key had when the job was created."""
+    return cache_ticket(None, models=job.allowed_models, deterministic=deterministic)
 
 
 def _retry_after(exc: FicturesError) -> float | None:

@@ -91,6 +91,16 @@ class ImageMetrics:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseCacheMetrics:
+    """One model's response-cache instruments, already labelled with its model and kind."""
+
+    hits: Counter
+    misses: Counter
+    evictions: Counter
+    bytes: Gauge
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSnapshot:
     """One engine's state at scrape time, as its service reports it.
 
@@ -209,6 +219,31 @@ class Metrics:
             ["engine", "model"],
             registry=registry,
         )
+        self.response_cache_hits = Counter(
+            "fictures_response_cache_hits",
+            "Deterministic requests (each generation or image of one) answered from the "
+            "response cache.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.response_cache_misses = Counter(
+            "fictures_response_cache_misses",
+            "Response-cache lookups that found nothing (the answer is stored once complete).",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.response_cache_evictions = Counter(
+            "fictures_response_cache_evictions",
+            "Response-cache entries evicted to stay within RESPONSE_CACHE_MAX_BYTES.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.response_cache_bytes = Gauge(
+            "fictures_response_cache_bytes",
+            "Bytes the response cache of a model holds (payload plus a fixed overhead each).",
+            ["model", "kind"],
+            registry=registry,
+        )
         Info("fictures_build", "Version of the server.", registry=registry).info(
             {"version": version}
         )
@@ -232,6 +267,15 @@ class Metrics:
             finished={
                 outcome: self.image_renders.labels(model, outcome) for outcome in IMAGE_OUTCOMES
             },
+        )
+
+    def response_cache(self, model: str, kind: str) -> ResponseCacheMetrics:
+        """The response-cache instruments of ``model`` (``kind``: text or image)."""
+        return ResponseCacheMetrics(
+            hits=self.response_cache_hits.labels(model, kind),
+            misses=self.response_cache_misses.labels(model, kind),
+            evictions=self.response_cache_evictions.labels(model, kind),
+            bytes=self.response_cache_bytes.labels(model, kind),
         )
 
     def observe_request(self, *, method: str, route: str, status: int, seconds: float) -> None:

@@ -19,7 +19,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from opentelemetry.util.types import AttributeValue
 
@@ -36,6 +37,7 @@ from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
 from fictures_ai.services.render_queue import PositionCallback, RenderQueue
+from fictures_ai.services.response_cache import CacheTicket, ResponseCache
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +83,19 @@ class ImageGenerationService:
         max_queue: int | None = None,
         timeout_s: float | None = None,
         notice: str | None = None,
+        response_cache_bytes: int = 0,
     ) -> None:
         """``max_queue`` bounds the requests a new one would wait behind (beyond it: 429;
         batch items waiting never count against an interactive request);
         ``timeout_s`` stops a render that runs longer; ``notice`` is what the model info says
-        about the model before it loads (the tiny pipeline's warning)."""
+        about the model before it loads (the tiny pipeline's warning);
+        ``response_cache_bytes`` bounds the images kept for requests with a seed (0: none,
+        see ``services.response_cache``)."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
+        self._cache: ResponseCache[GeneratedImage] = ResponseCache(
+            max_bytes=response_cache_bytes, size_of=lambda image: len(image.png)
+        )
+        self._model.on_engine_change.append(self._cache.clear)
         self._device = device
         self._max_queue = max_queue
         self._timeout_s = timeout_s
@@ -97,6 +106,7 @@ class ImageGenerationService:
     def instrument(self, metrics: Metrics) -> None:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
         self._metrics = metrics.image(self._model.name)
+        self._cache.instrument(metrics.response_cache(self._model.name, "image"))
 
     @property
     def model(self) -> LazyModel[ImageEngine]:
@@ -107,6 +117,11 @@ class ImageGenerationService:
     def model_name(self) -> str:
         """The name the API reports for the model (known before it loads)."""
         return self._model.name
+
+    @property
+    def response_cache(self) -> ResponseCache[GeneratedImage]:
+        """The images kept for requests with a seed."""
+        return self._cache
 
     def info(self) -> ImageServiceInfo:
         """Describe the model and the queue without loading anything."""
@@ -147,13 +162,16 @@ class ImageGenerationService:
         progress: ProgressCallback | None = None,
         priority: int = INTERACTIVE_PRIORITY,
         on_position: PositionCallback | None = None,
+        cache: CacheTicket | None = None,
     ) -> GeneratedImage:
         """Render one image, waiting for a free render slot first (by ``priority``, lower
         first, then arrival).
 
         ``progress`` is called from the render thread after each denoising step;
         ``on_position`` on the event loop with the request's place in the queue when it has
-        to wait and each time that changes (see ``RenderQueue``).
+        to wait and each time that changes (see ``RenderQueue``). With a ``cache`` ticket
+        the response cache is looked up first: a hit is answered without the engine; a
+        miss stores the image once rendered.
 
         Raises:
             ModelLoadError: the pipeline cannot load (503, retried by the next request).
@@ -162,12 +180,30 @@ class ImageGenerationService:
             ServiceUnavailableError: the engine was shut down mid-render.
             GenerationError: the pipeline failed.
         """
+        kept, key = self._cache.lookup(cache, lambda: self._cache_request(params))
+        if kept is not None:
+            return kept
+        return await self._generate(params, progress, priority, on_position, key)
+
+    def _cache_request(self, params: ImageGenerationParams) -> dict[str, Any]:
+        """What the response cache's key covers: the model and every parameter."""
+        return {"model": self._model.name, "params": asdict(params)}
+
+    async def _generate(
+        self,
+        params: ImageGenerationParams,
+        progress: ProgressCallback | None,
+        priority: int,
+        on_position: PositionCallback | None,
+        cache_key: str | None,
+    ) -> GeneratedImage:
         request = current_request()
         if request is not None:
             request.fields.update(width=params.width, height=params.height)
         arrived = time.perf_counter()
         async with self._model.use() as engine:
-            return await self._render(
+            generation = self._model.generation
+            image = await self._render(
                 engine,
                 params,
                 progress=progress,
@@ -175,6 +211,9 @@ class ImageGenerationService:
                 priority=priority,
                 on_position=on_position,
             )
+        if cache_key is not None and generation == self._model.generation:
+            self._cache.store(cache_key, image)
+        return image
 
     async def _render(
         self,
@@ -228,16 +267,31 @@ class ImageGenerationService:
             if metrics is not None:
                 metrics.finished[outcome].inc()
 
-    async def stream(
-        self, params: ImageGenerationParams, *, priority: int = INTERACTIVE_PRIORITY
+    def stream(
+        self,
+        params: ImageGenerationParams,
+        *,
+        priority: int = INTERACTIVE_PRIORITY,
+        cache: CacheTicket | None = None,
     ) -> AsyncGenerator[QueuePosition | RenderProgress | GeneratedImage, None]:
         """Render one image as :meth:`generate` does, yielding a ``QueuePosition`` when the
         request has to wait for a render slot and again each time its place changes, a
         ``RenderProgress`` after each denoising step, and the image last.
 
+        With a ``cache`` ticket the cache is looked up now, before the stream is iterated: a
+        hit yields the last step's progress and the kept image.
+
         Raises what :meth:`generate` raises. Closing the generator early (the client left)
         leaves the queue or stops the render at its next step.
         """
+        kept, key = self._cache.lookup(cache, lambda: self._cache_request(params))
+        if kept is not None:
+            return _replay(kept, params.num_inference_steps)
+        return self._stream(params, priority, key)
+
+    async def _stream(
+        self, params: ImageGenerationParams, priority: int, cache_key: str | None
+    ) -> AsyncGenerator[QueuePosition | RenderProgress | GeneratedImage, None]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[QueuePosition | RenderProgress] = asyncio.Queue()
 
@@ -248,7 +302,7 @@ class ImageGenerationService:
             events.put_nowait(QueuePosition(position))
 
         render = asyncio.ensure_future(
-            self.generate(params, progress=progress, priority=priority, on_position=on_position)
+            self._generate(params, progress, priority, on_position, cache_key)
         )
         try:
             while not render.done():
@@ -267,3 +321,11 @@ class ImageGenerationService:
     async def shutdown(self) -> None:
         """Release the pipeline (called from the app lifespan)."""
         await self._model.shutdown()
+
+
+async def _replay(
+    image: GeneratedImage, steps: int
+) -> AsyncGenerator[RenderProgress | GeneratedImage, None]:
+    """A kept image as a render stream: its last step, then the image."""
+    yield RenderProgress(steps, steps)
+    yield image

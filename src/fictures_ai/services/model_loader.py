@@ -102,6 +102,11 @@ class LazyModel(Generic[EngineT]):
         """Set by whoever measures loads (the model registry); None while not loaded."""
         self.on_idle: Callable[[], None] | None = None
         """Called when the last request in flight leaves ``use()``."""
+        self.generation = 0
+        """Counts the engines this model has had: it changes whenever the engine does (load,
+        restart, unload), so that what was made by one engine is told from the next's."""
+        self.on_engine_change: list[Callable[[], None]] = []
+        """Called whenever the engine changes (the services empty their response caches)."""
         self._unload_task: asyncio.Task[None] | None = None
 
     def load_info(self) -> dict[str, Any]:
@@ -194,11 +199,17 @@ class LazyModel(Generic[EngineT]):
             raise error from exc
         self.load_seconds = time.perf_counter() - started
         self._engine = engine
+        self._engine_changed()
         self.idle_since = time.monotonic()
         self.state = LoadState.LOADED
         self.last_error = None
         logger.info("Loaded %s in %.1f s", self.name, self.load_seconds)
         return engine
+
+    def _engine_changed(self) -> None:
+        self.generation += 1
+        for callback in self.on_engine_change:
+            callback()
 
     def _failed(self, exc: Exception) -> FicturesError:
         """Record a failed load; the error to raise (``ModelLoadError``, with ``retry_after``)."""
@@ -250,6 +261,7 @@ class LazyModel(Generic[EngineT]):
         self.state = LoadState.FAILED
         self.last_error = reason
         self.memory_bytes = None
+        self._engine_changed()
         if engine is not None:
             logger.warning("Discarding %s: %s", self.name, reason)
             try:
@@ -282,6 +294,7 @@ class LazyModel(Generic[EngineT]):
         engine, self._engine = self._engine, None
         self._load_task = None
         self.state = LoadState.UNLOADING
+        self._engine_changed()
         # In its own task: the caller (an admin request, the budget) leaving must not stop it
         # half-way, and requests arriving meanwhile wait for it.
         self._unload_task = asyncio.create_task(
@@ -318,4 +331,5 @@ class LazyModel(Generic[EngineT]):
         self.state = LoadState.NOT_LOADED
         self.memory_bytes = None
         if engine is not None:
+            self._engine_changed()
             await engine.shutdown()

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import jsonschema
@@ -37,6 +37,7 @@ from fictures_ai.engines.base import (
     TextPrompt,
     ToolCallParser,
     ToolDefinition,
+    merge_chunks,
 )
 from fictures_ai.errors import (
     EngineDeadError,
@@ -49,6 +50,7 @@ from fictures_ai.observability.context import LoggedPrompt, RequestContext, curr
 from fictures_ai.observability.metrics import HistogramTally, Metrics, TextMetrics
 from fictures_ai.observability.tracing import end_span, start_child_span
 from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
+from fictures_ai.services.response_cache import CacheTicket, ResponseCache
 from fictures_ai.shared import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,14 @@ class TextServiceInfo(ModelLoadInfo):
     """What the loaded engine's scheduler reports (None: not loaded, or it reports nothing)."""
 
 
+def _cached_size(chunk: TextChunk) -> int:
+    """What a cached answer costs, roughly: its text, token ids and log-probabilities."""
+    size = len(chunk.delta.encode()) + 8 * len(chunk.token_ids)
+    for item in chunk.logprobs or ():
+        size += 64 + len(item.token.encode()) + sum(64 + len(top) for top, _ in item.top)
+    return size
+
+
 def _loggable_prompt(prompt: TextPrompt) -> LoggedPrompt:
     """The prompt as the access line shows it (built only when prompts may be logged)."""
     if prompt.text is not None:
@@ -104,10 +114,17 @@ class TextGenerationService:
         loader: Callable[[], Awaitable[TextEngine]],
         max_pending: int | None = None,
         timeout_s: float | None = None,
+        response_cache_bytes: int = 0,
     ) -> None:
         """``max_pending`` bounds the requests running or waiting at once (beyond it: 429, or
-        503 while the model loads); ``timeout_s`` aborts a generation that runs longer."""
+        503 while the model loads); ``timeout_s`` aborts a generation that runs longer;
+        ``response_cache_bytes`` bounds the answers kept for deterministic requests (0:
+        none, see ``services.response_cache``)."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
+        self._cache: ResponseCache[TextChunk] = ResponseCache(
+            max_bytes=response_cache_bytes, size_of=_cached_size
+        )
+        self._model.on_engine_change.append(self._cache.clear)
         self._max_pending = max_pending
         self._timeout_s = timeout_s
         self._configured_max_model_len = max_model_len
@@ -119,6 +136,7 @@ class TextGenerationService:
     def instrument(self, metrics: Metrics) -> None:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
         self._metrics = metrics.text(self._model.name)
+        self._cache.instrument(metrics.response_cache(self._model.name, "text"))
 
     @property
     def model(self) -> LazyModel[TextEngine]:
@@ -130,9 +148,19 @@ class TextGenerationService:
         """The name the API reports for the model (known before it loads)."""
         return self._model.name
 
+    @property
+    def response_cache(self) -> ResponseCache[TextChunk]:
+        """The answers kept for deterministic requests."""
+        return self._cache
+
     def adapter_requests(self, adapter_id: int) -> int:
         """Requests running through the LoRA adapter ``adapter_id`` now."""
         return self._adapter_requests[adapter_id]
+
+    def forget_adapter(self, adapter_id: int) -> None:
+        """Drop the cached answers of the LoRA adapter ``adapter_id`` (it was removed; a name
+        registered again gets a new id, so they could never be hit again)."""
+        self._cache.drop(adapter_id)
 
     def info(self) -> TextServiceInfo:
         """Describe the model without loading it."""
@@ -192,14 +220,25 @@ class TextGenerationService:
             retry_after=2,
         )
 
-    async def stream(
-        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
+    def stream(
+        self,
+        prompt: TextPrompt,
+        params: TextGenerationParams,
+        *,
+        request_id: str | None = None,
+        cache: CacheTicket | None = None,
     ) -> AsyncGenerator[TextChunk, None]:
         """Stream the output of one request; closing the generator aborts it in the engine.
 
         ``request_id`` becomes the engine's request id (so the engine's logs and aborts line
         up with ours); an id already in flight gets a random suffix, because aborting one
         would abort both.
+
+        With a ``cache`` ticket the response cache is looked up now, before the stream is
+        iterated (so the outcome is on the ticket when this returns): a hit streams the kept
+        answer as one chunk, without the engine (no capacity check, no token counts); a
+        miss stores the answer once the engine finished it (``stop`` or ``length``), never
+        an aborted, failed or timed-out one.
 
         Raises (before the first chunk or while streaming):
             ServiceUnavailableError: the model is loading and ``max_pending`` requests
@@ -211,6 +250,24 @@ class TextGenerationService:
             GenerationTimeoutError: the request ran past ``timeout_s`` and was aborted.
             GenerationError: the engine failed otherwise.
         """
+        kept, key = self._cache.lookup(cache, lambda: self._cache_request(prompt, params))
+        if kept is not None:
+            return _replay(kept)
+        return self._generate_stream(prompt, params, request_id, key)
+
+    def _cache_request(self, prompt: TextPrompt, params: TextGenerationParams) -> dict[str, Any]:
+        """What the response cache's key covers (everything but the scheduling priority)."""
+        fields = asdict(params)
+        del fields["priority"]
+        return {"model": self._model.name, "prompt": asdict(prompt), "params": fields}
+
+    async def _generate_stream(
+        self,
+        prompt: TextPrompt,
+        params: TextGenerationParams,
+        request_id: str | None,
+        cache_key: str | None,
+    ) -> AsyncGenerator[TextChunk, None]:
         self._admit()
         adapter = params.lora.id if params.lora is not None else None
         if adapter is not None:
@@ -222,7 +279,7 @@ class TextGenerationService:
                 # Closed here, not left to the garbage collector: its bookkeeping (metrics,
                 # tokens of the access line) must be done when this stream ends.
                 contextlib.aclosing(
-                    self._stream(engine, prompt, params, request_id, arrived)
+                    self._stream(engine, prompt, params, request_id, arrived, cache_key)
                 ) as chunks,
             ):
                 async for chunk in chunks:
@@ -240,8 +297,11 @@ class TextGenerationService:
         params: TextGenerationParams,
         request_id: str | None,
         arrived: float,
+        cache_key: str | None,
     ) -> AsyncGenerator[TextChunk, None]:
         request = current_request()
+        generation = self._model.generation
+        kept: list[TextChunk] | None = [] if cache_key is not None else None
         metrics = self._metrics
         started = time.perf_counter()
         if metrics is not None:
@@ -291,6 +351,10 @@ class TextGenerationService:
                     last_time = now
                     tokens = chunk.completion_tokens
                 last = chunk
+                if kept is not None:
+                    kept.append(chunk)
+                    if chunk.finish_reason in ("stop", "length") and cache_key is not None:
+                        self._keep(cache_key, kept, params, generation)
                 yield chunk
             if timed_out:  # the engine ended the aborted request without a last chunk
                 raise GenerationTimeoutError(timeout_s=self._timeout_s or 0)
@@ -316,6 +380,20 @@ class TextGenerationService:
                 # Closed after the last chunk counts as finished; before it, as aborted.
                 outcome = last.finish_reason if last is not None and last.finish_reason else "abort"
             self._finish(request, last, gaps, outcome, span, error)
+
+    def _keep(
+        self,
+        key: str,
+        chunks: list[TextChunk],
+        params: TextGenerationParams,
+        generation: int,
+    ) -> None:
+        """Store a finished answer, unless the engine changed since it started."""
+        if generation != self._model.generation:
+            return
+        whole = merge_chunks(chunks)
+        whole = replace(whole, token_ids=tuple(whole.token_ids))  # kept: no shared list
+        self._cache.store(key, whole, tag=params.lora.id if params.lora is not None else None)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -354,15 +432,21 @@ class TextGenerationService:
             end_span(span, error)
 
     async def generate(
-        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
+        self,
+        prompt: TextPrompt,
+        params: TextGenerationParams,
+        *,
+        request_id: str | None = None,
+        cache: CacheTicket | None = None,
     ) -> TextResult:
-        """Run one request to the end and return its whole text.
+        """Run one request to the end and return its whole text (``cache``: as for
+        :meth:`stream`).
 
         Raises what :meth:`stream` raises.
         """
         pieces: list[str] = []
         last: TextChunk | None = None
-        async for chunk in self.stream(prompt, params, request_id=request_id):
+        async for chunk in self.stream(prompt, params, request_id=request_id, cache=cache):
             pieces.append(chunk.delta)
             last = chunk
         if last is None:  # an engine always ends with a finishing chunk
@@ -375,7 +459,12 @@ class TextGenerationService:
         )
 
     async def generate_structured(
-        self, prompt: TextPrompt, params: TextGenerationParams, *, request_id: str | None = None
+        self,
+        prompt: TextPrompt,
+        params: TextGenerationParams,
+        *,
+        request_id: str | None = None,
+        cache: CacheTicket | None = None,
     ) -> StructuredResult:
         """Generate under ``params.structured`` and check the output against the constraint.
 
@@ -386,7 +475,7 @@ class TextGenerationService:
         spec = params.structured
         if spec is None:
             raise InvalidRequestError("A structured request needs a constraint.", param="type")
-        result = await self.generate(prompt, params, request_id=request_id)
+        result = await self.generate(prompt, params, request_id=request_id, cache=cache)
         parsed, is_valid = validate_structured_output(spec, result.text, result.finish_reason)
         if not is_valid:
             logger.info("Structured output did not validate (finish=%s)", result.finish_reason)
@@ -437,6 +526,12 @@ class TextGenerationService:
     async def shutdown(self) -> None:
         """Stop the engine (called from the app lifespan)."""
         await self._model.shutdown()
+
+
+async def _replay(chunk: TextChunk) -> AsyncGenerator[TextChunk, None]:
+    """A kept answer as a stream: one chunk with the whole text and its finish reason (a
+    live stream's consumer already takes chunks of several tokens)."""
+    yield chunk
 
 
 def validate_structured_output(

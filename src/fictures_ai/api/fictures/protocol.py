@@ -109,6 +109,14 @@ class _TextSampling(_Body):
             )
         return self
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether the client asked for a reproducible answer (the response cache serves
+        only those): an explicit ``temperature`` of 0, or a ``seed``. The default
+        temperature is not a choice of the client's."""
+        explicit_greedy = "temperature" in self.model_fields_set and self.temperature == 0
+        return explicit_greedy or self.seed is not None
+
     def to_prompt(self, prompt_format: PromptFormat) -> TextPrompt:
         """The engine prompt, formatted as the server is configured."""
         return TextPrompt(text=self.prompt, format=prompt_format)
@@ -446,6 +454,12 @@ class ImageGenerationRequest(_Body):
         max_length=8,
         description="LoRA adapters declared on the model's base, with their weights.",
     )
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the image is reproducible (the response cache serves only those): the
+        request names its ``seed``."""
+        return self.seed is not None
 
     def to_generation_params(self) -> ImageGenerationParams:
         """The engine's parameters; a request without a seed gets a random one (> 0)."""

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 
 from fictures_ai import __version__
 from fictures_ai.api.auth import Client, require_scope
+from fictures_ai.api.cache_control import caller_ticket, report_cache
 from fictures_ai.api.dependencies import Services, get_models, get_services
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
@@ -50,6 +51,7 @@ from fictures_ai.observability.context import current_request_id
 from fictures_ai.observability.gpu import gpu_memory
 from fictures_ai.services.model_loader import LoadState
 from fictures_ai.services.models.registry import ModelRegistry, ModelStatus
+from fictures_ai.services.response_cache import CacheTicket
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +206,11 @@ async def generate_text(
     With ``response_format: "json"`` the text is JSON, constrained to ``response_schema``.
     """
     return await text_generation(
-        body, services, admit=lambda model: caller.admit(model=model), request=request
+        body,
+        services,
+        admit=lambda model: caller.admit(model=model),
+        request=request,
+        cache=caller_ticket(request, caller, deterministic=body.deterministic),
     )
 
 
@@ -216,16 +222,21 @@ async def text_generation(
     request: Request | None,
     priority: int = INTERACTIVE_PRIORITY,
     request_id: str | None = None,
+    cache: CacheTicket | None = None,
 ) -> TextGenerationResponse:
     """Answer ``body`` as ``POST /api/v1/text/generate`` does, with the engine ``priority``
-    (a job's request runs without an HTTP ``request``); raises what the route answers."""
+    (a job's request runs without an HTTP ``request``) and the response ``cache`` ticket;
+    raises what the route answers."""
     target = services.models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
     params = replace(target.params(body.to_generation_params()), priority=priority)
     await admit(target.name)
-    work = target.service.generate(prompt, params, request_id=request_id or current_request_id())
+    work = target.service.generate(
+        prompt, params, request_id=request_id or current_request_id(), cache=cache
+    )
     result = await (cancel_on_disconnect(request, work) if request is not None else work)
+    report_cache(cache)
     return TextGenerationResponse(
         text=result.text,
         model=target.name,
@@ -242,16 +253,19 @@ async def text_generation(
     ),
 )
 async def stream_text(
-    body: TextGenerationRequest, caller: Caller, services: ServicesDep
+    body: TextGenerationRequest, request: Request, caller: Caller, services: ServicesDep
 ) -> EventStreamResponse:
     """Stream text as server-sent events with the cumulative text and the new delta."""
+    cache = caller_ticket(request, caller, deterministic=body.deterministic)
     target = services.models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
     params = target.params(body.to_generation_params())
     await caller.admit(model=target.name)
-    chunks = target.service.stream(prompt, params, request_id=current_request_id())
-    return await stream_events(chunks, TextEventEncoder(target.name))
+    chunks = target.service.stream(prompt, params, request_id=current_request_id(), cache=cache)
+    response = await stream_events(chunks, TextEventEncoder(target.name))
+    report_cache(cache)
+    return response
 
 
 @text_router.post("/structured", response_model=StructuredGenerationResponse)
@@ -259,6 +273,7 @@ async def generate_structured_text(
     body: StructuredGenerationRequest, request: Request, caller: Caller, services: ServicesDep
 ) -> StructuredGenerationResponse:
     """Generate output constrained by a JSON schema, regex, choice list or grammar."""
+    cache = caller_ticket(request, caller, deterministic=body.deterministic)
     target = services.models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     prompt = body.to_prompt(services.settings.text_prompt_format)
@@ -266,8 +281,11 @@ async def generate_structured_text(
     await caller.admit(model=target.name)
     outcome = await cancel_on_disconnect(
         request,
-        target.service.generate_structured(prompt, params, request_id=current_request_id()),
+        target.service.generate_structured(
+            prompt, params, request_id=current_request_id(), cache=cache
+        ),
     )
+    report_cache(cache)
     return StructuredGenerationResponse(
         output=outcome.result.text,
         parsed_output=outcome.parsed,
@@ -290,6 +308,7 @@ async def generate_image(
         admit=lambda model: caller.admit(model=model, images=1),
         request=request,
         image_url=_data_url,
+        cache=caller_ticket(request, caller, deterministic=body.deterministic),
     )
 
 
@@ -306,16 +325,19 @@ async def image_generation(
     image_url: Callable[[bytes], Awaitable[str]],
     priority: int = INTERACTIVE_PRIORITY,
     progress: ProgressCallback | None = None,
+    cache: CacheTicket | None = None,
 ) -> ImageGenerationResponse:
     """Answer ``body`` as ``POST /api/v1/images/generate`` does: ``image_url`` makes the URL
     of the PNG (a data URL for the route, a stored file's URL for a job), ``priority`` orders
-    the render queue, ``progress`` hears each denoising step."""
+    the render queue, ``progress`` hears each denoising step, ``cache`` is the response
+    cache ticket."""
     target = models.image(body.model)
     body = with_model_defaults(body, target.defaults)
     params = target.params(body.to_generation_params(), requested_loras(body.loras))
     await admit(target.name)
-    work = target.service.generate(params, progress=progress, priority=priority)
+    work = target.service.generate(params, progress=progress, priority=priority, cache=cache)
     image = await (cancel_on_disconnect(request, work) if request is not None else work)
+    report_cache(cache)
     return ImageGenerationResponse(
         image_url=await image_url(image.png),
         model=target.name,
@@ -336,15 +358,17 @@ async def image_generation(
     ),
 )
 async def stream_image(
-    body: ImageGenerationRequest, caller: Caller, models: ModelsDep
+    body: ImageGenerationRequest, request: Request, caller: Caller, models: ModelsDep
 ) -> EventStreamResponse:
     """Render one image, reporting its place in the queue and progress per step as
     server-sent events."""
+    cache = caller_ticket(request, caller, deterministic=body.deterministic)
     target = models.image(body.model)
     body = with_model_defaults(body, target.defaults)
     params = target.params(body.to_generation_params(), requested_loras(body.loras))
     await caller.admit(model=target.name, images=1)
-    renders = target.service.stream(params)
+    renders = target.service.stream(params, cache=cache)
+    report_cache(cache)  # looked up already: the stream starts at once
     encoder = ImageEventEncoder(target.name, total_steps=params.num_inference_steps)
     # Started at once: the render may wait long in the queue; its errors are events.
     return await stream_events(renders, encoder, wait_for_first=False)

@@ -177,6 +177,12 @@ class _Sampling(_Body):
         return 1 if self.n is None else self.n
 
     @property
+    def deterministic(self) -> bool:
+        """Whether the client asked for reproducible answers (the response cache serves only
+        those): ``temperature: 0`` or a ``seed`` (null or left out: the default, 1)."""
+        return self.temperature == 0 or self.seed is not None
+
+    @property
     def streams(self) -> bool:
         """Whether the answer is a stream of server-sent events."""
         return bool(self.stream)
@@ -729,6 +735,12 @@ class ImageGenerationRequest(_Body):
     def wants_base64(self) -> bool:
         """Whether the answer carries base64 PNGs rather than URLs."""
         return self.response_format == "b64_json"
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the images are reproducible (the response cache serves only those): the
+        request names its ``seed``."""
+        return self.seed is not None
 
     def to_generation_params(self) -> list[ImageGenerationParams]:
         """One engine parameter set per image; without a seed, a random one."""

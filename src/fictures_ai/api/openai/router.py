@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from fictures_ai.api.auth import Client, require_scope
+from fictures_ai.api.cache_control import caller_ticket, report_cache
 from fictures_ai.api.dependencies import Services, get_models, get_services
 from fictures_ai.api.disconnect import cancel_on_disconnect
 from fictures_ai.api.errors import error_responses
@@ -65,6 +66,7 @@ from fictures_ai.errors import InvalidRequestError
 from fictures_ai.observability.context import current_request_id
 from fictures_ai.services.fanout import merge_streams
 from fictures_ai.services.models.registry import ModelRegistry, ModelStatus
+from fictures_ai.services.response_cache import CacheTicket
 from fictures_ai.services.text_generation import TextGenerationService
 from fictures_ai.services.tool_calls import (
     FirstCallParser,
@@ -126,11 +128,12 @@ def _open_streams(
     prompts: list[TextPrompt],
     params: list[TextGenerationParams],
     request_id: str,
+    cache: CacheTicket | None,
 ) -> AsyncGenerator[tuple[int, TextChunk], None]:
     # Engine request ids carry the HTTP request id, so that logs and aborts line up.
     base = current_request_id() or request_id
     streams = [
-        service.stream(prompt, choice_params, request_id=f"{base}-{p}-{c}")
+        service.stream(prompt, choice_params, request_id=f"{base}-{p}-{c}", cache=cache)
         for p, prompt in enumerate(prompts)
         for c, choice_params in enumerate(params)
     ]
@@ -191,7 +194,11 @@ async def create_chat_completion(
     parser for auto.
     """
     return await chat_completion(
-        body, models, admit=lambda model: caller.admit(model=model), request=request
+        body,
+        models,
+        admit=lambda model: caller.admit(model=model),
+        request=request,
+        cache=caller_ticket(request, caller, deterministic=body.deterministic),
     )
 
 
@@ -202,9 +209,11 @@ async def chat_completion(
     admit: Admit,
     request: Request | None,
     priority: int = INTERACTIVE_PRIORITY,
+    cache: CacheTicket | None = None,
 ) -> ChatCompletionResponse | EventStreamResponse:
     """Answer ``body`` as ``POST /v1/chat/completions`` does (a stream when it asks for one),
-    with the engine ``priority``; raises what the route answers as errors."""
+    with the engine ``priority`` and the response ``cache`` ticket; raises what the route
+    answers as errors."""
     target = models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     model, service = target.name, target.service
@@ -219,7 +228,7 @@ async def chat_completion(
     prompts = [TextPrompt(messages=body.to_messages(), tools=plan.tools)]
     await admit(model)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = _open_streams(service, prompts, params, request_id)
+    streams = _open_streams(service, prompts, params, request_id, cache)
     try:
         if body.streams:
             encoder = ChunkEncoder(
@@ -230,8 +239,11 @@ async def chat_completion(
                 count=len(params),
                 parsers=parsers,
             )
-            return await stream_events(streams, encoder)
+            response = await stream_events(streams, encoder)
+            report_cache(cache)
+            return response
         choices = await _until_done(request, collect_choices(streams, len(params), parsers))
+        report_cache(cache)
     except InvalidRequestError as exc:
         if plan.structured() is not None and exc.param is None:
             await _name_the_tool(service, plan, exc)
@@ -261,7 +273,11 @@ async def create_completion(
 ) -> Any:
     """Continue a prompt as it is (no chat template); ``stream: true`` streams it."""
     return await completion(
-        body, models, admit=lambda model: caller.admit(model=model), request=request
+        body,
+        models,
+        admit=lambda model: caller.admit(model=model),
+        request=request,
+        cache=caller_ticket(request, caller, deterministic=body.deterministic),
     )
 
 
@@ -272,8 +288,10 @@ async def completion(
     admit: Admit,
     request: Request | None,
     priority: int = INTERACTIVE_PRIORITY,
+    cache: CacheTicket | None = None,
 ) -> CompletionResponse | EventStreamResponse:
-    """Answer ``body`` as ``POST /v1/completions`` does, with the engine ``priority``."""
+    """Answer ``body`` as ``POST /v1/completions`` does, with the engine ``priority`` and
+    the response ``cache`` ticket."""
     target = models.text(body.model)
     body = with_model_defaults(body, target.defaults, TEXT_DEFAULT_FIELDS)
     model, service = target.name, target.service
@@ -283,7 +301,7 @@ async def completion(
     prompts = body.prompts()
     await admit(model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = _open_streams(service, prompts, params, request_id)
+    streams = _open_streams(service, prompts, params, request_id, cache)
     count = len(prompts) * len(params)
     if body.streams:
         encoder = ChunkEncoder(
@@ -294,8 +312,11 @@ async def completion(
             count=count,
             prompts=len(prompts),
         )
-        return await stream_events(streams, encoder)
+        response = await stream_events(streams, encoder)
+        report_cache(cache)
+        return response
     choices = await _until_done(request, collect_choices(streams, count))
+    report_cache(cache)
     return CompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -332,6 +353,7 @@ async def create_image(
         admit=lambda model, images: caller.admit(model=model, images=images),
         request=request,
         keep=keep,
+        cache=caller_ticket(request, caller, deterministic=body.deterministic),
     )
 
 
@@ -343,9 +365,12 @@ async def image_generation(
     request: Request | None,
     keep: Callable[[bytes], Awaitable[str]],
     priority: int = INTERACTIVE_PRIORITY,
+    cache: CacheTicket | None = None,
 ) -> ImagesResponse:
     """Answer ``body`` as ``POST /v1/images/generations`` does; ``keep`` stores a PNG and
-    returns its URL (for ``response_format: url``); ``priority`` orders the render queue."""
+    returns its URL (for ``response_format: url``); ``priority`` orders the render queue;
+    ``cache`` is the response cache ticket (each image is looked up and kept alone: the
+    answer is a hit when every image was)."""
     target = models.image(body.model)
     body = with_model_defaults(body, target.defaults, IMAGE_DEFAULT_FIELDS)
     loras = requested_loras(body.loras)
@@ -354,10 +379,13 @@ async def image_generation(
 
     async def render_all() -> list[GeneratedImage]:
         return list(
-            await asyncio.gather(*(target.service.generate(p, priority=priority) for p in params))
+            await asyncio.gather(
+                *(target.service.generate(p, priority=priority, cache=cache) for p in params)
+            )
         )
 
     images = await _until_done(request, render_all())
+    report_cache(cache)
     data = []
     for image in images:
         if body.wants_base64:

@@ -614,6 +614,7 @@ class ModelRegistry:
                 model=model.name,
             )
         self._remove(model)
+        service.forget_adapter(model.text_lora.id)
         engine = service.model.engine
         if engine is not None:
             await engine.remove_lora(model.text_lora)
@@ -802,6 +803,7 @@ def _base_model(
             loader=text_loader,
             max_pending=settings.text_max_pending,
             timeout_s=settings.request_timeout_s,
+            response_cache_bytes=settings.response_cache_max_bytes,
         )
         return RegisteredModel(
             **common,
@@ -825,6 +827,7 @@ def _base_model(
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
         notice=notice,
+        response_cache_bytes=settings.response_cache_max_bytes,
     )
     return RegisteredModel(
         **common,
