@@ -124,17 +124,23 @@ def story(characters: int) -> str:
     return "\n".join(parts)
 
 
-def scene_body(context: str, writer: int, number: int, max_tokens: int) -> bytes:
+def scene_body(
+    context: str, writer: int, number: int, *, max_tokens: int, temperature: float
+) -> bytes:
     """Writer ``writer``'s request ``number``: the story plus one scene to write."""
     scene = _SCENES[(writer * 3 + number) % len(_SCENES)]
     body = {
         "model": MODEL,
         "messages": [
             {"role": "system", "content": f"You are a novelist. {context}"},
-            {"role": "user", "content": f"Write the next scene, in which {scene}."},
+            # Every request differs (writer, draft): none is answered from the response cache.
+            {
+                "role": "user",
+                "content": f"Draft {writer}.{number}: write the next scene, in which {scene}.",
+            },
         ],
         "max_tokens": max_tokens,
-        "temperature": TEMPERATURE,
+        "temperature": temperature,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -143,7 +149,7 @@ def scene_body(context: str, writer: int, number: int, max_tokens: int) -> bytes
 
 
 async def run_writers(
-    url: str, context: str, *, writers: int, requests: int, max_tokens: int
+    url: str, context: str, *, writers: int, requests: int, max_tokens: int, temperature: float
 ) -> dict[str, Any]:
     """``writers`` writers at once, each sending ``requests`` scenes one after the other."""
     results: list[StreamResult] = []
@@ -152,7 +158,9 @@ async def run_writers(
         connection = SseConnection(url)
         try:
             for request in range(requests):
-                body = scene_body(context, number, request, max_tokens)
+                body = scene_body(
+                    context, number, request, max_tokens=max_tokens, temperature=temperature
+                )
                 results.append(await stream_once(connection, "/v1/chat/completions", body))
         finally:
             await connection.close()
@@ -279,6 +287,7 @@ def measure_server(
                     writers=writers,
                     requests=args.requests,
                     max_tokens=args.max_tokens,
+                    temperature=args.temperature,
                 )
             )
             level |= engine_profile(before, scrape(url))
@@ -356,7 +365,7 @@ def text_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "requests_per_writer": args.requests,
             "max_tokens": args.max_tokens,
-            "temperature": TEMPERATURE,
+            "temperature": args.temperature,
             "kv_cache_mb": KV_CACHE_MB,
             "runs": args.runs,
             "ours_other_compile": f"TEXT_ENFORCE_EAGER={str(not default_enforce_eager()).lower()}",
@@ -371,6 +380,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="Tokens per scene.")
     parser.add_argument("--story-characters", type=int, default=12_000)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 is greedy.")
     parser.add_argument("--skip", default="", help="Comma list of text,compiled,images.")
     parser.add_argument("--quick", action="store_true", help="1,4 writers, 1 scene of 32 tokens.")
     parser.add_argument("--output", type=Path, default=RESULTS)
