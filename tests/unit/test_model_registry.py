@@ -493,6 +493,15 @@ async def test_admin_loads_and_unloads_and_memory_comes_back(
     assert "is an adapter on 'writer'" in adapter.json()["detail"]
     unknown = await client.post("/api/v1/models/nope/load")
     assert unknown.status_code == 404
+    # A model called "load" or "unload" has its own routes (they were a 405, found by the fuzz
+    # test); "org/load" stays the load route of "org".
+    for name in ("load", "unload", "org/load/x"):
+        for action in ("load", "unload"):
+            answer = await client.post(f"/api/v1/models/{name}/{action}")
+            assert answer.status_code == 404, (name, action)
+            assert f"no served model '{name}'" in answer.json()["detail"]
+        assert (await client.delete(f"/api/v1/models/{name}")).status_code == 404
+    assert (await client.delete("/api/v1/models/org/load")).status_code == 405
 
 
 async def test_a_model_in_use_is_not_unloaded(client: httpx.AsyncClient, ledger: Ledger) -> None:

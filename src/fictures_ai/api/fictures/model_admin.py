@@ -25,7 +25,9 @@ class ModelNameConvertor(Convertor[str]):
     """A model name in a path: slashes allowed (``Qwen/Qwen3-14B``), but not a trailing
     ``/load`` or ``/unload``, which are the routes' own (the models file refuses such names)."""
 
-    regex = r"[^/].*?(?<!/load)(?<!/unload)"
+    # Segments after the first may not be a final "load"/"unload" ("$": the path's end), so a
+    # model called "load" has its own routes (a look-behind here saw the slash before it).
+    regex = r"[^/]+(?:/(?!(?:load|unload)$)[^/]+)*"
 
     def convert(self, value: str) -> str:
         return value
