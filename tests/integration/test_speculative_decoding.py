@@ -1,12 +1,13 @@
-"""Speculative decoding (n-gram prompt lookup, the default) on the real bundled model: what the
-model says is its own.
+"""Speculative decoding (n-gram prompt lookup, ``TEXT_SPECULATIVE_METHOD=ngram``) on the real
+bundled model: what the model says is its own.
 
 With greedy sampling vLLM keeps a proposed token only when it is the model's own argmax, so the
 text can differ from a run without speculation only where the model's scores are computed in
 another order: a step that verifies several proposed tokens runs the model over more positions
 at once (other matrix shapes, another order of bf16 sums). Such a difference shows as a near tie
 at the first token where the two runs part. The structured-output, tool-call and LoRA tests of
-``test_vllm_engine.py`` run on the default engine, so with speculative decoding on as well.
+``test_vllm_engine.py`` run with it on too (``conftest.py``), as do the SDK clients' tests of the
+shared end-to-end server (``tests/e2e/conftest.py``).
 """
 
 from __future__ import annotations

@@ -495,7 +495,9 @@ async def _figures(client: httpx.AsyncClient) -> dict[str, float]:
 
 async def test_a_kv_cache_too_small_for_the_context_says_which_settings_to_change() -> None:
     # vLLM's engine core logs the reason and raises "Engine core initialization failed".
-    settings = Settings(_env_file=None, text_cpu_kv_cache_mb=16)  # type: ignore[call-arg]
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, text_cpu_kv_cache_mb=16, text_enforce_eager=True
+    )
     with pytest.raises(ModelLoadError, match="TEXT_CPU_KV_CACHE_MB=16 too small for"):
         await VllmTextEngine.load(text_engine_options(settings))
 
