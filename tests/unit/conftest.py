@@ -90,6 +90,8 @@ def make_services(
         loader=image_loader or load_image,
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
+        max_batch=settings.image_max_batch,
+        batch_wait_s=settings.image_batch_wait_ms / 1000,
     )
     models = []
     if settings.serves_text:

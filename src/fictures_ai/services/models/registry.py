@@ -825,6 +825,8 @@ def _base_model(
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
         notice=notice,
+        max_batch=settings.image_max_batch,
+        batch_wait_s=settings.image_batch_wait_ms / 1000,
     )
     return RegisteredModel(
         **common,
