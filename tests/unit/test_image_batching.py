@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from fictures_ai.services.image_generation import (
 from fictures_ai.services.render_queue import RenderQueue
 from tests.unit.conftest import wait_until
 from tests.unit.fake_engines import FakeImageEngine
+from tests.unit.test_render_queue import service as queue_service
 
 # -- the queue ------------------------------------------------------------------------------
 
@@ -133,16 +135,14 @@ async def test_a_batch_wait_holds_an_idle_renderer_for_companions() -> None:
 
 
 def service(engine: FakeImageEngine, *, max_batch: int = 8) -> ImageGenerationService:
-    async def load() -> FakeImageEngine:
-        return engine
+    return queue_service(engine, max_batch=max_batch)
 
-    return ImageGenerationService(
-        model_name="fake-image-model",
-        device="cpu",
-        max_concurrency=1,
-        loader=load,
-        max_batch=max_batch,
-    )
+
+async def busy(images: ImageGenerationService, engine: FakeImageEngine, steps: int = 3) -> Any:
+    """A request that holds the renderer, once it renders: what comes next waits together."""
+    holder = asyncio.create_task(images.generate(params("holder", steps=steps)))
+    await wait_until(lambda: bool(engine.batch_calls))
+    return holder
 
 
 def params(
@@ -209,8 +209,7 @@ async def test_loras_and_weights_never_share_a_call_with_others() -> None:
 async def test_a_request_leaving_a_batch_does_not_stop_the_others() -> None:
     engine = FakeImageEngine(step_delay=0.02, batching=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder", steps=2)))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine, steps=2)
     members = {
         name: asyncio.create_task(images.generate(params(name, steps=10)))
         for name in ("a", "b", "c")
@@ -230,8 +229,7 @@ async def test_a_request_leaving_a_batch_does_not_stop_the_others() -> None:
 async def test_a_batch_whose_every_request_left_stops_the_render() -> None:
     engine = FakeImageEngine(step_delay=0.02, batching=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder", steps=2)))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine, steps=2)
     members = [asyncio.create_task(images.generate(params(n, steps=50))) for n in "ab"]
     await holder
     await wait_until(lambda: len(engine.batch_calls) == 2)
@@ -249,8 +247,7 @@ async def test_a_batch_whose_every_request_left_stops_the_render() -> None:
 async def test_a_failed_batch_is_retried_one_image_at_a_time() -> None:
     engine = FakeImageEngine(step_delay=0.01, batching=True, fail_batches=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder")))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine)
     tasks = [asyncio.create_task(images.generate(params(n))) for n in "abc"]
     await asyncio.gather(holder, *tasks)
     assert prompts(engine) == [("holder",), ("a", "b", "c"), ("a",), ("b",), ("c",)]
@@ -259,8 +256,7 @@ async def test_a_failed_batch_is_retried_one_image_at_a_time() -> None:
 async def test_an_image_that_fails_alone_fails_every_request_of_its_call_with_that_error() -> None:
     engine = FakeImageEngine(step_delay=0.01, batching=True, fail=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder")))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine)
     tasks = [asyncio.create_task(images.generate(params(n))) for n in "ab"]
     outcomes = await asyncio.gather(holder, *tasks, return_exceptions=True)
     assert all(isinstance(outcome, GenerationError) for outcome in outcomes)
@@ -271,8 +267,7 @@ async def test_an_image_that_fails_alone_fails_every_request_of_its_call_with_th
 async def test_each_streamed_request_of_a_batch_gets_its_positions_and_steps() -> None:
     engine = FakeImageEngine(step_delay=0.01, batching=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder", steps=3)))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine, steps=3)
 
     async def stream(name: str) -> list[object]:
         return [item async for item in images.stream(params(name, steps=2))]
@@ -292,8 +287,7 @@ async def test_each_streamed_request_of_a_batch_gets_its_positions_and_steps() -
 async def test_batch_items_wait_behind_interactive_requests_and_batch_among_themselves() -> None:
     engine = FakeImageEngine(step_delay=0.01, batching=True)
     images = service(engine)
-    holder = asyncio.create_task(images.generate(params("holder")))
-    await wait_until(lambda: bool(engine.batch_calls))
+    holder = await busy(images, engine)
     jobs = [
         asyncio.create_task(images.generate(params(f"job-{i}"), priority=BATCH_PRIORITY))
         for i in range(3)
