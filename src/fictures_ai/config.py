@@ -423,6 +423,20 @@ class Settings(BaseSettings):
     image_max_concurrency: int = Field(
         1, ge=1, description="Images rendered at once; further requests wait in a queue."
     )
+    image_max_batch: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Most waiting image requests of one size, steps and LoRAs rendered in one "
+            "pipeline call (1: one at a time)."
+        ),
+    )
+    image_batch_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long an idle renderer waits for more requests to fill a batch.",
+    )
 
     # Durable jobs and batches (/api/v1/jobs, /v1/files, /v1/batches): docs/jobs.md
     jobs_dir: Path = Field(
@@ -444,8 +458,13 @@ class Settings(BaseSettings):
     job_text_concurrency: int = Field(
         4, ge=1, description="Text requests of jobs run at once per server (below max_num_seqs)."
     )
-    job_image_concurrency: int = Field(
-        1, ge=1, description="Image requests of jobs rendered or waiting at once per server."
+    job_image_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Image requests of jobs rendered or waiting at once per server (default: twice "
+            "IMAGE_MAX_BATCH, so a full batch waits while one renders; 1 without batching)."
+        ),
     )
     job_lease_s: float = Field(
         30.0, ge=1.0, description="A job request whose server stopped runs again after this."
@@ -612,6 +631,13 @@ class Settings(BaseSettings):
     def serves_images(self) -> bool:
         """Whether this server generates images (GENERATION_MODE all or image)."""
         return self.generation_mode != "text"
+
+    @property
+    def job_image_slots(self) -> int:
+        """``JOB_IMAGE_CONCURRENCY``, or what it defaults to with ``IMAGE_MAX_BATCH``."""
+        if self.job_image_concurrency is not None:
+            return self.job_image_concurrency
+        return 1 if self.image_max_batch == 1 else 2 * self.image_max_batch
 
     @property
     def webhook_allowed_hosts_list(self) -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -108,3 +110,45 @@ def test_cli_renders_an_image_to_a_file(server: RunningServer, tmp_path: object)
     assert "3/3" in result.stderr  # the progress bar reached the last step
     with Image.open(output) as image:
         assert image.size == (256, 256)
+
+
+def batch_counts(server: RunningServer) -> tuple[float, float]:
+    """(pipeline calls, images) counted by ``fictures_image_batch_size`` so far."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    calls = re.search(r"^fictures_image_batch_size_count\{[^}]*\} (\S+)$", text, re.M)
+    images = re.search(r"^fictures_image_batch_size_sum\{[^}]*\} (\S+)$", text, re.M)
+    assert calls
+    assert images
+    return float(calls.group(1)), float(images.group(1))
+
+
+def test_a_burst_of_panels_shares_pipeline_calls_and_each_is_its_lone_image(
+    server: RunningServer,
+) -> None:
+    def post(body: dict[str, object]) -> dict[str, object]:
+        response = server.http.post(
+            f"{server.url}/api/v1/images/generate", json=body, timeout=TIMEOUT
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    panels = [
+        {"prompt": f"panel {index}: a harbour", "width": 264, "height": 256, "seed": 30 + index}
+        | {"num_inference_steps": 3, "guidance_scale": 1.0}
+        for index in range(4)
+    ]
+    calls, images = batch_counts(server)
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        holder = pool.submit(post, {"prompt": "a harbour", "width": 512, "height": 512})
+        time.sleep(1.0)  # the holder renders; the panels queue behind it
+        burst = list(pool.map(post, panels))
+        holder.result()
+    after_calls, after_images = batch_counts(server)
+    assert after_images - images == 5
+    assert after_calls - calls == 2  # the holder alone, then the four panels in one call
+    for body, batched in zip(panels, burst, strict=True):
+        alone = post(body)
+        one = png_of(str(batched["image_url"])).convert("RGB").tobytes()
+        two = png_of(str(alone["image_url"])).convert("RGB").tobytes()
+        assert batched["seed"] == body["seed"]
+        assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1

@@ -92,6 +92,8 @@ def make_services(
         max_queue=settings.image_max_queue,
         timeout_s=settings.request_timeout_s,
         response_cache_bytes=settings.response_cache_max_bytes,
+        max_batch=settings.image_max_batch,
+        batch_wait_s=settings.image_batch_wait_ms / 1000,
     )
     models = []
     if settings.serves_text:

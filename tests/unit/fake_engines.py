@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -198,6 +198,11 @@ class FakeImageEngine(ImageEngine):
     shut_down: bool = False
     loras: dict[str, ImageLora] = field(default_factory=dict)
     """Adapters loaded (``add_lora`` or a render's ``loras``); ``bad`` paths are refused."""
+    batching: bool = False
+    """Render a batch in one call (as the diffusers engine does)."""
+    fail_batches: bool = False
+    """Fail every call of more than one image (as running out of memory would)."""
+    batch_calls: list[tuple[ImageGenerationParams, ...]] = field(default_factory=list)
 
     async def add_lora(self, lora: ImageLora) -> None:
         if "bad" in lora.path:
@@ -207,19 +212,42 @@ class FakeImageEngine(ImageEngine):
     async def generate(
         self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
-        self.calls.append(params)
+        return (await self.generate_batch([params], progress=[progress]))[0]
+
+    async def generate_batch(
+        self,
+        batch: Sequence[ImageGenerationParams],
+        *,
+        progress: Sequence[ProgressCallback | None] | None = None,
+    ) -> list[GeneratedImage]:
+        """With ``batching``, one "call" for the batch (its steps once, each progress callback
+        after each step), recorded in ``batch_calls``; otherwise one call per image."""
+        if not self.batching and len(batch) > 1:
+            return await super().generate_batch(batch, progress=progress)
+        self.batch_calls.append(tuple(batch))
+        self.calls.extend(batch)
+        params = batch[0]
+        assert all(item.batch_key() == params.batch_key() for item in batch)
+        callbacks = [callback for callback in progress or () if callback is not None]
         for lora in params.loras:
             await self.add_lora(lora)
         try:
             for step in range(params.num_inference_steps):
                 await asyncio.sleep(self.step_delay)
-                if progress is not None:  # like a real engine: from a render thread
-                    await asyncio.to_thread(progress, step + 1, params.num_inference_steps)
+                for callback in callbacks:  # like a real engine: from a render thread
+                    await asyncio.to_thread(callback, step + 1, params.num_inference_steps)
         except asyncio.CancelledError:
-            self.cancelled.append(params)
+            self.cancelled.extend(batch)
             raise
-        if self.fail:
+        if self.fail or (self.fail_batches and len(batch) > 1):
             raise GenerationError("The fake pipeline failed.")
+        return [self._image(item) for item in batch]
+
+    @property
+    def batches(self) -> bool:
+        return self.batching
+
+    def _image(self, params: ImageGenerationParams) -> GeneratedImage:
         loras = ",".join(f"{lora.name}:{lora.weight}" for lora in params.loras)
         key = f"{params.prompt}|{params.negative_prompt}|{params.seed}|{loras}".encode()
         colour = tuple(hashlib.sha256(key).digest()[:3])

@@ -57,6 +57,7 @@ def settings(tmp_path: Path) -> Settings:
         jobs_dir=tmp_path / "jobs",
         job_max_requests=20,
         job_max_active_per_key=3,
+        job_image_concurrency=1,  # one image request of jobs at a time: tests read positions
     )
 
 

@@ -156,7 +156,9 @@ def test_a_queue_needs_a_slot() -> None:
 # -- the image service over the queue -----------------------------------------------------
 
 
-def service(engine: FakeImageEngine, *, max_queue: int | None = None) -> ImageGenerationService:
+def service(
+    engine: FakeImageEngine, *, max_queue: int | None = None, max_batch: int = 1
+) -> ImageGenerationService:
     async def load() -> FakeImageEngine:
         return engine
 
@@ -166,6 +168,7 @@ def service(engine: FakeImageEngine, *, max_queue: int | None = None) -> ImageGe
         max_concurrency=1,
         loader=load,
         max_queue=max_queue,
+        max_batch=max_batch,
     )
 
 

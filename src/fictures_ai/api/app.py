@@ -137,7 +137,7 @@ def build_job_service(settings: Settings, services: Services) -> JobService:
         webhooks=webhooks,
         options=JobRunnerOptions(
             text_concurrency=settings.job_text_concurrency,
-            image_concurrency=settings.job_image_concurrency,
+            image_concurrency=settings.job_image_slots,
             lease_s=settings.job_lease_s,
             result_ttl_s=settings.job_result_ttl_s,
             webhook_max_attempts=settings.webhook_max_attempts,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -373,6 +373,27 @@ class ImageGenerationParams:
     guidance_scale: float = 7.5
     loras: tuple[ImageLora, ...] = ()
 
+    def batch_key(self) -> Hashable:
+        """What one pipeline call takes as a single value for all of its images: renders
+        with equal keys can share a call (:meth:`ImageEngine.generate_batch`), each with its
+        own prompt, negative prompt and seed.
+
+        Size, steps and guidance scale; the adapters with their paths and weights (a render
+        never shares a call with another adapter set); and whether there is a negative prompt
+        at all (SDXL pipelines use zeros, not an encoded empty prompt, when there is none,
+        and a call takes either for all of its images). The model and its scheduler are the
+        engine's, one per engine.
+        """
+        loras = tuple(sorted((lora.name, lora.path, float(lora.weight)) for lora in self.loras))
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            float(self.guidance_scale),
+            self.negative_prompt is None,
+            loras,
+        )
+
 
 def covering_size(width: int, height: int, *, multiple: int) -> tuple[int, int]:
     """The smallest ``(width, height)`` in multiples of ``multiple`` that covers the request.
@@ -436,6 +457,33 @@ class ImageEngine(abc.ABC):
         cannot render (an adapter that does not fit it included), ``GenerationError`` when the
         pipeline fails.
         """
+
+    async def generate_batch(
+        self,
+        batch: Sequence[ImageGenerationParams],
+        *,
+        progress: Sequence[ProgressCallback | None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Render ``batch`` (renders with equal :meth:`ImageGenerationParams.batch_key`) and
+        return their images in order; ``progress``, when given, holds one callback per render.
+
+        Each image is the one :meth:`generate` gives for its parameters alone, up to the
+        floating-point differences a larger batch brings (see docs/architecture.md). Engines
+        that can run one pipeline call for all of them override this; the default renders
+        them one after another. Errors and cancellation as :meth:`generate`, for the whole
+        batch.
+        """
+        callbacks = list(progress) if progress is not None else [None] * len(batch)
+        return [
+            await self.generate(params, progress=callback)
+            for params, callback in zip(batch, callbacks, strict=True)
+        ]
+
+    @property
+    def batches(self) -> bool:
+        """Whether :meth:`generate_batch` runs one pipeline call for a batch (so that
+        batching pays off)."""
+        return False
 
     @abc.abstractmethod
     async def check_health(self) -> None:

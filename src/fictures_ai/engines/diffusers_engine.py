@@ -6,6 +6,8 @@ SDXL pipeline on a CPU). A diffusers pipeline object is not thread-safe, so the 
 executor of ``IMAGE_MAX_CONCURRENCY`` render threads (one by default), each with its own view
 of the pipeline: renders run there in the order they arrive, and the event loop only awaits
 them. Cancelling the awaiting task stops the render at the end of the current denoising step.
+A batch of renders that share size, steps, guidance and adapters (``generate_batch``) is one
+pipeline call with a list of prompts and one seeded generator per image.
 
 LoRA adapters (``ImageLora``) are loaded into the pipeline once, by name, and activated per
 render. The render threads share the denoiser's modules, and diffusers keeps the active
@@ -28,7 +30,7 @@ import re
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,14 +394,48 @@ class DiffusersImageEngine(ImageEngine):
         pipeline is unchanged then), ``GenerationError`` when the pipeline fails (including
         running out of memory) and ``ServiceUnavailableError`` after :meth:`shutdown`.
         """
+        images = await self.generate_batch([params], progress=[progress])
+        return images[0]
+
+    async def generate_batch(
+        self,
+        batch: Sequence[ImageGenerationParams],
+        *,
+        progress: Sequence[ProgressCallback | None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Render ``batch`` in one pipeline call: a list of prompts (and negative prompts)
+        and one CPU ``torch.Generator`` per image, seeded with its own seed, so that each
+        image's initial noise is the one it gets alone. What stays the same for the whole
+        call (size, steps, guidance scale, adapters) must be equal: ``ValueError`` otherwise
+        (:meth:`ImageGenerationParams.batch_key`).
+
+        ``progress`` callbacks are each called after every denoising step of the call. As
+        :meth:`generate` otherwise: cancelling stops the whole call after its current step.
+        """
+        if not batch:
+            return []
+        first = batch[0]
+        if any(params.batch_key() != first.batch_key() for params in batch[1:]):
+            raise ValueError("The renders of one batch must share size, steps, guidance and LoRAs.")
         self._check_open()
-        _check_loras(params.loras)
-        for lora in params.loras:
+        _check_loras(first.loras)
+        for lora in first.loras:
             self._check_not_loaded_elsewhere(lora)
+        callbacks = [callback for callback in progress or () if callback is not None]
         cancelled = threading.Event()
-        image = await self._in_render_thread(self._render, params, progress, cancelled=cancelled)
-        png = await asyncio.to_thread(_encode_png, image)
-        return GeneratedImage(png=png, width=image.width, height=image.height, seed=params.seed)
+        images = await self._in_render_thread(
+            self._render, tuple(batch), callbacks, cancelled=cancelled
+        )
+        pngs = await asyncio.to_thread(lambda: [_encode_png(image) for image in images])
+        return [
+            GeneratedImage(png=png, width=image.width, height=image.height, seed=params.seed)
+            for png, image, params in zip(pngs, images, batch, strict=True)
+        ]
+
+    @property
+    def batches(self) -> bool:
+        """True: a batch is one pipeline call."""
+        return True
 
     async def add_lora(self, lora: ImageLora) -> None:
         """Load ``lora`` into the pipeline under ``lora.name`` now, so that renders naming it
@@ -504,24 +540,23 @@ class DiffusersImageEngine(ImageEngine):
 
     def _render(
         self,
-        params: ImageGenerationParams,
-        progress: ProgressCallback | None,
+        batch: tuple[ImageGenerationParams, ...],
+        progress: list[ProgressCallback],
         cancelled: threading.Event,
-    ) -> Image:
-        """Load and activate the render's adapters, then run the pipeline; called in a render
-        thread."""
+    ) -> list[Image]:
+        """Load and activate the batch's adapters (one set for all), then run the pipeline;
+        called in a render thread."""
+        loras = batch[0].loras
         # Resolved before the gate: building the bundled adapter must not hold up renders.
         paths = {
             lora.name: self._resolve_lora_path(lora)
-            for lora in params.loras
+            for lora in loras
             if lora.name not in self._loras
         }
-        key = _adapter_key(params.loras)
-        self._gate.enter(
-            key, cancelled=cancelled, setup=lambda: self._activate(params.loras, paths, key)
-        )
+        key = _adapter_key(loras)
+        self._gate.enter(key, cancelled=cancelled, setup=lambda: self._activate(loras, paths, key))
         try:
-            return self._run_pipeline(params, progress, cancelled)
+            return self._run_pipeline(batch, progress, cancelled)
         finally:
             self._gate.leave()
 
@@ -534,16 +569,18 @@ class DiffusersImageEngine(ImageEngine):
 
     def _run_pipeline(
         self,
-        params: ImageGenerationParams,
-        progress: ProgressCallback | None,
+        batch: tuple[ImageGenerationParams, ...],
+        progress: list[ProgressCallback],
         cancelled: threading.Event,
-    ) -> Image:
-        """Run the pipeline with the adapters already active; called in a render thread."""
+    ) -> list[Image]:
+        """Run the pipeline once for ``batch`` with the adapters already active; called in a
+        render thread."""
         import torch
 
         pipeline = self._thread_pipeline()
         if cancelled.is_set():
             raise _RenderCancelled
+        params = batch[0]
 
         def on_step_end(
             pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
@@ -551,23 +588,28 @@ class DiffusersImageEngine(ImageEngine):
             if cancelled.is_set() or self._closed:
                 pipe._interrupt = True
                 raise _RenderCancelled
-            if progress is not None:
-                total = getattr(pipe, "num_timesteps", None) or params.num_inference_steps
-                progress(step + 1, int(total))
+            total = getattr(pipe, "num_timesteps", None) or params.num_inference_steps
+            for callback in progress:
+                callback(step + 1, int(total))
             return callback_kwargs
 
-        # A CPU generator gives the same initial noise for a seed on every device.
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        # One CPU generator per image: diffusers draws each image's initial noise from its
+        # own generator when given a list, so an image does not depend on its batch, and a
+        # CPU generator gives the same noise for a seed on every device.
+        generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in batch]
         render_width, render_height = self.render_size(params.width, params.height)
+        negative = (
+            None if params.negative_prompt is None else [item.negative_prompt for item in batch]
+        )
         try:
             result = pipeline(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
+                prompt=[item.prompt for item in batch],
+                negative_prompt=negative,
                 width=render_width,
                 height=render_height,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
-                generator=generator,
+                generator=generators,
                 callback_on_step_end=on_step_end,
                 output_type="pil",
             )
@@ -576,17 +618,19 @@ class DiffusersImageEngine(ImageEngine):
         except torch.OutOfMemoryError as exc:
             logger.exception("Image render ran out of memory")
             raise GenerationError(
-                f"The image pipeline ran out of memory rendering {params.width}x{params.height}. "
-                "Try a smaller size, or set IMAGE_VAE_TILING=true, IMAGE_ATTENTION_SLICING=true "
-                "or IMAGE_CPU_OFFLOAD=model."
+                f"The image pipeline ran out of memory rendering {len(batch)} image(s) of "
+                f"{params.width}x{params.height}. Try a smaller size or IMAGE_MAX_BATCH, or set "
+                "IMAGE_VAE_TILING=true, IMAGE_ATTENTION_SLICING=true or IMAGE_CPU_OFFLOAD=model."
             ) from exc
         except Exception as exc:
             logger.exception("Image render failed")
             raise GenerationError(f"The image pipeline failed: {exc}") from exc
-        image: Image = result.images[0]
-        if image.size != (params.width, params.height):
-            image = image.crop(centre_crop_box(image.size, (params.width, params.height)))
-        return image
+        images: list[Image] = list(result.images)
+        size = (params.width, params.height)
+        return [
+            image if image.size == size else image.crop(centre_crop_box(image.size, size))
+            for image in images
+        ]
 
     def _thread_pipeline(self) -> Any:
         """The pipeline this render thread uses.

@@ -56,6 +56,7 @@ RENDER_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
     180.0, 300.0,
 )  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 QUEUE_WAIT_BUCKETS = (
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
@@ -88,6 +89,8 @@ class ImageMetrics:
     queue_wait: Histogram
     finished: dict[str, Counter]
     """One counter per ``IMAGE_OUTCOMES`` entry."""
+    batch_size: Histogram
+    """Images per pipeline call (``IMAGE_MAX_BATCH``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,13 @@ class Metrics:
             buckets=RENDER_BUCKETS,
             registry=registry,
         )
+        self.image_batch_size = Histogram(
+            "fictures_image_batch_size",
+            "Images rendered by one pipeline call (requests batched together, IMAGE_MAX_BATCH).",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
         self.image_renders = Counter(
             "fictures_image_renders",
             "Image renders that ended, by outcome (ok, error, cancelled).",
@@ -267,6 +277,7 @@ class Metrics:
             finished={
                 outcome: self.image_renders.labels(model, outcome) for outcome in IMAGE_OUTCOMES
             },
+            batch_size=self.image_batch_size.labels(model),
         )
 
     def response_cache(self, model: str, kind: str) -> ResponseCacheMetrics:

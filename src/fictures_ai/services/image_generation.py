@@ -8,6 +8,16 @@ waiting for a slot. It counts what is waiting and running, and tells a waiting r
 place in the queue. A request cancelled while it waits (its client went away) leaves the queue
 without rendering; one cancelled mid-render stops at the engine's next denoising step.
 
+Batches (``max_batch`` above 1, ``IMAGE_MAX_BATCH``): when a render slot frees, the request
+at the head of the queue takes with it the waiting requests of its priority whose renders can
+share one pipeline call (``ImageGenerationParams.batch_key``: size, steps, guidance, adapters
+and weights), up to ``max_batch`` images, and the engine renders them in one call
+(``ImageEngine.generate_batch``), each from its own seed. The batch runs in a task of its own,
+so a request that leaves it (its client went away) does not stop the others: its image is
+computed with theirs and thrown away, and only when every request of a batch has left does the
+render stop, at its next step. Each request still gets its own progress callbacks, queue
+positions, spans and metrics.
+
 Image metrics are observed here: queue wait (model load plus render slot), render seconds and
 outcomes; the request gets ``queue.image_slot`` and ``image.render`` spans and its image size
 on the access-log line.
@@ -16,6 +26,7 @@ on the access-log line.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -31,7 +42,12 @@ from fictures_ai.engines.base import (
     ImageGenerationParams,
     ProgressCallback,
 )
-from fictures_ai.errors import GenerationTimeoutError, OverloadedError, ServiceUnavailableError
+from fictures_ai.errors import (
+    GenerationError,
+    GenerationTimeoutError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from fictures_ai.observability.context import current_request
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
@@ -70,6 +86,39 @@ class ImageServiceInfo(ModelLoadInfo):
     running: int
 
 
+@dataclass(eq=False, slots=True)
+class _Ticket:
+    """One request's image on its way through the queue and a batch."""
+
+    params: ImageGenerationParams
+    progress: ProgressCallback | None
+    started: asyncio.Future[None]
+    """Done when its batch starts (cancelled: the request left while waiting)."""
+    done: asyncio.Future[GeneratedImage]
+    batch: _Batch | None = None
+    cancelled: bool = False
+    """The request left the running batch; its image is thrown away."""
+
+    def settle(self, outcome: GeneratedImage | BaseException) -> None:
+        """Hand the request its image or error (a request that left gets nothing)."""
+        if self.done.done():
+            return
+        if self.cancelled:
+            self.done.cancel()
+        elif isinstance(outcome, BaseException):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """Requests rendered by one engine call."""
+
+    tickets: tuple[_Ticket, ...]
+    task: asyncio.Task[None] | None = None
+
+
 class ImageGenerationService:
     """Serves text-to-image from one lazily loaded ``ImageEngine``."""
 
@@ -83,14 +132,18 @@ class ImageGenerationService:
         max_queue: int | None = None,
         timeout_s: float | None = None,
         notice: str | None = None,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
         response_cache_bytes: int = 0,
     ) -> None:
         """``max_queue`` bounds the requests a new one would wait behind (beyond it: 429;
         batch items waiting never count against an interactive request);
         ``timeout_s`` stops a render that runs longer; ``notice`` is what the model info says
-        about the model before it loads (the tiny pipeline's warning);
-        ``response_cache_bytes`` bounds the images kept for requests with a seed (0: none,
-        see ``services.response_cache``)."""
+        about the model before it loads (the tiny pipeline's warning); ``max_batch`` is the
+        most images one engine call renders (``IMAGE_MAX_BATCH``; engines whose batches are
+        no single call never batch), ``batch_wait_s`` how long an idle renderer waits to fill
+        a batch (see ``RenderQueue``); ``response_cache_bytes`` bounds the images kept for
+        requests with a seed (0: none, see ``services.response_cache``)."""
         self._model = LazyModel(name=model_name, loader=loader, retry_after=LOAD_RETRY_AFTER_S)
         self._cache: ResponseCache[GeneratedImage] = ResponseCache(
             max_bytes=response_cache_bytes, size_of=lambda image: len(image.png)
@@ -100,8 +153,11 @@ class ImageGenerationService:
         self._max_queue = max_queue
         self._timeout_s = timeout_s
         self._notice = notice
-        self._queue = RenderQueue(max_concurrency)
+        self._queue: RenderQueue[_Ticket] = RenderQueue(
+            max_concurrency, max_batch=max_batch, batch_wait_s=batch_wait_s
+        )
         self._metrics: ImageMetrics | None = None
+        self._rendering = 0  # requests whose batch runs now
 
     def instrument(self, metrics: Metrics) -> None:
         """Record this service's figures in ``metrics`` (the app's registry) from now on."""
@@ -134,7 +190,7 @@ class ImageGenerationService:
             initialized=engine is not None,
             notice=model.notice if model else self._notice,
             waiting=self._queue.waiting,
-            running=self._queue.running,
+            running=self._rendering,
             **lazy.load_info(),
         )
 
@@ -234,8 +290,26 @@ class ImageGenerationService:
                 "Try again shortly.",
                 retry_after=5,
             )
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(params, progress, loop.create_future(), loop.create_future())
+        batches = queue.max_batch > 1 and engine.batches
         with child_span("queue.image_slot", {"fictures.priority": priority}):
-            await queue.acquire(priority=priority, on_position=on_position)
+            handle = queue.submit(
+                ticket,
+                start=lambda tickets: self._start(engine, tickets),
+                priority=priority,
+                batch_key=params.batch_key() if batches else None,
+                on_position=on_position,
+                gone=ticket.started.cancelled,
+            )
+            try:
+                await ticket.started
+            except asyncio.CancelledError:
+                if ticket.batch is None:  # still waiting: leave the queue
+                    queue.withdraw(handle)
+                    raise
+                await self._leave(ticket)  # started as it was cancelled
+                raise
         started = time.perf_counter()
         if metrics is not None:
             metrics.queue_wait.observe(started - arrived)
@@ -247,25 +321,105 @@ class ImageGenerationService:
                 "fictures.height": params.height,
                 "fictures.steps": params.num_inference_steps,
                 "fictures.seed": params.seed,
+                "fictures.batch_size": len(ticket.batch.tickets) if ticket.batch else 1,
             }
             with child_span("image.render", attributes):
-                try:
-                    async with asyncio.timeout(self._timeout_s):
-                        image = await engine.generate(params, progress=progress)
-                except TimeoutError:
-                    # The timeout cancelled the render: the engine stopped it at its next step.
-                    raise GenerationTimeoutError(timeout_s=self._timeout_s or 0) from None
+                # Shielded: the render belongs to the batch, not to this request.
+                image = await asyncio.shield(ticket.done)
             outcome = "ok"
             if metrics is not None:
                 metrics.render_seconds.observe(time.perf_counter() - started)
             return image
         except asyncio.CancelledError:
             outcome = "cancelled"
+            await self._leave(ticket)
             raise
         finally:
-            queue.release()
             if metrics is not None:
                 metrics.finished[outcome].inc()
+
+    def _start(self, engine: ImageEngine, tickets: tuple[_Ticket, ...]) -> None:
+        """Start a batch the queue formed (called on the event loop by the queue)."""
+        live = tuple(ticket for ticket in tickets if not ticket.started.done())
+        if not live:  # every one was cancelled as the slot came
+            self._queue.release()
+            return
+        batch = _Batch(live)
+        self._rendering += len(live)
+        for ticket in live:
+            ticket.batch = batch
+            ticket.started.set_result(None)
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(live))
+        # A context of its own: the render serves several requests, so it must not carry
+        # (log or trace as) the one whose release happened to start it.
+        batch.task = asyncio.get_running_loop().create_task(
+            self._run_batch(engine, batch), context=contextvars.Context()
+        )
+
+    async def _leave(self, ticket: _Ticket) -> None:
+        """A request left the batch it rendered in (its client went away). The others go on
+        and its image is thrown away; when it was the last one waiting for the batch, the
+        render stops at its next denoising step, and this returns once the engine let go."""
+        ticket.cancelled = True
+        batch = ticket.batch
+        if batch is None or batch.task is None or batch.task.done():
+            return
+        if all(member.cancelled for member in batch.tickets):
+            batch.task.cancel()
+            await asyncio.gather(batch.task, return_exceptions=True)
+
+    async def _run_batch(self, engine: ImageEngine, batch: _Batch) -> None:
+        """Render a batch in one engine call and hand each request its image; the slot is
+        released at the end. A ``GenerationError`` of a batch of several images (running out
+        of memory is the likely one) is retried once with each image alone, so that only the
+        image that fails by itself fails; any other error fails every request of the batch
+        with that same error."""
+        tickets = batch.tickets
+        try:
+            try:
+                images = await self._call(engine, tickets)
+            except GenerationError as exc:
+                if len(tickets) == 1:
+                    raise
+                logger.warning(
+                    "A batch of %d images failed (%s); rendering them one at a time",
+                    len(tickets),
+                    exc,
+                )
+                for ticket in tickets:
+                    if ticket.cancelled:
+                        continue
+                    try:
+                        ticket.settle((await self._call(engine, (ticket,)))[0])
+                    except (GenerationError, GenerationTimeoutError) as alone:
+                        ticket.settle(alone)
+                return
+            for ticket, image in zip(tickets, images, strict=True):
+                ticket.settle(image)
+        except asyncio.CancelledError:
+            for ticket in tickets:
+                ticket.done.cancel()
+            raise
+        except Exception as exc:
+            for ticket in tickets:
+                ticket.settle(exc)
+        finally:
+            self._rendering -= len(tickets)
+            self._queue.release()
+
+    async def _call(
+        self, engine: ImageEngine, tickets: tuple[_Ticket, ...]
+    ) -> list[GeneratedImage]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await engine.generate_batch(
+                    [ticket.params for ticket in tickets],
+                    progress=[ticket.progress for ticket in tickets],
+                )
+        except TimeoutError:
+            # The timeout cancelled the render: the engine stopped it at its next step.
+            raise GenerationTimeoutError(timeout_s=self._timeout_s or 0) from None
 
     def stream(
         self,

@@ -828,6 +828,8 @@ def _base_model(
         timeout_s=settings.request_timeout_s,
         notice=notice,
         response_cache_bytes=settings.response_cache_max_bytes,
+        max_batch=settings.image_max_batch,
+        batch_wait_s=settings.image_batch_wait_ms / 1000,
     )
     return RegisteredModel(
         **common,
