@@ -407,7 +407,8 @@ def main() -> None:
     if "images" not in args.skip:
         import image_batching  # its own imports (torch, diffusers) only when measured
 
-        result["images"] = asyncio.run(image_batching.measure(quick=args.quick))
+        rounds = 2 if args.quick else 5
+        result["images"] = asyncio.run(image_batching.measure(rounds=rounds, progress=say))
         say(f"images: {json.dumps(result['images'])}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
