@@ -10,6 +10,7 @@ took 13 % longer (90 s to 102 s on the 2-core machine): more than the second eng
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,50 +19,44 @@ from fictures_ai.engines.vllm_engine import VllmTextEngine
 from fictures_ai.services.engine_factory import text_engine_options
 
 
-@pytest.fixture(scope="session")
-async def text_engine() -> AsyncIterator[VllmTextEngine]:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        text_max_model_len=4096,
-        text_max_num_seqs=32,
-        text_cpu_kv_cache_mb=256,
-        text_enforce_eager=True,
-        text_speculative_method="ngram",
+async def loaded_engine(**settings: Any) -> AsyncIterator[VllmTextEngine]:
+    """An engine of the bundled model, eager, with ``settings`` over a small context."""
+    values = {
+        "text_max_model_len": 4096,
+        "text_max_num_seqs": 32,
+        "text_cpu_kv_cache_mb": 256,
+        "text_enforce_eager": True,
+        **settings,
+    }
+    engine = await VllmTextEngine.load(
+        text_engine_options(Settings(_env_file=None, **values))
     )
-    engine = await VllmTextEngine.load(text_engine_options(settings))
     yield engine
     await engine.shutdown()
 
 
 @pytest.fixture(scope="session")
+async def text_engine() -> AsyncIterator[VllmTextEngine]:
+    async for engine in loaded_engine(text_speculative_method="ngram"):
+        yield engine
+
+
+@pytest.fixture(scope="session")
 async def lora_text_engine() -> AsyncIterator[VllmTextEngine]:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
+    async for engine in loaded_engine(
         text_max_model_len=2048,
         text_max_num_seqs=8,
         text_cpu_kv_cache_mb=128,
         text_enable_lora=True,
         text_max_loras=1,
         text_max_lora_rank=16,
-        text_enforce_eager=True,
         text_speculative_method="ngram",
-    )
-    engine = await VllmTextEngine.load(text_engine_options(settings))
-    yield engine
-    await engine.shutdown()
+    ):
+        yield engine
 
 
 @pytest.fixture(scope="session")
 async def plain_text_engine() -> AsyncIterator[VllmTextEngine]:
     """The engine as the server starts it (TEXT_SPECULATIVE_METHOD=none)."""
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        text_max_model_len=4096,
-        text_max_num_seqs=32,
-        text_cpu_kv_cache_mb=256,
-        text_enforce_eager=True,
-        text_speculative_method="none",
-    )
-    engine = await VllmTextEngine.load(text_engine_options(settings))
-    yield engine
-    await engine.shutdown()
+    async for engine in loaded_engine(text_speculative_method="none"):
+        yield engine
