@@ -28,9 +28,7 @@ async def loaded_engine(**settings: Any) -> AsyncIterator[VllmTextEngine]:
         "text_enforce_eager": True,
         **settings,
     }
-    engine = await VllmTextEngine.load(
-        text_engine_options(Settings(_env_file=None, **values))
-    )
+    engine = await VllmTextEngine.load(text_engine_options(Settings(_env_file=None, **values)))
     yield engine
     await engine.shutdown()
 
