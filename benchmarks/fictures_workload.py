@@ -125,19 +125,14 @@ def story(characters: int) -> str:
 
 
 def scene_body(
-    context: str, writer: int, number: int, *, max_tokens: int, temperature: float
+    context: str, draft: str, scene: str, *, max_tokens: int, temperature: float
 ) -> bytes:
-    """Writer ``writer``'s request ``number``: the story plus one scene to write."""
-    scene = _SCENES[(writer * 3 + number) % len(_SCENES)]
+    """One request: the story plus the scene to write, labelled ``draft``."""
     body = {
         "model": MODEL,
         "messages": [
             {"role": "system", "content": f"You are a novelist. {context}"},
-            # Every request differs (writer, draft): none is answered from the response cache.
-            {
-                "role": "user",
-                "content": f"Draft {writer}.{number}: write the next scene, in which {scene}.",
-            },
+            {"role": "user", "content": f"Draft {draft}: write the next scene, in which {scene}."},
         ],
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -158,8 +153,14 @@ async def run_writers(
         connection = SseConnection(url)
         try:
             for request in range(requests):
+                # Every request of a run differs (writers, writer, request): none is answered
+                # from the response cache, even at temperature 0.
                 body = scene_body(
-                    context, number, request, max_tokens=max_tokens, temperature=temperature
+                    context,
+                    f"{writers}.{number}.{request}",
+                    _SCENES[(number * 3 + request) % len(_SCENES)],
+                    max_tokens=max_tokens,
+                    temperature=temperature,
                 )
                 results.append(await stream_once(connection, "/v1/chat/completions", body))
         finally:
