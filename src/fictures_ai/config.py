@@ -354,7 +354,8 @@ class Settings(BaseSettings):
             "Speculative decoding (vLLM's speculative_config): ngram proposes the tokens that "
             "followed the latest ones in the prompt (wins at temperature 0, loses at 0.7: "
             "docs/benchmarks.md), draft_model asks TEXT_SPECULATIVE_MODEL, none is off. Greedy "
-            "output stays the model's own; logit_bias is refused while it is on."
+            "output stays the model's own up to floating-point ties; logit_bias is refused "
+            "while it is on."
         ),
     )
     text_num_speculative_tokens: int = Field(
@@ -427,8 +428,8 @@ class Settings(BaseSettings):
         8,
         ge=1,
         description=(
-            "Most waiting image requests of one size, steps and LoRAs rendered in one "
-            "pipeline call (1: one at a time)."
+            "Most waiting image requests of one size, steps, guidance and LoRAs rendered in "
+            "one pipeline call (1: one at a time)."
         ),
     )
     image_batch_wait_ms: float = Field(

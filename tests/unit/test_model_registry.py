@@ -258,6 +258,11 @@ def test_a_bad_models_file_names_the_entry_and_the_field(
             "{speculative_method: draft_model}",
             "models[0] (a): options: speculative_method=draft_model needs speculative_model",
         ),
+        (
+            "{prompt_lookup_max: 1}",
+            "prompt_lookup_min (2) must be at least 1 and at most prompt_lookup_max (1) (options "
+            "the entry leaves out are the settings': TEXT_/IMAGE_...)",
+        ),
     ],
 )
 def test_bad_engine_options_stop_the_server_naming_the_entry(
@@ -269,6 +274,32 @@ def test_bad_engine_options_stop_the_server_naming_the_entry(
     with pytest.raises(ModelsFileError) as caught:
         build_services(settings_for(path))
     assert message in str(caught.value)
+
+
+async def test_an_entry_with_another_speculative_method_does_not_inherit_the_draft_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[VllmEngineOptions] = []
+
+    async def create_text(options: VllmEngineOptions) -> FakeTextEngine:
+        built.append(options)
+        return FakeTextEngine()
+
+    monkeypatch.setattr(engine_factory, "create_text_engine", create_text)
+    path = write_models(
+        tmp_path,
+        "models:\n  - {name: a, kind: text, source: x, options: {speculative_method: ngram}}\n"
+        "  - {name: b, kind: text, source: y}",
+    )
+    settings = settings_for(
+        path, text_speculative_method="draft_model", text_speculative_model="/models/draft"
+    )
+    services = build_services(settings)
+    for name in ("a", "b"):
+        await services.models.text(name).service.initialize()
+    entry, inheriting = built
+    assert (entry.speculative_method, entry.speculative_model) == ("ngram", None)
+    assert inheriting.speculative_model == "/models/draft"
 
 
 def test_serve_refuses_a_bad_models_file_with_the_reason(

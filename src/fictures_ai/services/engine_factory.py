@@ -200,4 +200,6 @@ def override_options(options: OptionsT, overrides: Mapping[str, Any]) -> Options
         where = "".join(f".{part}" for part in error["loc"])
         # A rule across options (the options' own check) has no field: its message names them.
         cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+        if cause is not None:
+            cause = f"{cause} (options the entry leaves out are the settings': TEXT_/IMAGE_...)"
         raise ValueError(f"options{where}: {cause or error['msg']}") from None

@@ -785,6 +785,13 @@ def _base_model(
     }
     if spec.kind == "text":
         settings_options = text_engine_options(settings)
+        # An entry that picks another speculative method than draft_model does not inherit
+        # TEXT_SPECULATIVE_MODEL (only draft_model takes one).
+        method = spec.options.get("speculative_method", "draft_model")
+        if method != "draft_model" and "speculative_model" not in spec.options:
+            settings_options = replace(
+                settings_options, speculative_method="none", speculative_model=None
+            )
         text_options = override_options(
             replace(
                 settings_options,
