@@ -8,19 +8,21 @@ Writers share one long story (a synthetic story bible and chapter made here, see
 (``/v1/chat/completions``, streamed, the story as the system message, a different scene asked
 for each time, temperature 0.7 as the Fictures web app sends it, ``ignore_eos`` so that every
 answer is ``--max-tokens`` long on both servers). Both servers run the same bundled model with
-the same KV-cache size (vLLM on the CPU needs one); everything else is each server's default:
-``vllm serve`` compiles its graphs and does not speculate, ours runs eager with n-gram
-speculative decoding. One after the other, fresh processes, in one run (the order alternates
-between runs):
+the same KV-cache size (vLLM on the CPU needs one); everything else is each server's default
+(both compile their graphs, cache prefixes and do not speculate). One after the other, fresh
+processes, in one run (the order alternates between runs):
 
-1. ``vllm serve`` defaults, ``fictures-ai serve`` defaults and ours with the other compile mode
-   (``TEXT_ENFORCE_EAGER`` flipped: item 6 of issue 15, start time and throughput), each at
-   every writer count: per-user tokens/s (a request's tokens over its time, TTFT included),
-   TTFT p50/p99, total tokens/s, and from each server's own ``/metrics`` the prefix-cache hit
-   rate and, for ours, the speculative acceptance.
+1. ``vllm serve`` defaults, ``fictures-ai serve`` defaults and ours with one default flipped
+   (``variants``: the other compile mode, ``TEXT_ENFORCE_EAGER``, for start time and
+   throughput; the other speculation, ``TEXT_SPECULATIVE_METHOD``), each at every writer
+   count: per-user tokens/s (a request's tokens over its time, TTFT included), TTFT p50/p99,
+   total tokens/s, and from each server's own ``/metrics`` the prefix-cache hit rate and, for
+   ours with speculation, the acceptance.
 2. Images: a scene's panels at once against one at a time (``image_batching.py``).
 
-Ratios go to ``benchmarks/results/fictures_workload.json`` (``--output`` elsewhere).
+Ratios go to ``benchmarks/results/fictures_workload.json`` (``--quick``:
+``fictures_workload_quick.json``; ``--output`` elsewhere); a part skipped keeps what the file
+holds, so text and images can be measured apart.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from loadgen import SseConnection, StreamResult, percentile, stream_once  # noqa
 from support import describe_machine, stop  # noqa: E402
 
 RESULTS = HERE / "results" / "fictures_workload.json"
+QUICK_RESULTS = HERE / "results" / "fictures_workload_quick.json"
 MODEL = "SmolLM2-135M-Instruct"
 KV_CACHE_MB = 512
 """The same KV cache for both servers: our default ``TEXT_CPU_KV_CACHE_MB``; vLLM on the CPU
@@ -390,13 +393,17 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="Comma list of text,images,other_compile,other_speculation."
     )
-    parser.add_argument("--quick", action="store_true", help="1,4 writers, 1 scene of 32 tokens.")
+    parser.add_argument(
+        "--quick", action="store_true", help="1,4 writers, 1 scene of 32 tokens, 2 image rounds."
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.writers = [int(value) for value in args.writers.split(",")]
     args.skip = set(filter(None, args.skip.split(",")))
-    if args.quick:
+    if args.quick:  # a smoke test: its figures never replace a full run's
         args.writers, args.requests, args.max_tokens, args.runs = [1, 4], 1, 32, 1
+        if args.output == RESULTS:
+            args.output = QUICK_RESULTS
     # A part skipped keeps what the file already holds (text and images can be run apart).
     result: dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
     result |= {
