@@ -9,6 +9,7 @@ in one call (``FakeImageEngine(batching=True)``); the real pipeline's "alone == 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Hashable
 from typing import Any
 
@@ -304,3 +305,27 @@ async def test_an_engine_without_batch_calls_renders_one_request_per_call() -> N
     tasks = [asyncio.create_task(images.generate(params(f"p{i}"))) for i in range(3)]
     await asyncio.gather(*tasks)
     assert prompts(engine) == [("p0",), ("p1",), ("p2",)]
+
+
+async def test_a_render_of_one_request_runs_in_its_context_and_a_shared_one_in_none() -> None:
+    # What an engine records for the request it serves (the Ray engine names its replica on
+    # the response) must reach that request; a render shared by several belongs to none.
+    requester: contextvars.ContextVar[str] = contextvars.ContextVar("requester", default="none")
+    seen: list[str] = []
+
+    class RecordingEngine(FakeImageEngine):
+        async def generate_batch(self, batch: Any, *, progress: Any = None) -> Any:
+            seen.append(requester.get())
+            return await super().generate_batch(batch, progress=progress)
+
+    engine = RecordingEngine(batching=True, step_delay=0.01)
+    images = queue_service(engine, max_batch=4)
+
+    async def render(name: str, seed: int) -> None:
+        requester.set(name)
+        await images.generate(ImageGenerationParams(prompt=name, seed=seed))
+
+    await render("alone", 1)
+    # The first starts alone (its own context); the two behind it share one call.
+    await asyncio.gather(render("first", 2), render("second", 3), render("third", 4))
+    assert seen == ["alone", "first", "none"]

@@ -95,6 +95,8 @@ class _Ticket:
     started: asyncio.Future[None]
     """Done when its batch starts (cancelled: the request left while waiting)."""
     done: asyncio.Future[GeneratedImage]
+    context: contextvars.Context
+    """The request's context (its log fields, trace, response headers such as the replica's)."""
     batch: _Batch | None = None
     cancelled: bool = False
     """The request left the running batch; its image is thrown away."""
@@ -291,7 +293,9 @@ class ImageGenerationService:
                 retry_after=5,
             )
         loop = asyncio.get_running_loop()
-        ticket = _Ticket(params, progress, loop.create_future(), loop.create_future())
+        ticket = _Ticket(
+            params, progress, loop.create_future(), loop.create_future(), contextvars.copy_context()
+        )
         batches = queue.max_batch > 1 and engine.batches
         with child_span("queue.image_slot", {"fictures.priority": priority}):
             handle = queue.submit(
@@ -351,10 +355,12 @@ class ImageGenerationService:
             ticket.started.set_result(None)
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(live))
-        # A context of its own: the render serves several requests, so it must not carry
-        # (log or trace as) the one whose release happened to start it.
+        # A render of one request runs in its context (what the engine records, such as the
+        # replica that served it, lands on its response); one serving several requests runs in
+        # a context of its own, so it never logs or traces as whichever one it happened to be.
+        context = live[0].context if len(live) == 1 else contextvars.Context()
         batch.task = asyncio.get_running_loop().create_task(
-            self._run_batch(engine, batch), context=contextvars.Context()
+            self._run_batch(engine, batch), context=context
         )
 
     async def _leave(self, ticket: _Ticket) -> None:
