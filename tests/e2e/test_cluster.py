@@ -288,8 +288,16 @@ async def test_a_killed_replica_ends_its_streams_and_comes_back(cluster: Cluster
         results = await asyncio.gather(*streams)
         for replica, events in results:
             last = events[-1]
-            assert last["done"] is True
-            assert last["finish_reason"] == "error"
+            # What a failure shows: the stream, its end (without the long text) and the log.
+            seen = {
+                "replica": replica,
+                "victim": victim,
+                "events": len(events),
+                "last": {key: value for key, value in last.items() if key != "text"},
+                "log": cluster.log.read_text(errors="replace")[-4000:],
+            }
+            assert last["done"] is True, seen
+            assert last["finish_reason"] == "error", seen
             if replica == victim:
                 assert "serving this request stopped" in str(last["error"]), last
             else:  # the others ran on to REQUEST_TIMEOUT_S and were stopped there

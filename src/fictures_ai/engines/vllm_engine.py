@@ -90,11 +90,38 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "abort",
+    # vLLM's repetition detection (``repetition_detection``, which we never set) stops the
+    # request like a stop string would.
+    "repetition": "stop",
+}
+"""vLLM's finish reasons (``vllm.v1.engine.FinishReason``) as ours. vLLM's ``error`` ("a
+retryable request-level internal error", which its own server turns into a 500) and any reason
+a later vLLM adds are not here: such a request fails (``GenerationError``), never "stop"."""
 _SEED_RANGE = 1 << 64
 _MIN_CPU_LORAS = 8
 """Adapters vLLM keeps in CPU memory (``max_cpu_loras``), at least: one evicted from there is
 read from disk again by the next request that names it, inside the engine core."""
+
+
+def finish_reason_of(reason: str | None, request_id: str) -> FinishReason:
+    """Our finish reason of a request vLLM reports finished with ``reason``.
+
+    Raises:
+        GenerationError: vLLM ended the request with an error (or a reason this server does
+            not know): the output so far is not a whole answer.
+    """
+    known = _FINISH_REASONS.get(reason or "")
+    if known is None:
+        logger.error("vLLM ended request %s with finish reason %r", request_id, reason)
+        raise GenerationError(
+            f"The text engine ended this request with an internal error (vLLM finish reason "
+            f"{reason!r}); send it again."
+        )
+    return known
 
 
 def resolve_text_model(options: VllmEngineOptions) -> str:
@@ -469,7 +496,7 @@ class VllmTextEngine(TextEngine):
                     finish_reason = None
                     if output.finished:
                         finished = True
-                        finish_reason = _FINISH_REASONS.get(completion.finish_reason or "", "stop")
+                        finish_reason = finish_reason_of(completion.finish_reason, request_id)
                     yield TextChunk(
                         delta=completion.text,
                         prompt_tokens=prompt_tokens,
@@ -488,6 +515,8 @@ class VllmTextEngine(TextEngine):
                 ) from exc
             except (ValueError, VLLMClientError) as exc:  # vLLM's own request validation
                 raise _invalid_request(exc) from exc
+            except GenerationError:  # vLLM ended the request with an error (finish_reason_of)
+                raise
             except Exception as exc:
                 if self._llm.errored:
                     raise EngineDeadError("The text engine stopped while generating.") from exc
