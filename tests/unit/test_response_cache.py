@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from fictures_ai.api.app import create_app
-from fictures_ai.api.cache_control import cache_directives, cache_ticket
+from fictures_ai.api.cache_control import cache_directives, cache_ticket, max_age_s
 from fictures_ai.api.openai.protocol import ImageGenerationRequest
 from fictures_ai.config import Settings
 from fictures_ai.engines.base import (
@@ -22,6 +23,7 @@ from fictures_ai.engines.base import (
 )
 from fictures_ai.errors import GenerationError
 from fictures_ai.observability.metrics import Metrics
+from fictures_ai.services import response_cache
 from fictures_ai.services.keys.local_store import ApiKeyService
 from fictures_ai.services.response_cache import (
     ENTRY_OVERHEAD_BYTES,
@@ -519,11 +521,61 @@ async def test_a_malformed_cache_control_is_ignored(value: str) -> None:
     assert response.headers[HEADER] == "hit"
 
 
-def test_cache_directives_parse_names_only() -> None:
-    assert cache_directives(' No-Store , max-age="0", foo=bar,,') == {"no-store", "max-age", "foo"}
-    assert cache_directives(None) == frozenset()
+def test_cache_directives_parse_names_and_arguments() -> None:
+    assert cache_directives(' No-Store , max-age="0", foo=bar,,Max-Age=9') == {
+        "no-store": None,
+        "max-age": "0",
+        "foo": "bar",
+    }
+    assert cache_directives(None) == {}
     ticket = cache_ticket(None, models=None, deterministic=True)
-    assert (ticket.read, ticket.write, ticket.access) == (True, True, "all")
+    assert (ticket.read, ticket.write, ticket.access, ticket.max_age_s) == (True, True, "all", None)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("max-age=0", 0), ('max-age="60"', 60), ("MAX-AGE = 5", 5), ("max-age=-1", None),
+     ("max-age=1.5", None), ("max-age", None), ("max-age=", None), ("max-age=٣", None)],
+)  # fmt: skip
+def test_max_age_is_a_non_negative_integer_or_ignored(value: str, seconds: int | None) -> None:
+    assert max_age_s(cache_directives(value)) == seconds
+
+
+async def test_max_age_0_answers_from_the_engine_and_replaces_the_answer() -> None:
+    engine = FakeTextEngine()
+    async with serve(engine) as client:
+        await client.post(GENERATE, json=GREEDY)
+        fresh = await client.post(GENERATE, json=GREEDY, headers={"Cache-Control": "max-age=0"})
+        chat = await client.post(CHAT, json=CHAT_GREEDY, headers={"Cache-Control": "max-age=0"})
+        cached = await client.post(GENERATE, json=GREEDY, headers={"Cache-Control": "max-age=60"})
+        stream = await client.post(STREAM, json=GREEDY, headers={"Cache-Control": "max-age=60"})
+    assert (fresh.headers[HEADER], chat.headers[HEADER]) == ("miss", "miss")
+    assert "age" not in fresh.headers
+    assert (cached.headers[HEADER], cached.headers["age"]) == ("hit", "0")
+    assert (stream.headers[HEADER], stream.headers["age"]) == ("hit", "0")
+    assert len(engine.calls) == 3
+
+
+def test_an_answer_older_than_max_age_misses_and_a_hit_says_its_age(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(response_cache, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    cache: ResponseCache[bytes] = ResponseCache(max_bytes=10_000, size_of=len)
+    _, key = cache.lookup(_ticket(), dict)
+    assert key is not None
+    cache.store(key, b"answer")
+    now[0] += 30.4
+    young = _ticket(max_age_s=31)
+    assert cache.lookup(young, dict) == (b"answer", None)
+    assert (young.outcome, int(young.age_s)) == (CacheOutcome.HIT, 30)
+    old = _ticket(max_age_s=30)
+    assert cache.lookup(old, dict) == (None, key)  # stale: the new answer replaces it
+    assert old.outcome is CacheOutcome.MISS
+    cache.store(key, b"newer")
+    assert cache.lookup(_ticket(max_age_s=0), dict) == (None, key)
+    assert cache.lookup(_ticket(max_age_s=0, write=False), dict) == (None, None)
+    assert cache.lookup(_ticket(), dict) == (b"newer", None)
 
 
 async def test_no_header_when_the_cache_is_off() -> None:

@@ -1,11 +1,14 @@
 """The response cache at the HTTP edge: a request's ``Cache-Control`` in, ``X-Fictures-Cache``
 out (``services.response_cache`` keeps the answers; docs/caching.md).
 
-A client skips the cache with the standard request directives: ``no-cache`` (answer from
-the engine, still store the answer) and ``no-store`` (neither read nor store). Directives
-are case-insensitive; unknown or malformed ones are ignored, never an error. The answer says
-what happened in ``X-Fictures-Cache``: ``hit``, ``miss``, ``bypass`` or ``uncacheable``; no
-header when the cache is off.
+A client steers the cache with the standard request directives (RFC 9111 section 5.2.1):
+``no-cache`` (answer from the engine, still store the answer), ``no-store`` (neither read
+nor store) and ``max-age=N`` (an answer stored more than N seconds ago is not used: the
+engine answers and the new answer replaces it; ``max-age=0`` reads nothing). Directives
+are case-insensitive, arguments may be quoted; unknown or malformed ones are ignored,
+never an error. The answer says what happened in ``X-Fictures-Cache``: ``hit``, ``miss``,
+``bypass`` or ``uncacheable`` (no header when the cache is off); a hit also carries
+``Age``, the seconds since its answer was stored (RFC 9111 section 5.1).
 """
 
 from __future__ import annotations
@@ -16,17 +19,30 @@ from starlette.requests import Request
 
 from fictures_ai.api.auth import Client
 from fictures_ai.observability.context import current_request
-from fictures_ai.services.response_cache import CacheTicket, access_fingerprint
+from fictures_ai.services.response_cache import CacheOutcome, CacheTicket, access_fingerprint
 
 CACHE_HEADER = "X-Fictures-Cache"
 
 
-def cache_directives(value: str | None) -> frozenset[str]:
-    """The directive names of a ``Cache-Control`` value, lower-cased (arguments dropped)."""
-    if not value:
-        return frozenset()
-    names = (part.split("=", 1)[0].strip().lower() for part in value.split(","))
-    return frozenset(name for name in names if name)
+def cache_directives(value: str | None) -> dict[str, str | None]:
+    """The directives of a ``Cache-Control`` value: lower-cased name to argument (unquoted;
+    None without one). A repeated directive keeps its first argument."""
+    directives: dict[str, str | None] = {}
+    for part in (value or "").split(","):
+        name, equals, argument = part.partition("=")
+        name = name.strip().lower()
+        if name and name not in directives:
+            directives[name] = argument.strip().strip('"') if equals else None
+    return directives
+
+
+def max_age_s(directives: dict[str, str | None]) -> int | None:
+    """The request's ``max-age`` in seconds: a non-negative integer (RFC 9111 section 1.2.2),
+    None when absent or malformed (then ignored, like any malformed directive)."""
+    argument = directives.get("max-age")
+    if argument is None or not argument.isascii() or not argument.isdigit():
+        return None
+    return int(argument)
 
 
 def cache_ticket(
@@ -43,6 +59,7 @@ def cache_ticket(
         deterministic=deterministic,
         read=not no_store and "no-cache" not in directives,
         write=not no_store,
+        max_age_s=max_age_s(directives),
     )
 
 
@@ -53,11 +70,14 @@ def caller_ticket(request: Request, caller: Client, *, deterministic: bool) -> C
 
 
 def report_cache(ticket: CacheTicket | None) -> None:
-    """Put the ticket's outcome on the response (``X-Fictures-Cache``) and the access line
-    (``cache``); nothing outside a request (a job's) or when the cache took no part."""
+    """Put the ticket's outcome on the response (``X-Fictures-Cache``, and ``Age`` on a hit)
+    and the access line (``cache``); nothing outside a request (a job's) or when the cache
+    took no part."""
     context = current_request()
     outcome = ticket.outcome if ticket is not None else None
-    if context is None or outcome is None:
+    if context is None or ticket is None or outcome is None:
         return
     context.response_headers[CACHE_HEADER] = outcome.value
+    if outcome is CacheOutcome.HIT:
+        context.response_headers["Age"] = str(int(ticket.age_s))
     context.fields["cache"] = outcome.value

@@ -17,7 +17,8 @@ nor stored once the engine changed under it.
 
 A request takes part only when it is deterministic, which the API layer decides from what
 the client sent (``CacheTicket.deterministic``); its ``Cache-Control`` may skip reading
-(``no-cache``) or reading and storing (``no-store``). The ticket collects what happened to
+(``no-cache``), reading and storing (``no-store``) or answers older than it accepts
+(``max-age``). The ticket collects what happened to
 each of the request's lookups (a request may run several generations: ``n``, several
 prompts or images); the API layer reports it.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,15 +62,19 @@ class CacheTicket:
     """What one request may do with the response cache, and what it did.
 
     ``access``: the fingerprint of the caller's model access (``access_fingerprint``);
-    ``deterministic``: the client asked for a reproducible answer; ``read`` and ``write``:
-    what its ``Cache-Control`` allows. The services add one outcome per lookup.
+    ``deterministic``: the client asked for a reproducible answer; ``read``, ``write`` and
+    ``max_age_s`` (the oldest answer, in seconds since it was stored, that it accepts; None:
+    any): what its ``Cache-Control`` allows. The services add one outcome per lookup;
+    ``age_s`` is the age of the oldest answer a hit used.
     """
 
     access: str
     deterministic: bool
     read: bool = True
     write: bool = True
+    max_age_s: float | None = None
     outcomes: list[CacheOutcome] = field(default_factory=list)
+    age_s: float = 0.0
 
     @property
     def outcome(self) -> CacheOutcome | None:
@@ -105,6 +111,8 @@ class _Entry(Generic[V]):
     value: V
     size: int
     tag: int | None
+    stored_at: float
+    """``time.monotonic()`` when stored."""
 
 
 class ResponseCache(Generic[V]):
@@ -143,7 +151,9 @@ class ResponseCache(Generic[V]):
         to be stored under ``key``; ``(None, None)`` when the cache takes no part.
 
         ``request()`` describes the engine request (the key is built only when needed); the
-        ticket's access is added to it. The outcome is added to the ticket.
+        ticket's access is added to it. An entry older than the ticket's ``max_age_s`` is a
+        miss (the new answer replaces it; ``max_age_s`` 0: every entry). The outcome is added
+        to the ticket.
         """
         if ticket is None or not self.enabled:
             return None, None
@@ -158,13 +168,15 @@ class ResponseCache(Generic[V]):
         key = cache_key({**request(), "access": ticket.access})
         entry = self._entries.get(key)
         metrics = self._metrics
-        if entry is None:
+        age_s = time.monotonic() - entry.stored_at if entry is not None else 0.0
+        if entry is None or (ticket.max_age_s is not None and age_s >= ticket.max_age_s):
             ticket.outcomes.append(CacheOutcome.MISS)
             if metrics is not None:
                 metrics.misses.inc()
             return None, key if ticket.write else None
         self._entries.move_to_end(key)
         ticket.outcomes.append(CacheOutcome.HIT)
+        ticket.age_s = max(ticket.age_s, age_s)
         if metrics is not None:
             metrics.hits.inc()
         return entry.value, None
@@ -179,7 +191,7 @@ class ResponseCache(Generic[V]):
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
-        self._entries[key] = _Entry(value, size, tag)
+        self._entries[key] = _Entry(value, size, tag, time.monotonic())
         self._bytes += size
         evicted = 0
         while self._bytes > self._max_bytes:
