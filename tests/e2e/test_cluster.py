@@ -72,11 +72,23 @@ class Cluster:
                 running[match.group(1)] = float(value)
         return running
 
+    async def wait_reported(self, deployment: str, replicas: int) -> None:
+        """Until Ray's metrics carry the series of ``replicas`` replicas of ``deployment``: a
+        replica's first export may come a minute or more after it started on a loaded
+        machine (a CI run once saw none within 60 s), later ones every few seconds."""
+        deadline = time.monotonic() + 300
+        while (
+            len(seen := [name for name in self.running() if deployment_of(name) == deployment])
+            < replicas
+        ):
+            assert time.monotonic() < deadline, f"only {seen} of {deployment} reported"
+            await asyncio.sleep(1)
+
     async def wait_running(self, replica: str, value: float) -> None:
         """Until the metrics say ``replica`` runs ``value`` requests (they lag by seconds)."""
         deadline = time.monotonic() + 60
-        while (now := self.running().get(replica_id(replica))) != value:
-            assert time.monotonic() < deadline, f"{replica} runs {now}, not {value}"
+        while (now := (running := self.running()).get(replica_id(replica))) != value:
+            assert time.monotonic() < deadline, f"{replica} runs {now}, not {value}: {running}"
             await asyncio.sleep(1)
 
 
@@ -201,7 +213,12 @@ async def test_streams_and_images_land_on_both_replicas_of_each_model(cluster: C
     body = {"prompt": "Write one line about the sea.", "max_tokens": 24}
     async with cluster.client() as client:
         streams = [read_stream(client, body) for _ in range(8)]
-        images = [client.post("/api/v1/images/generate", json=IMAGE_BODY) for _ in range(4)]
+        # 8 images over 2 ingress replicas of 2 render slots each: some wait, and those that
+        # wait together go to a replica as one batch.
+        images = [
+            client.post("/api/v1/images/generate", json={**IMAGE_BODY, "seed": seed})
+            for seed in range(8)
+        ]
         results = await asyncio.gather(*streams, *images)
     text_replicas = Counter[str]()
     for replica, events in results[:8]:  # type: ignore[misc]
@@ -218,6 +235,16 @@ async def test_streams_and_images_land_on_both_replicas_of_each_model(cluster: C
     assert len(text_replicas) == 2, text_replicas
     assert len(image_replicas) == 2, image_replicas
     assert {deployment_of(name) for name in image_replicas} == {IMAGE}
+    renders = images_rendered = 0.0
+    for rank in (0, 1):
+        metrics = httpx.get(f"http://127.0.0.1:{cluster.ingress_metrics_port + rank}/metrics")
+        for line in metrics.text.splitlines():
+            if line.startswith("fictures_image_batch_size_count{"):
+                renders += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("fictures_image_batch_size_sum{"):
+                images_rendered += float(line.rsplit(" ", 1)[1])
+    assert images_rendered == 8
+    assert renders < images_rendered, "no two images shared a render"
 
 
 async def test_structured_output_errors_and_tokens_cross_the_handle(cluster: Cluster) -> None:
@@ -258,6 +285,8 @@ async def test_structured_output_errors_and_tokens_cross_the_handle(cluster: Clu
 
 async def test_a_client_that_leaves_is_aborted_in_its_replica(cluster: Cluster) -> None:
     body = {"prompt": "Tell a long story.", "max_tokens": 3000, "ignore_eos": True}
+    # The stream lasts REQUEST_TIMEOUT_S at most: the metrics must already be flowing.
+    await cluster.wait_reported(TEXT, 2)
     async with (
         cluster.client() as client,
         client.stream("POST", "/api/v1/text/stream", json=body) as response,

@@ -24,8 +24,16 @@ from fictures_ai.cluster.application import (
 from fictures_ai.cluster.ingress import RayEngines, _without_echoed_request_id
 from fictures_ai.cluster.replicas import coalesce
 from fictures_ai.config import Settings
-from fictures_ai.engines.base import TextChunk, TextModelInfo, TokenLogprob, merge_chunks
-from fictures_ai.engines.ray_engine import RayTextEngine, replica_error
+from fictures_ai.engines.base import (
+    GeneratedImage,
+    ImageGenerationParams,
+    ImageModelInfo,
+    TextChunk,
+    TextModelInfo,
+    TokenLogprob,
+    merge_chunks,
+)
+from fictures_ai.engines.ray_engine import RayImageEngine, RayTextEngine, replica_error
 from fictures_ai.errors import (
     ConflictError,
     ContextLengthExceededError,
@@ -37,6 +45,7 @@ from fictures_ai.errors import (
     RateLimitedError,
     ServiceUnavailableError,
 )
+from fictures_ai.observability.context import RequestContext, bind_request, unbind_request
 from fictures_ai.services.models.registry import build_model_registry
 from fictures_ai.services.models.spec import ModelsFileError, ModelSpec
 
@@ -350,3 +359,90 @@ def test_replicas_that_are_neither_a_count_nor_bounds_say_what_they_may_be(
     path.write_text('models:\n  - {name: a, kind: text, source: x, replicas: "two"}\n')
     with pytest.raises(ModelsFileError, match=r"replicas: a count \(2\) or bounds"):
         build_model_registry(settings(models_file=path))
+
+
+class FakeRenderStream:
+    """What ``handle.options(stream=True).render.remote(batch)`` returns: the replica's items
+    (an exception among them is raised there), and ``cancel``."""
+
+    def __init__(self, items: list[object]) -> None:
+        self._items = iter(items)
+        self.cancelled = False
+
+    def __aiter__(self) -> FakeRenderStream:
+        return self
+
+    async def __anext__(self) -> object:
+        item = next(self._items, StopAsyncIteration())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeImageHandle:
+    """A deployment handle whose replicas answer ``render`` with ``attempts``, one per call."""
+
+    def __init__(self, *attempts: list[object]) -> None:
+        self._attempts = list(attempts)
+        self.batches: list[list[ImageGenerationParams]] = []
+        self.streams: list[FakeRenderStream] = []
+
+    def options(self, *, stream: bool) -> FakeImageHandle:
+        assert stream
+        return self
+
+    @property
+    def render(self) -> FakeImageHandle:
+        return self
+
+    def remote(self, batch: list[ImageGenerationParams]) -> FakeRenderStream:
+        self.batches.append(batch)
+        self.streams.append(FakeRenderStream(self._attempts.pop(0)))
+        return self.streams[-1]
+
+
+IMAGE_INFO = ImageModelInfo(
+    name="painter", framework="diffusers", device="cpu", dtype="float32", source="x"
+)
+
+
+async def test_a_batch_is_one_replica_call_and_every_request_sees_its_steps() -> None:
+    images = [GeneratedImage(png=b"a", width=8, height=8, seed=1), GeneratedImage(b"b", 8, 8, 2)]
+    handle = FakeImageHandle(["model-painter#r1", (1, 2), (2, 2), images])
+    engine = RayImageEngine(handle, IMAGE_INFO, batches=True)
+    steps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
+    request = RequestContext(request_id="r")
+    token = bind_request(request)
+    try:
+        batch = [
+            ImageGenerationParams(prompt="a", seed=1),
+            ImageGenerationParams(prompt="b", seed=2),
+        ]
+        got = await engine.generate_batch(
+            batch,
+            progress=[lambda *step: steps[0].append(step), lambda *step: steps[1].append(step)],
+        )
+    finally:
+        unbind_request(token)
+    assert got == images
+    assert handle.batches == [batch]
+    assert steps == ([(1, 2), (2, 2)], [(1, 2), (2, 2)])
+    assert request.response_headers["X-Fictures-Replica"] == "model-painter#r1"
+    assert engine.batches
+    assert handle.streams[0].cancelled
+
+
+async def test_a_batch_whose_replica_died_before_its_first_step_goes_to_another() -> None:
+    image = GeneratedImage(png=b"a", width=8, height=8, seed=1)
+    handle = FakeImageHandle(["model-painter#r1", ActorDiedError()], ["model-painter#r2", [image]])
+    engine = RayImageEngine(handle, IMAGE_INFO)
+    assert await engine.generate(ImageGenerationParams(prompt="a", seed=1)) == image
+    assert len(handle.batches) == 2
+    # Lost after a step: the render is not sent again.
+    handle = FakeImageHandle(["model-painter#r1", (1, 2), ActorDiedError()])
+    with pytest.raises(GenerationError, match="serving this request stopped"):
+        await RayImageEngine(handle, IMAGE_INFO).generate(ImageGenerationParams(prompt="a", seed=1))
+    assert len(handle.batches) == 1

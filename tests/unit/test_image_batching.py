@@ -22,6 +22,12 @@ from fictures_ai.engines.base import (
     ImageLora,
 )
 from fictures_ai.errors import GenerationError
+from fictures_ai.observability.context import (
+    RequestContext,
+    bind_request,
+    current_request,
+    unbind_request,
+)
 from fictures_ai.services.image_generation import (
     ImageGenerationService,
     QueuePosition,
@@ -329,3 +335,38 @@ async def test_a_render_of_one_request_runs_in_its_context_and_a_shared_one_in_n
     # The first starts alone (its own context); the two behind it share one call.
     await asyncio.gather(render("first", 2), render("second", 3), render("third", 4))
     assert seen == ["alone", "first", "none"]
+
+
+async def test_headers_the_engine_records_on_a_shared_render_reach_every_request() -> None:
+    # The Ray engine names the replica that rendered (X-Fictures-Replica) on the response
+    # of the request it serves; a batch's requests each get it, and the render itself runs
+    # as a request of its own (its logs carry a batch id, not one of theirs).
+    renders: list[str] = []
+
+    class RecordingEngine(FakeImageEngine):
+        async def generate_batch(self, batch: Any, *, progress: Any = None) -> Any:
+            request = current_request()
+            assert request is not None
+            renders.append(request.request_id)
+            request.response_headers["X-Fictures-Replica"] = f"replica for {len(batch)}"
+            return await super().generate_batch(batch, progress=progress)
+
+    images = queue_service(RecordingEngine(batching=True, step_delay=0.01), max_batch=4)
+
+    async def render(name: str, seed: int) -> dict[str, str]:
+        request = RequestContext(request_id=name)
+        token = bind_request(request)
+        try:
+            await images.generate(ImageGenerationParams(prompt=name, seed=seed))
+        finally:
+            unbind_request(token)
+        return request.response_headers
+
+    headers = await asyncio.gather(render("first", 1), render("second", 2), render("third", 3))
+    assert [header["X-Fictures-Replica"] for header in headers] == [
+        "replica for 1",
+        "replica for 2",
+        "replica for 2",
+    ]
+    assert renders[0] == "first"
+    assert renders[1].startswith("batch-")

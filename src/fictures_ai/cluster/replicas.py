@@ -84,12 +84,14 @@ class ReplicaMetrics:
         self.running = 0
         self._running.set(0)
 
-    def started(self) -> None:
-        self.running += 1
+    def started(self, count: int = 1) -> None:
+        """``count`` requests started (the images of a batch each count)."""
+        self.running += count
         self._running.set(self.running)
 
-    def finished(self, tokens: int = 0) -> None:
-        self.running -= 1
+    def finished(self, tokens: int = 0, *, count: int = 1) -> None:
+        """``count`` requests ended, having generated ``tokens`` tokens (text)."""
+        self.running -= count
         self._running.set(self.running)
         if tokens:
             self._tokens.inc(tokens)
@@ -235,11 +237,16 @@ class ImageModelReplica(_EngineReplica[ImageEngine]):
     def model_info(self) -> ImageModelInfo:
         return self._engine.model_info()
 
+    def batches(self) -> bool:
+        """Whether the engine renders a batch in one pipeline call (``ImageEngine.batches``)."""
+        return self._engine.batches
+
     async def render(
-        self, params: ImageGenerationParams
-    ) -> AsyncIterator[str | tuple[int, int] | GeneratedImage]:
-        """The replica's name, ``(step, total)`` after each denoising step, then the image.
-        Cancelled: the render stops at its next step."""
+        self, batch: list[ImageGenerationParams]
+    ) -> AsyncIterator[str | tuple[int, int] | list[GeneratedImage]]:
+        """The replica's name, ``(step, total)`` after each denoising step (the renders of a
+        batch step together), then the images in ``batch``'s order. Cancelled: the render
+        stops at its next step."""
         yield self._name
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
@@ -247,8 +254,10 @@ class ImageModelReplica(_EngineReplica[ImageEngine]):
         def progress(step: int, total: int) -> None:  # called from the render thread
             loop.call_soon_threadsafe(steps.put_nowait, (step, total))
 
-        render = asyncio.ensure_future(self._engine.generate(params, progress=progress))
-        self._metrics.started()
+        # One callback for the call: a batching engine steps every render of it at once.
+        callbacks = [progress, *[None] * (len(batch) - 1)]
+        render = asyncio.ensure_future(self._engine.generate_batch(batch, progress=callbacks))
+        self._metrics.started(len(batch))
         try:
             while not render.done():
                 step = asyncio.ensure_future(steps.get())
@@ -261,7 +270,7 @@ class ImageModelReplica(_EngineReplica[ImageEngine]):
                 yield steps.get_nowait()
             yield render.result()
         finally:
-            self._metrics.finished()
+            self._metrics.finished(count=len(batch))
             if not render.done():
                 render.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -1,10 +1,11 @@
 """Engines in Ray Serve replicas, reached through deployment handles (``serve --ray``).
 
 To the services these are engines like any other: :class:`RayTextEngine` streams the chunks a
-model replica's vLLM engine produces, :class:`RayImageEngine` the progress and the image of a
-replica's diffusers pipeline. Ray Serve's router picks the replica (the least busy of two it
-samples) and replaces dead ones; what crosses the handle is this package's frozen dataclasses,
-pickled, and our own errors, whole (``FicturesError`` pickles its attributes).
+model replica's vLLM engine produces, :class:`RayImageEngine` the progress and the images of a
+replica's diffusers pipeline (a batch the render queue formed is one call to one replica).
+Ray Serve's router picks the replica (the least busy of two it samples) and replaces dead
+ones; what crosses the handle is this package's frozen dataclasses, pickled, and our own
+errors, whole (``FicturesError`` pickles its attributes).
 
 Each replica's stream starts with the replica's name, which the response carries as
 ``X-Fictures-Replica``. A request whose replica dies before it produced anything is sent once
@@ -14,10 +15,10 @@ Serve propagates the cancellation through the handle (its HTTP proxy alone would
 
 Priorities: a text request's travels inside its ``TextGenerationParams`` (``priority``) to the
 replica's vLLM scheduler. Image priorities are kept by the render queue of the ingress's
-``ImageGenerationService`` in front of this engine: it lets through as many renders as the
-deployment's largest replica count runs at once, so renders wait there, by priority; only while
-fewer replicas run (autoscaling, a replacement starting) do some wait in Ray Serve's router, in
-arrival order.
+``ImageGenerationService`` in front of this engine: it lets through as many renders (each a
+batch of up to ``IMAGE_MAX_BATCH`` images) as the deployment's largest replica count runs at
+once, so renders wait there, by priority; only while fewer replicas run (autoscaling, a
+replacement starting) do some wait in Ray Serve's router, in arrival order.
 
 The replica side is ``fictures_ai.cluster.replicas``. Ray is imported when an engine is used,
 not with this module: it is an optional dependency (``fictures-ai[cluster]``).
@@ -26,7 +27,7 @@ not with this module: it is an optional dependency (``fictures-ai[cluster]``).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fictures_ai.engines.base import (
@@ -242,37 +243,58 @@ class RayTextEngine(TextEngine):
 
 class RayImageEngine(ImageEngine):
     """An image model served by the replicas of one Ray Serve deployment
-    (``ImageModelReplica``)."""
+    (``ImageModelReplica``). A batch the ingress's render queue formed goes to one replica as
+    one call, which renders it as one pipeline call when that replica's engine batches."""
 
-    def __init__(self, handle: Any, info: ImageModelInfo) -> None:
+    def __init__(self, handle: Any, info: ImageModelInfo, *, batches: bool = False) -> None:
         self._handle = handle
         self._info = info
+        self._batches = batches
 
     @classmethod
     async def connect(cls, handle: Any) -> RayImageEngine:
-        """Ask a replica what it serves (waiting for one to start when none runs yet)."""
-        info = await _call(handle.model_info.remote(), model=handle.deployment_name)
-        return cls(handle, info)
+        """Ask a replica what it serves and whether it batches (waiting for one to start when
+        none runs yet)."""
+        name = handle.deployment_name
+        info = await _call(handle.model_info.remote(), model=name)
+        batches = await _call(handle.batches.remote(), model=name)
+        return cls(handle, info, batches=batches)
+
+    @property
+    def batches(self) -> bool:
+        return self._batches
 
     async def generate(
         self, params: ImageGenerationParams, *, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
+        images = await self.generate_batch([params], progress=[progress])
+        return images[0]
+
+    async def generate_batch(
+        self,
+        batch: Sequence[ImageGenerationParams],
+        *,
+        progress: Sequence[ProgressCallback | None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Render ``batch`` in one replica; each step it reports reaches every callback. A
+        replica lost before its first step: the batch goes once more to another one."""
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException
 
+        callbacks = [callback for callback in progress or () if callback is not None]
         for attempt in (1, 2):
-            stream = self._handle.options(stream=True).render.remote(params)
+            stream = self._handle.options(stream=True).render.remote(list(batch))
             started = False
             try:
                 async for item in stream:
                     if isinstance(item, str):
                         record_replica(item)
-                    elif isinstance(item, GeneratedImage):
+                    elif isinstance(item, list):
                         return item
                     else:
                         started = True
-                        if progress is not None:
-                            progress(*item)
+                        for callback in callbacks:
+                            callback(*item)
             except (RayError, RayServeException) as exc:
                 if not started and replica_lost(exc):
                     if attempt == 2:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar, Token
+from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,12 @@ _current: ContextVar[RequestContext | None] = ContextVar("fictures_request", def
 def current_request() -> RequestContext | None:
     """The request being handled in this context, or None outside a request."""
     return _current.get()
+
+
+def request_in(context: Context) -> RequestContext | None:
+    """The request bound in ``context`` (a copied context, such as a queued task's), or
+    None; unlike ``context.run(current_request)`` this works while the context runs."""
+    return context.get(_current)
 
 
 def current_request_id() -> str | None:

@@ -29,6 +29,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -48,7 +49,12 @@ from fictures_ai.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from fictures_ai.observability.context import current_request
+from fictures_ai.observability.context import (
+    RequestContext,
+    bind_request,
+    current_request,
+    request_in,
+)
 from fictures_ai.observability.metrics import ImageMetrics, Metrics
 from fictures_ai.observability.tracing import child_span
 from fictures_ai.services.model_loader import LOAD_RETRY_AFTER_S, LazyModel, ModelLoadInfo
@@ -102,9 +108,14 @@ class _Ticket:
     """The request left the running batch; its image is thrown away."""
 
     def settle(self, outcome: GeneratedImage | BaseException) -> None:
-        """Hand the request its image or error (a request that left gets nothing)."""
+        """Hand the request its image or error (a request that left gets nothing), with the
+        response headers the engine recorded on its shared render (the replica's)."""
         if self.done.done():
             return
+        shared = self.batch.request if self.batch is not None else None
+        request = request_in(self.context)
+        if shared is not None and request is not None:
+            request.response_headers.update(shared.response_headers)
         if self.cancelled:
             self.done.cancel()
         elif isinstance(outcome, BaseException):
@@ -119,6 +130,9 @@ class _Batch:
 
     tickets: tuple[_Ticket, ...]
     task: asyncio.Task[None] | None = None
+    request: RequestContext | None = None
+    """The shared render's own request context (None: a render of one request, which runs
+    in that request's)."""
 
 
 class ImageGenerationService:
@@ -357,8 +371,14 @@ class ImageGenerationService:
             self._metrics.batch_size.observe(len(live))
         # A render of one request runs in its context (what the engine records, such as the
         # replica that served it, lands on its response); one serving several requests runs in
-        # a context of its own, so it never logs or traces as whichever one it happened to be.
-        context = live[0].context if len(live) == 1 else contextvars.Context()
+        # a context of its own, so it never logs or traces as whichever one it happened to be,
+        # and the headers the engine records there reach every request (``_Ticket.settle``).
+        if len(live) == 1:
+            context = live[0].context
+        else:
+            context = contextvars.Context()
+            batch.request = RequestContext(request_id=f"batch-{uuid.uuid4().hex}")
+            context.run(bind_request, batch.request)
         batch.task = asyncio.get_running_loop().create_task(
             self._run_batch(engine, batch), context=context
         )
