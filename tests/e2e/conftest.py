@@ -10,6 +10,7 @@ of the server's own with the real CLI before starting it; tests add web app keys
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,40 +125,50 @@ def web_app_database(postgres_server: PostgresServer) -> Iterator[WebAppDatabase
     database.dispose()
 
 
-@pytest.fixture(scope="session")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, web_app_database: WebAppDatabase
+@contextlib.contextmanager
+def running_server(
+    folder: Path, web_app_database: WebAppDatabase, *, keys: str = "e2e", **env: str
 ) -> Iterator[RunningServer]:
-    folder = tmp_path_factory.mktemp("server")
+    """The full server (text and images, keys named ``<keys>-writer`` and ``<keys>-reader`` in
+    the web app's database) logging to ``folder``, with ``env`` over its settings."""
     log = folder / "server.log"
     database_url = web_app_database.url
-    key = create_key(database_url, "e2e-writer", "stories:write")
-    read_key = create_key(database_url, "e2e-reader", "stories:read")
-    env = {
+    key = create_key(database_url, f"{keys}-writer", "stories:write")
+    read_key = create_key(database_url, f"{keys}-reader", "stories:read")
+    settings = {
         "TEXT_CPU_KV_CACHE_MB": "256",
         "TEXT_MAX_MODEL_LEN": "8192",
-        # Off by default; on here so that the SDK clients' structured output and streamed tool
-        # calls are checked with several tokens per engine step (issue 15).
-        "TEXT_SPECULATIVE_METHOD": "ngram",
         "REQUIRE_API_KEY": "true",
         "DATABASE_URL": database_url,
         "API_KEY_STORE": "fictures",
         "FICTURES_DATABASE_URL": database_url,
+        **env,
     }
-    process, url = start_server(env, log)
+    process, url = start_server(settings, log)
     http = httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    yield RunningServer(
-        url=url,
-        log=log,
-        process=process,
-        key=key,
-        read_key=read_key,
-        database_url=database_url,
-        http=http,
-        web_app=web_app_database,
-    )
-    http.close()
-    stop_server(process)
+    try:
+        yield RunningServer(
+            url=url,
+            log=log,
+            process=process,
+            key=key,
+            read_key=read_key,
+            database_url=database_url,
+            http=http,
+            web_app=web_app_database,
+        )
+    finally:
+        http.close()
+        stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, web_app_database: WebAppDatabase
+) -> Iterator[RunningServer]:
+    """The server as deployed by default (no speculative decoding), shared by the session."""
+    with running_server(tmp_path_factory.mktemp("server"), web_app_database) as running:
+        yield running
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

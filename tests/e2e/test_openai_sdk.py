@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,12 +15,25 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import RunningServer
-from tests.support import WEATHER_TOOL
+from tests.e2e.conftest import RunningServer, running_server
+from tests.support import WEATHER_TOOL, WebAppDatabase
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, web_app_database: WebAppDatabase
+) -> Iterator[RunningServer]:
+    """A server of its own with n-gram speculative decoding: structured output and streamed
+    tool calls through the SDK with several tokens per engine step (issue 15)."""
+    folder = tmp_path_factory.mktemp("sdk-server")
+    with running_server(
+        folder, web_app_database, keys="sdk", TEXT_SPECULATIVE_METHOD="ngram"
+    ) as running:
+        yield running
 
 
 @pytest.fixture
@@ -130,6 +144,31 @@ def test_bad_request_raises_bad_request_error(client: openai.OpenAI) -> None:
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+def test_what_speculation_cannot_hold_is_a_400_naming_it(server: RunningServer) -> None:
+    # This server speculates (n-gram) on the CPU: a sampled min_tokens would not be held.
+    client = openai.OpenAI(api_key=server.key, base_url=f"{server.url}/v1", timeout=300)
+    messages: Any = [{"role": "user", "content": "Write a line of a sea shanty."}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=20, temperature=0.7, stream=stream,
+                extra_body={"min_tokens": 12},
+            )  # fmt: skip
+        assert refused.value.body["param"] == "min_tokens"  # type: ignore[index]
+        assert "TEXT_SPECULATIVE_METHOD=none" in refused.value.message
+    greedy = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, temperature=0, extra_body={"min_tokens": 12}
+    )
+    assert greedy.usage is not None
+    assert greedy.usage.completion_tokens >= 12
+    fictures = server.http.post(
+        f"{server.url}/api/v1/text/generate",
+        json={"prompt": "Write a line.", "max_tokens": 20, "min_tokens": 12, "temperature": 0.7},
+    )
+    assert fictures.status_code == 400, fictures.text
+    assert "min_tokens" in fictures.json()["detail"]
 
 
 CLOCK: Any = {

