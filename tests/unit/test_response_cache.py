@@ -523,9 +523,9 @@ async def test_a_malformed_cache_control_is_ignored(value: str) -> None:
 
 def test_cache_directives_parse_names_and_arguments() -> None:
     assert cache_directives(' No-Store , max-age="0", foo=bar,,Max-Age=9') == {
-        "no-store": None,
-        "max-age": "0",
-        "foo": "bar",
+        "no-store": [None],
+        "max-age": ["0", "9"],
+        "foo": ["bar"],
     }
     assert cache_directives(None) == {}
     ticket = cache_ticket(None, models=None, deterministic=True)
@@ -535,7 +535,9 @@ def test_cache_directives_parse_names_and_arguments() -> None:
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("max-age=0", 0), ('max-age="60"', 60), ("MAX-AGE = 5", 5), ("max-age=-1", None),
-     ("max-age=1.5", None), ("max-age", None), ("max-age=", None), ("max-age=٣", None)],
+     ("max-age=1.5", None), ("max-age", None), ("max-age=", None), ("max-age=\u0663", None),
+     ('max-age="0', None), ('max-age=0"', None), ("max-age=100, max-age=0", 0),
+     ("max-age=0, max-age=100", 0), ("max-age=abc, max-age=7", 7)],
 )  # fmt: skip
 def test_max_age_is_a_non_negative_integer_or_ignored(value: str, seconds: int | None) -> None:
     assert max_age_s(cache_directives(value)) == seconds
@@ -554,6 +556,33 @@ async def test_max_age_0_answers_from_the_engine_and_replaces_the_answer() -> No
     assert (cached.headers[HEADER], cached.headers["age"]) == ("hit", "0")
     assert (stream.headers[HEADER], stream.headers["age"]) == ("hit", "0")
     assert len(engine.calls) == 3
+
+
+async def test_max_age_over_several_headers_counts_the_smallest() -> None:
+    engine = FakeTextEngine()
+    async with serve(engine) as client:
+        await client.post(GENERATE, json=GREEDY)
+        both = httpx.Headers([("Cache-Control", "max-age=100"), ("Cache-Control", "max-age=0")])
+        fresh = await client.post(GENERATE, json=GREEDY, headers=both)
+    assert fresh.headers[HEADER] == "miss"
+    assert len(engine.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [(GENERATE, {"prompt": "x", "top_p": 0}), (GENERATE, {"prompt": "x", "temperature": 1e-6}),
+     (CHAT, {**CHAT_GREEDY, "temperature": 0.7, "top_p": 0}),
+     (COMPLETIONS, {"model": "fake-model", "prompt": "x", "temperature": 1e-6})],
+)  # fmt: skip
+async def test_greedy_by_top_p_0_or_a_tiny_temperature_is_cacheable(
+    path: str, body: dict[str, Any]
+) -> None:
+    engine = FakeTextEngine()
+    async with serve(engine) as client:
+        await client.post(path, json=body)
+        again = await client.post(path, json=body)
+    assert again.headers[HEADER] == "hit"
+    assert len(engine.calls) == 1
 
 
 def test_an_answer_older_than_max_age_misses_and_a_hit_says_its_age(

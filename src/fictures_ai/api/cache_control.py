@@ -3,10 +3,11 @@ out (``services.response_cache`` keeps the answers; docs/caching.md).
 
 A client steers the cache with the standard request directives (RFC 9111 section 5.2.1):
 ``no-cache`` (answer from the engine, still store the answer), ``no-store`` (neither read
-nor store) and ``max-age=N`` (an answer stored more than N seconds ago is not used: the
+nor store) and ``max-age=N`` (an answer stored N seconds ago or more is not used: the
 engine answers and the new answer replaces it; ``max-age=0`` reads nothing). Directives
 are case-insensitive, arguments may be quoted; unknown or malformed ones are ignored,
-never an error. The answer says what happened in ``X-Fictures-Cache``: ``hit``, ``miss``,
+never an error; a repeated ``max-age`` (in one header or several) counts its smallest value.
+The answer says what happened in ``X-Fictures-Cache``: ``hit``, ``miss``,
 ``bypass`` or ``uncacheable`` (no header when the cache is off); a hit also carries
 ``Age``, the seconds since its answer was stored (RFC 9111 section 5.1).
 """
@@ -24,25 +25,33 @@ from fictures_ai.services.response_cache import CacheOutcome, CacheTicket, acces
 CACHE_HEADER = "X-Fictures-Cache"
 
 
-def cache_directives(value: str | None) -> dict[str, str | None]:
-    """The directives of a ``Cache-Control`` value: lower-cased name to argument (unquoted;
-    None without one). A repeated directive keeps its first argument."""
-    directives: dict[str, str | None] = {}
+def cache_directives(value: str | None) -> dict[str, list[str | None]]:
+    """The directives of a ``Cache-Control`` value (several headers joined with commas):
+    lower-cased name to the argument of each occurrence, in order (unquoted when in double
+    quotes; None without ``=``)."""
+    directives: dict[str, list[str | None]] = {}
     for part in (value or "").split(","):
         name, equals, argument = part.partition("=")
         name = name.strip().lower()
-        if name and name not in directives:
-            directives[name] = argument.strip().strip('"') if equals else None
+        if not name:
+            continue
+        argument = argument.strip()
+        if len(argument) >= 2 and argument[0] == argument[-1] == '"':
+            argument = argument[1:-1]
+        directives.setdefault(name, []).append(argument if equals else None)
     return directives
 
 
-def max_age_s(directives: dict[str, str | None]) -> int | None:
-    """The request's ``max-age`` in seconds: a non-negative integer (RFC 9111 section 1.2.2),
-    None when absent or malformed (then ignored, like any malformed directive)."""
-    argument = directives.get("max-age")
-    if argument is None or not argument.isascii() or not argument.isdigit():
-        return None
-    return int(argument)
+def max_age_s(directives: dict[str, list[str | None]]) -> int | None:
+    """The request's ``max-age`` in seconds: a non-negative integer (RFC 9111 section 1.2.2);
+    repeated, the smallest (the strictest); None when absent or every value is malformed
+    (then ignored, like any malformed directive)."""
+    ages = [
+        int(argument)
+        for argument in directives.get("max-age", ())
+        if argument is not None and argument.isascii() and argument.isdigit()
+    ]
+    return min(ages) if ages else None
 
 
 def cache_ticket(
@@ -51,7 +60,7 @@ def cache_ticket(
     """The ticket of a request whose caller may use ``models`` (None: any), with what its
     ``Cache-Control`` allows (``request`` None: a job's request, which reads and stores)."""
     directives = cache_directives(
-        request.headers.get("cache-control") if request is not None else None
+        ", ".join(request.headers.getlist("cache-control")) if request is not None else None
     )
     no_store = "no-store" in directives
     return CacheTicket(

@@ -96,6 +96,18 @@ class LoraAdapter:
     path: str
 
 
+GREEDY_TEMPERATURE = 1e-5
+"""A temperature below this samples greedily: vLLM's ``_SAMPLING_EPS`` (``vllm.sampling_params``),
+under which it takes the most likely token."""
+
+
+def is_greedy(temperature: float, top_p: float) -> bool:
+    """Whether sampling with ``temperature`` and ``top_p`` takes the most likely token every
+    time (a temperature under ``GREEDY_TEMPERATURE``, or ``top_p`` 0: see
+    ``TextGenerationParams``)."""
+    return temperature < GREEDY_TEMPERATURE or top_p == 0
+
+
 @dataclass(frozen=True, slots=True)
 class TextGenerationParams:
     """Sampling parameters of one text request, independent of any engine.

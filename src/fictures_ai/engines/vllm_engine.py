@@ -67,6 +67,7 @@ from fictures_ai.engines.base import (
     ToolCallParser,
     ToolDefinition,
     fit_output_tokens,
+    is_greedy,
 )
 from fictures_ai.engines.bundled_model import prepare_bundled_model
 from fictures_ai.engines.options import VllmEngineOptions
@@ -889,7 +890,7 @@ class VllmTextEngine(TextEngine):
                 "TEXT_SPECULATIVE_METHOD=none.",
                 param="logit_bias",
             )
-        greedy = params.temperature == 0 or params.top_p == 0
+        greedy = is_greedy(params.temperature, params.top_p)
         if min_tokens > 0 and not greedy and not self._sampled_min_tokens_held:
             raise InvalidRequestError(
                 f"min_tokens with sampling (temperature {params.temperature}) cannot be held "

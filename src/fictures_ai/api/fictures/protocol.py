@@ -29,6 +29,7 @@ from fictures_ai.engines.base import (
     StructuredOutputSpec,
     TextGenerationParams,
     TextPrompt,
+    is_greedy,
     random_seed,
 )
 from fictures_ai.errors import InvalidRequestError
@@ -112,9 +113,14 @@ class _TextSampling(_Body):
     @property
     def deterministic(self) -> bool:
         """Whether the client asked for a reproducible answer (the response cache serves
-        only those): an explicit ``temperature`` of 0, or a ``seed``. The default
-        temperature is not a choice of the client's."""
-        explicit_greedy = "temperature" in self.model_fields_set and self.temperature == 0
+        only those): greedy sampling it chose (an explicit ``temperature`` under
+        ``GREEDY_TEMPERATURE`` or ``top_p`` of 0), or a ``seed``. The default temperature is
+        not a choice of the client's."""
+        chosen = self.model_fields_set
+        explicit_greedy = is_greedy(
+            self.temperature if "temperature" in chosen else 1.0,
+            self.top_p if "top_p" in chosen else 1.0,
+        )
         return explicit_greedy or self.seed is not None
 
     def to_prompt(self, prompt_format: PromptFormat) -> TextPrompt:

@@ -27,6 +27,7 @@ from fictures_ai.engines.base import (
     TextPrompt,
     ToolCall,
     ToolDefinition,
+    is_greedy,
     random_seed,
 )
 from fictures_ai.errors import InvalidRequestError
@@ -179,8 +180,11 @@ class _Sampling(_Body):
     @property
     def deterministic(self) -> bool:
         """Whether the client asked for reproducible answers (the response cache serves only
-        those): ``temperature: 0`` or a ``seed`` (null or left out: the default, 1)."""
-        return self.temperature == 0 or self.seed is not None
+        those): greedy sampling (``temperature`` under ``GREEDY_TEMPERATURE``, or ``top_p``
+        0; null or left out: the defaults, 1) or a ``seed``."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        return is_greedy(temperature, top_p) or self.seed is not None
 
     @property
     def streams(self) -> bool:
