@@ -908,7 +908,8 @@ class VllmTextEngine(TextEngine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        greedy = params.top_p == 0  # only the most likely token: what temperature 0 does
+        # One notion of greedy (top_p 0 included), sent to vLLM as its plain greedy form.
+        greedy = is_greedy(params.temperature, params.top_p)
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=min_tokens,
