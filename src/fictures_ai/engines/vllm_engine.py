@@ -502,6 +502,18 @@ class VllmTextEngine(TextEngine):
                     if output.finished:
                         finished = True
                         finish_reason = finish_reason_of(completion.finish_reason, request_id)
+                        unstoppable = (
+                            params.ignore_eos and not params.stop and not params.structured
+                        )
+                        if finish_reason == "stop" and unstoppable:
+                            # Nothing should stop such a request (seen twice under Ray).
+                            logger.warning(
+                                "vLLM stopped request %s (ignore_eos, no stop strings) after "
+                                "%d tokens: stop_reason %r",
+                                request_id,
+                                completion_tokens,
+                                completion.stop_reason,
+                            )
                     yield TextChunk(
                         delta=completion.text,
                         prompt_tokens=prompt_tokens,
